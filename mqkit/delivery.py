@@ -1,0 +1,106 @@
+"""What a consumer does with one delivery, as plain decisions the shells carry out.
+
+The shells (``_sync/consumer.py``, ``_async/consumer.py``) only do I/O::
+
+    message, ctx, failure = prepare(incoming, queue=..., decoder=...)
+    outcome = failure or decide(<handler's exception or None>, ctx.attempt, policy)
+    copy = follow_up(incoming, outcome, queue=..., service=...)
+    if copy: publish copy (confirmed), then ack; if that publish fails: nack(requeue=True)
+    else:    ack
+
+so a message is never acked before its retry or dead-letter copy is safely stored.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from mqkit.context import Context
+from mqkit.dead_letters import dead_letter_headers, retry_headers
+from mqkit.errors import DecodeError
+from mqkit.messages import Envelope, Incoming, decode, decode_event
+from mqkit.retry import GiveUp, Outcome, RetryLater, attempt_of
+from mqkit.topology import dlq_name, retry_queue_name
+
+__all__ = ["Decoder", "FollowUp", "follow_up", "format_traceback", "prepare"]
+
+Decoder = Callable[[bytes, "str | None"], BaseModel]
+
+
+def typed_decoder(message_type: type[BaseModel]) -> Decoder:
+    """A decoder for one message type (the ``type`` property is not consulted)."""
+
+    def _decode(body: bytes, _type: str | None) -> BaseModel:
+        return decode(body, message_type)
+
+    return _decode
+
+
+def registry_decoder(body: bytes, event_type: str | None) -> BaseModel:
+    """A decoder that picks the :class:`~mqkit.Event` class by the ``type`` property."""
+    return decode_event(body, event_type)
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUp:
+    """A copy to publish (default exchange, ``routing_key`` = a queue) before the ack."""
+
+    routing_key: str
+    envelope: Envelope
+
+
+def prepare(
+    incoming: Incoming, *, queue: str, decoder: Decoder
+) -> tuple[Any, Context, GiveUp | None]:
+    """Decode a delivery and build its :class:`Context`.
+
+    Returns ``(message, ctx, None)``, or ``(None, ctx, GiveUp(...))`` when the body cannot
+    be decoded: such a message is dead-lettered at once, with the validation error.
+    """
+    attempt = attempt_of(incoming.headers)
+    ctx = Context(
+        message_id=incoming.message_id,
+        correlation_id=incoming.correlation_id,
+        headers=incoming.headers,
+        attempt=attempt,
+        redelivered=incoming.redelivered,
+        exchange=incoming.headers.get("x-mqkit-original-exchange", incoming.exchange),
+        routing_key=incoming.headers.get("x-mqkit-original-routing-key", incoming.routing_key),
+        queue=queue,
+        event_type=incoming.type,
+        timestamp=incoming.timestamp,
+        reply_to=incoming.reply_to,
+    )
+    try:
+        return decoder(incoming.body, incoming.type), ctx, None
+    except DecodeError as exc:
+        return None, ctx, GiveUp("DecodeError", str(exc), attempt)
+
+
+def follow_up(
+    incoming: Incoming, outcome: Outcome, *, queue: str, service: str, dlq: str | None = None
+) -> FollowUp | None:
+    """The copy to publish before acking, or ``None`` when a plain ack will do.
+
+    ``dlq`` overrides the dead-letter queue (a broadcast subscriber's queue is temporary, so
+    its dead letters go to a durable queue shared by the service's instances).
+    """
+    if isinstance(outcome, RetryLater):
+        return FollowUp(
+            retry_queue_name(queue, outcome.delay),
+            incoming.republished(retry_headers(incoming, outcome.attempt)),
+        )
+    if isinstance(outcome, GiveUp):
+        headers = dead_letter_headers(incoming, outcome, queue=queue, service=service)
+        return FollowUp(dlq or dlq_name(queue), incoming.republished(headers))
+    return None
+
+
+def format_traceback(exc: BaseException, limit: int = 5) -> str:
+    """The last ``limit`` frames of ``exc``'s traceback, for the DLQ's headers."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-limit))

@@ -1,0 +1,207 @@
+"""Messages on the wire: :class:`Event`, its type registry, and the envelope codec.
+
+The wire format is plain AMQP that any client can read and write: a JSON body
+(``content_type="application/json"``), ``delivery_mode=2`` (persistent), a unique
+``message_id``, ``timestamp``, ``type`` (the event type, or the model's class name),
+``app_id`` (the publishing service) and ``correlation_id`` when given. Nothing is pickled
+or wrapped, so a message published by one runtime is consumed by the other unchanged.
+
+This module imports neither pika nor aio-pika: the shells turn an :class:`Envelope` into
+their client's message object and an incoming delivery into an :class:`Incoming`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from mqkit.errors import DecodeError
+
+__all__ = [
+    "CONTENT_TYPE",
+    "Envelope",
+    "Event",
+    "Incoming",
+    "decode",
+    "decode_event",
+    "encode",
+    "event_class",
+    "type_name",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+CONTENT_TYPE = "application/json"
+PERSISTENT = 2
+
+_registry: dict[str, type[Event]] = {}
+
+
+class Event(BaseModel):
+    """A message published on the event bus.
+
+    ``event_type`` (a class keyword; default: the class name) is the routing key on the
+    event exchange and the AMQP ``type`` property. Subclasses register themselves by
+    ``event_type``, so a pattern subscriber can decode an event by its ``type``::
+
+        class OrderPlaced(mqkit.Event, event_type="orders.placed"):
+            order_id: str
+    """
+
+    event_type: ClassVar[str] = "Event"
+
+    def __init_subclass__(cls, event_type: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.event_type = event_type or cls.__name__
+        # The newest definition wins: re-importing a module (or a test redefining a class)
+        # must not make the registry refuse a type.
+        _registry[cls.event_type] = cls
+
+
+def event_class(event_type: str) -> type[Event] | None:
+    """The registered :class:`Event` subclass for ``event_type``, or ``None``."""
+    return _registry.get(event_type)
+
+
+def type_name(model: type[BaseModel]) -> str:
+    """The AMQP ``type`` property for a model class: its ``event_type`` or its class name."""
+    if issubclass(model, Event):
+        return model.event_type
+    return model.__name__
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message ready to publish: the body and AMQP properties, client-neutral.
+
+    ``timestamp`` is whole seconds since the epoch (AMQP's resolution); ``expiration`` is in
+    milliseconds, as AMQP carries it.
+    """
+
+    body: bytes
+    message_id: str
+    type: str
+    app_id: str
+    timestamp: int
+    headers: dict[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    priority: int | None = None
+    expiration: int | None = None
+    content_type: str = CONTENT_TYPE
+    delivery_mode: int = PERSISTENT
+
+
+def encode(
+    message: BaseModel,
+    *,
+    service: str,
+    headers: Mapping[str, Any] | None = None,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    priority: int | None = None,
+    expiration: float | None = None,
+) -> Envelope:
+    """Turn a pydantic model into an :class:`Envelope`. ``expiration`` is in seconds."""
+    return Envelope(
+        body=message.__pydantic_serializer__.to_json(message),
+        message_id=message_id or uuid.uuid4().hex,
+        type=type_name(type(message)),
+        app_id=service,
+        timestamp=int(time.time()),
+        headers=dict(headers) if headers else {},
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        priority=priority,
+        expiration=None if expiration is None else max(0, int(expiration * 1000)),
+    )
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A delivery as the core sees it, whatever client received it."""
+
+    body: bytes
+    delivery_tag: int
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    type: str | None = None
+    app_id: str | None = None
+    content_type: str | None = None
+    timestamp: datetime | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    priority: int | None = None
+    expiration: str | None = None
+    redelivered: bool = False
+    exchange: str = ""
+    routing_key: str = ""
+
+    def republished(self, headers: Mapping[str, Any]) -> Envelope:
+        """An envelope for this delivery's body and properties with ``headers`` merged in.
+
+        Used to move a message to a retry queue or a DLQ, or back from one: everything the
+        publisher set is kept, ``message_id`` included, so consumers can de-duplicate.
+        """
+        merged = dict(self.headers)
+        merged.update(headers)
+        return Envelope(
+            body=self.body,
+            message_id=self.message_id or uuid.uuid4().hex,
+            type=self.type or "",
+            app_id=self.app_id or "",
+            timestamp=int(self.timestamp.timestamp()) if self.timestamp else int(time.time()),
+            headers={k: v for k, v in merged.items() if v is not None},
+            correlation_id=self.correlation_id,
+            reply_to=self.reply_to,
+            priority=self.priority,
+            expiration=None,  # a message must not expire in a retry queue or a DLQ
+            content_type=self.content_type or CONTENT_TYPE,
+        )
+
+
+def to_datetime(value: Any) -> datetime | None:
+    """AMQP timestamps arrive as ``datetime`` (pika may give an int); normalise to UTC."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return datetime.fromtimestamp(int(value), tz=timezone.utc)
+
+
+def decode(body: bytes, message_type: type[M]) -> M:
+    """Validate a JSON body into ``message_type``; :class:`DecodeError` says what is wrong."""
+    try:
+        return message_type.model_validate_json(body)
+    except ValidationError as exc:
+        raise DecodeError(_explain(exc, message_type.__name__)) from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError(f"body is not valid JSON for {message_type.__name__}: {exc}") from exc
+
+
+def decode_event(body: bytes, event_type: str | None) -> Event:
+    """Decode an event by its ``type`` property through the :class:`Event` registry."""
+    cls = _registry.get(event_type or "")
+    if cls is None:
+        raise DecodeError(
+            f"no Event class is registered for type {event_type!r}; "
+            "import the module that defines it before consuming"
+        )
+    return decode(body, cls)
+
+
+def _explain(exc: ValidationError, name: str) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return f"body is not valid JSON for {name}: {errors[0]['msg']}"
+    parts = [
+        f"{'.'.join(str(p) for p in error['loc']) or '(body)'}: {error['msg']}" for error in errors
+    ]
+    return f"body does not match {name}: " + "; ".join(parts)

@@ -1,0 +1,188 @@
+"""Topology as data: :class:`Queue`, :class:`Exchange`, :class:`Binding`, and what a
+consumer's queue plus its :class:`~mqkit.RetryPolicy` imply (retry queues and a DLQ).
+
+Values are frozen and hashable, so a client can remember what it declared and declare it
+again after a reconnect. Declaring is I/O and lives in the shells.
+
+For a work queue ``orders`` with the default policy the derived topology is::
+
+    orders                 the work queue (quorum; overflow to orders.dlq at delivery-limit)
+    orders.retry.1000ms    TTL 1 s, dead-letters back to orders      (one queue per delay tier:
+    orders.retry.10000ms   TTL 10 s, dead-letters back to orders      never a per-message TTL in
+    orders.retry.60000ms   TTL 60 s, dead-letters back to orders      a shared queue)
+    orders.dlq             dead letters, with the reason in x-mqkit-* headers (classic: see below)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import KW_ONLY
+from typing import Any, Literal
+
+from pydantic import field_validator
+from pydantic.dataclasses import dataclass
+
+from mqkit.errors import ConfigError
+from mqkit.retry import RetryPolicy
+
+__all__ = [
+    "Binding",
+    "Exchange",
+    "Queue",
+    "consumer_topology",
+    "dlq_name",
+    "queue_arguments",
+    "retry_queue_name",
+]
+
+QueueType = Literal["quorum", "classic"]
+
+
+def _freeze(value: Any) -> Any:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items()))
+    return tuple(tuple(item) for item in value)
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A queue. ``type=None`` takes ``settings.queue_type`` (quorum by default).
+
+    ``arguments`` are extra ``x-`` arguments (given as a dict; stored as sorted pairs so the
+    value stays hashable).
+    """
+
+    name: str
+    _: KW_ONLY
+    type: QueueType | None = None
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: tuple[tuple[str, Any], ...] = ()
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _freeze_arguments(cls, value: Any) -> Any:
+        return _freeze(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or len(value.encode()) > 255:
+            raise ValueError("a queue name must be 1 to 255 bytes")
+        return value
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """An exchange (``topic`` by default; ``fanout``, ``direct``, ``headers`` too)."""
+
+    name: str
+    _: KW_ONLY
+    type: Literal["topic", "fanout", "direct", "headers"] = "topic"
+    durable: bool = True
+    auto_delete: bool = False
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Routes messages from ``exchange`` to ``queue`` by ``routing_key`` (a topic pattern)."""
+
+    exchange: str
+    queue: str
+    routing_key: str = "#"
+
+    @field_validator("exchange", "queue", mode="before")
+    @classmethod
+    def _name_of(cls, value: Any) -> Any:
+        return value.name if isinstance(value, (Queue, Exchange)) else value
+
+
+Entity = Queue | Exchange | Binding
+
+
+def dlq_name(queue: str) -> str:
+    """The dead-letter queue of ``queue``."""
+    return f"{queue}.dlq"
+
+
+def retry_queue_name(queue: str, delay: float) -> str:
+    """The retry queue that holds messages of ``queue`` for ``delay`` seconds."""
+    return f"{queue}.retry.{round(delay * 1000)}ms"
+
+
+def queue_arguments(queue: Queue, default_type: QueueType) -> dict[str, Any]:
+    """The declare arguments for ``queue``: its ``x-queue-type`` plus its own arguments."""
+    kind = queue.type or default_type
+    if kind == "quorum" and (queue.exclusive or queue.auto_delete or not queue.durable):
+        kind = "classic"  # quorum queues are always durable and never exclusive
+    args: dict[str, Any] = {"x-queue-type": kind}
+    args.update(queue.arguments)
+    return args
+
+
+def consumer_topology(
+    queue: Queue, policy: RetryPolicy | None, *, default_type: QueueType, delivery_limit: int
+) -> list[Queue]:
+    """The queues a consumer of ``queue`` needs: the DLQ, one retry queue per delay tier,
+    and the work queue itself (last, since it refers to the DLQ). With ``policy=None`` (a
+    producer making sure its queue exists) no retry queues: the work queue's own arguments do
+    not depend on the policy, so producer and consumer declare it identically.
+
+    Raises :class:`ConfigError` if the queue's ``x-delivery-limit`` could cut retries short.
+    """
+    kind = queue_arguments(queue, default_type)["x-queue-type"]
+    own = dict(queue.arguments)
+    # The DLQ is classic: peeking returns messages to it, and a quorum queue counts each
+    # return against its delivery limit (20 by default on RabbitMQ 4), which would
+    # eventually drop a dead letter someone merely looked at.
+    dlq = Queue(dlq_name(queue.name), type="classic")
+    retries = [
+        Queue(
+            retry_queue_name(queue.name, delay),
+            type=kind,
+            arguments={
+                "x-message-ttl": round(delay * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue.name,
+                **_at_least_once(kind),
+            },
+        )
+        for delay in (policy.tiers if policy else ())
+    ]
+    if queue.exclusive or queue.auto_delete or not queue.durable:
+        # A temporary queue (a broadcast subscriber) gets no broker-side dead-lettering.
+        return [dlq, *retries, queue]
+    extra: dict[str, Any] = {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dlq.name,
+    }
+    if kind == "quorum":
+        limit = own.get("x-delivery-limit", delivery_limit)
+        if policy and int(limit) < policy.max_attempts:
+            raise ConfigError(
+                f"queue {queue.name!r}: x-delivery-limit={limit} is below "
+                f"RetryPolicy.max_attempts={policy.max_attempts}; raise delivery_limit"
+            )
+        extra["x-delivery-limit"] = int(limit)
+        extra.update(_at_least_once(kind))
+    extra.update(own)
+    work = Queue(
+        queue.name,
+        type=queue.type,
+        durable=queue.durable,
+        exclusive=queue.exclusive,
+        auto_delete=queue.auto_delete,
+        arguments=extra,
+    )
+    return [dlq, *retries, work]
+
+
+def _at_least_once(kind: str) -> dict[str, Any]:
+    # Quorum queues can dead-letter at-least-once (RabbitMQ >= 3.10); it requires
+    # overflow=reject-publish. Classic queues dead-letter at-most-once and take neither.
+    if kind != "quorum":
+        return {}
+    return {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}

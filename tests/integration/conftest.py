@@ -1,0 +1,202 @@
+"""The behaviour suite's runtime fixture: one test body, both runtimes.
+
+``rt`` is parametrised over ``sync`` and ``async``. ``rt.client(**overrides)`` yields a client
+with the blocking API: for ``async`` it is an :class:`mqkit.AsyncClient` driven through
+:class:`Blocking`, which runs every coroutine on a background event loop and turns the test's
+plain handler functions into ``async def`` ones. So a test written once against the blocking
+API exercises ``AsyncClient`` for real, the way Watermill's universal pub/sub suite runs
+against every implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+import mqkit
+
+
+class Loop:
+    """An asyncio event loop on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, awaitable: Any, timeout: float = 60.0) -> Any:
+        async def _wrap() -> Any:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(_wrap(), self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _asyncify(value: Any) -> Any:
+    """Turn a plain function into ``async def``; leave classes and coroutines alone."""
+    if inspect.iscoroutinefunction(value) or inspect.isclass(value):
+        return value
+    if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
+
+        @functools.wraps(value)
+        async def handler(*args: Any, **kwargs: Any) -> Any:
+            return value(*args, **kwargs)
+
+        return handler
+    return value
+
+
+class Blocking:
+    """The blocking face of an async mqkit object."""
+
+    def __init__(self, target: Any, loop: Loop) -> None:
+        self._target = target
+        self._loop = loop
+
+    @property
+    def target(self) -> Any:
+        return self._target
+
+    def _wrap(self, value: Any) -> Any:
+        if inspect.isawaitable(value):
+            value = self._loop.run(value)
+        if type(value).__module__.startswith("mqkit._async") or (
+            callable(value) and not inspect.isclass(value) and inspect.isfunction(value)
+        ):
+            return Blocking(value, self._loop)
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if callable(value):
+            return Blocking(value, self._loop)
+        return self._wrap(value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(_asyncify(a) for a in args)
+        kwargs = {k: _asyncify(v) for k, v in kwargs.items()}
+        return self._wrap(self._target(*args, **kwargs))
+
+    def __enter__(self) -> Blocking:
+        self._loop.run(self._target.__aenter__())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.run(self._target.__aexit__(*exc))
+
+    def __repr__(self) -> str:
+        return f"Blocking({self._target!r})"
+
+
+class Runtime:
+    """What a behaviour test needs from a runtime."""
+
+    def __init__(self, name: str, url: str, loop: Loop | None) -> None:
+        self.name = name
+        self.url = url
+        self.loop = loop
+
+    @property
+    def is_async(self) -> bool:
+        return self.loop is not None
+
+    def make_client(self, **overrides: Any) -> Any:
+        overrides.setdefault("url", self.url)
+        overrides.setdefault("connect_timeout", 10)
+        if self.loop is None:
+            return mqkit.Client(**overrides)
+        # AsyncClient must be built on its loop: aio-pika binds to the running loop.
+        async def build() -> Any:
+            return mqkit.AsyncClient(**overrides)
+
+        return Blocking(self.loop.run(build()), self.loop)
+
+    @contextmanager
+    def client(self, **overrides: Any) -> Iterator[Any]:
+        with self.make_client(**overrides) as client:
+            yield client
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(scope="session")
+def _loop() -> Iterator[Loop]:
+    loop = Loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def rt(request: pytest.FixtureRequest, broker_url: str, _loop: Loop) -> Runtime:
+    """The runtime under test: ``sync`` (Client, pika) or ``async`` (AsyncClient, aio-pika)."""
+    return Runtime(request.param, broker_url, _loop if request.param == "async" else None)
+
+
+class Collector:
+    """A thread-safe handler that records what it received; ``wait`` blocks for more."""
+
+    def __init__(self, behaviour: Callable[[Any, Any], Any] | None = None) -> None:
+        self.items: list[tuple[Any, Any]] = []
+        self._cond = threading.Condition()
+        self._behaviour = behaviour
+
+    def __call__(self, message: Any, ctx: Any) -> Any:
+        result = self._behaviour(message, ctx) if self._behaviour else None
+        with self._cond:
+            self.items.append((message, ctx))
+            self._cond.notify_all()
+        return result
+
+    @property
+    def messages(self) -> list[Any]:
+        with self._cond:
+            return [m for m, _ in self.items]
+
+    @property
+    def contexts(self) -> list[Any]:
+        with self._cond:
+            return [c for _, c in self.items]
+
+    def wait(self, count: int, timeout: float = 10.0) -> list[Any]:
+        """Block until ``count`` messages arrived; fail the test if they do not."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.items) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(f"expected {count} messages within {timeout}s, got {len(self.items)}")
+                self._cond.wait(left)
+            return [m for m, _ in self.items]
+
+    def settle(self, seconds: float = 0.5) -> int:
+        """Wait ``seconds`` more and return the count (to check that nothing else arrives)."""
+        time.sleep(seconds)
+        with self._cond:
+            return len(self.items)
+
+
+@pytest.fixture
+def collector() -> Callable[..., Collector]:
+    """``collector(behaviour=None)`` makes a recording handler usable on both runtimes."""
+    return Collector
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``predicate`` until true; fail the test with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.02)
