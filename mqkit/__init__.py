@@ -25,7 +25,6 @@ from mqkit._sync.dead_letters import DeadLetterQueue
 from mqkit._sync.producer import Producer
 from mqkit.context import Context
 from mqkit.dead_letters import DeadLetter
-from mqkit.health import Health
 from mqkit.errors import (
     ConfigError,
     ConnectionFailed,
@@ -39,6 +38,7 @@ from mqkit.errors import (
     RequestTimeout,
     TopologyError,
 )
+from mqkit.health import Health
 from mqkit.messages import Event
 from mqkit.retry import Reject, Retry, RetryPolicy
 from mqkit.settings import Settings

@@ -103,9 +103,18 @@ def retry_headers(incoming: Incoming, attempt: int) -> dict[str, Any]:
 def replay_headers(headers: dict[str, Any]) -> dict[str, Any]:
     """Headers for a replayed dead letter: the failure headers and the attempt count go
     (a replay starts afresh at attempt 1); ``x-death`` goes too."""
-    drop = {*DEAD_LETTER_HEADERS, ATTEMPT_HEADER, "x-death", "x-first-death-queue",
-            "x-first-death-reason", "x-first-death-exchange", "x-last-death-queue",
-            "x-last-death-reason", "x-last-death-exchange", "x-delivery-count"}
+    drop = {
+        *DEAD_LETTER_HEADERS,
+        ATTEMPT_HEADER,
+        "x-death",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-first-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-last-death-exchange",
+        "x-delivery-count",
+    }
     return {k: v for k, v in headers.items() if k not in drop}
 
 

@@ -29,7 +29,7 @@ __all__ = [
 ATTEMPT_HEADER = "mqkit-attempt"
 
 
-class Reject(Exception):  # noqa: N818 - a signal, named for what the handler means
+class Reject(Exception):
     """Handler signal: dead-letter this message now, with ``reason``. Not an error."""
 
     def __init__(self, reason: str = "rejected by handler") -> None:
@@ -37,7 +37,7 @@ class Reject(Exception):  # noqa: N818 - a signal, named for what the handler me
         self.reason = reason
 
 
-class Retry(Exception):  # noqa: N818 - a signal, named for what the handler means
+class Retry(Exception):
     """Handler signal: retry this message (counts as an attempt). Not an error.
 
     ``delay`` (seconds) picks the shortest retry tier that waits at least that long (the

@@ -30,7 +30,9 @@ def mask_url(text: str) -> str:
 def _check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
-        raise ValueError(f"{mask_url(url)!r} is not an AMQP URL: use amqp://user:pass@host:5672/vhost")
+        raise ValueError(
+            f"{mask_url(url)!r} is not an AMQP URL: use amqp://user:pass@host:5672/vhost"
+        )
     if not parts.hostname:
         raise ValueError(f"{mask_url(url)!r} names no host: use amqp://user:pass@host:5672/vhost")
     try:

@@ -50,8 +50,7 @@ def _freeze(value: Any) -> Any:
 class Queue:
     """A queue. ``type=None`` takes ``settings.queue_type`` (quorum by default).
 
-    ``arguments`` are extra ``x-`` arguments (given as a dict; stored as sorted pairs so the
-    value stays hashable).
+    ``arguments`` are extra ``x-`` arguments, e.g. ``{"x-max-length": 10_000}``.
     """
 
     name: str
@@ -60,7 +59,8 @@ class Queue:
     durable: bool = True
     exclusive: bool = False
     auto_delete: bool = False
-    arguments: tuple[tuple[str, Any], ...] = ()
+    # Given as a dict; stored as sorted (key, value) pairs so the value stays hashable.
+    arguments: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()
 
     @field_validator("arguments", mode="before")
     @classmethod
@@ -119,7 +119,7 @@ def queue_arguments(queue: Queue, default_type: QueueType) -> dict[str, Any]:
     if kind == "quorum" and (queue.exclusive or queue.auto_delete or not queue.durable):
         kind = "classic"  # quorum queues are always durable and never exclusive
     args: dict[str, Any] = {"x-queue-type": kind}
-    args.update(queue.arguments)
+    args.update(dict(queue.arguments))
     return args
 
 
@@ -134,7 +134,7 @@ def consumer_topology(
     Raises :class:`ConfigError` if the queue's ``x-delivery-limit`` could cut retries short.
     """
     kind = queue_arguments(queue, default_type)["x-queue-type"]
-    own = dict(queue.arguments)
+    own: dict[str, Any] = dict(queue.arguments)
     # The DLQ is classic: peeking returns messages to it, and a quorum queue counts each
     # return against its delivery limit (20 by default on RabbitMQ 4), which would
     # eventually drop a dead letter someone merely looked at.

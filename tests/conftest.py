@@ -8,7 +8,6 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import pika
 import pytest
@@ -212,13 +211,16 @@ class Raw:
                 exchange,
                 routing_key,
                 body,
-                properties or pika.BasicProperties(content_type="application/json", delivery_mode=2),
+                properties
+                or pika.BasicProperties(content_type="application/json", delivery_mode=2),
                 mandatory=True,
             )
         finally:
             connection.close()
 
-    def drain(self, queue: str, limit: int = 10_000) -> list[tuple[object, pika.BasicProperties, bytes]]:
+    def drain(
+        self, queue: str, limit: int = 10_000
+    ) -> list[tuple[object, pika.BasicProperties, bytes]]:
         """Take (and ack) every message in ``queue``."""
         connection, channel = self._channel()
         out = []

@@ -116,6 +116,7 @@ class Runtime:
         overrides.setdefault("connect_timeout", 10)
         if self.loop is None:
             return mqkit.Client(**overrides)
+
         # AsyncClient must be built on its loop: aio-pika binds to the running loop.
         async def build() -> Any:
             return mqkit.AsyncClient(**overrides)
@@ -176,7 +177,9 @@ class Collector:
             while len(self.items) < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    pytest.fail(f"expected {count} messages within {timeout}s, got {len(self.items)}")
+                    pytest.fail(
+                        f"expected {count} messages within {timeout}s, got {len(self.items)}"
+                    )
                 self._cond.wait(left)
             return [m for m, _ in self.items]
 
