@@ -41,6 +41,8 @@ class Loop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()  # an unclosed loop is a ResourceWarning, an error under -W error
 
 
 def _asyncify(value: Any) -> Any:
