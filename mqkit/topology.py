@@ -9,7 +9,7 @@ For a work queue ``orders`` with the default policy the derived topology is::
     orders                 the work queue (quorum; overflow to orders.dlq at delivery-limit)
     orders.retry.1000ms    TTL 1 s, dead-letters back to orders      (one queue per delay tier:
     orders.retry.10000ms   TTL 10 s, dead-letters back to orders      never a per-message TTL in
-    orders.retry.60000ms   TTL 60 s, dead-letters back to orders      a shared queue)
+                                                                      a shared queue)
     orders.dlq             dead letters, with the reason in x-mqkit-* headers (classic: see below)
 """
 

@@ -47,16 +47,19 @@ class Loop:
 
 def _asyncify(value: Any) -> Any:
     """Turn a plain function into ``async def``; leave classes and coroutines alone."""
-    if inspect.iscoroutinefunction(value) or inspect.isclass(value):
+    if (
+        not callable(value)
+        or inspect.isclass(value)
+        or inspect.iscoroutinefunction(value)
+        or inspect.iscoroutinefunction(getattr(value, "__call__", None))  # noqa: B004
+        or type(value).__module__.startswith("mqkit")
+    ):
         return value
-    if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
 
-        @functools.wraps(value)
-        async def handler(*args: Any, **kwargs: Any) -> Any:
-            return value(*args, **kwargs)
+    async def handler(*args: Any, **kwargs: Any) -> Any:
+        return value(*args, **kwargs)
 
-        return handler
-    return value
+    return handler
 
 
 class Blocking:

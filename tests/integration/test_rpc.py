@@ -1,0 +1,137 @@
+"""RPC over direct reply-to: typed replies, timeouts, remote errors, unroutable requests."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydantic import BaseModel
+
+import mqkit
+
+
+class Add(BaseModel):
+    a: int
+    b: int
+
+
+class Sum(BaseModel):
+    total: int
+
+
+def add(request, ctx):
+    if request.a < 0:
+        raise ValueError(f"negative operand {request.a}")
+    return Sum(total=request.a + request.b)
+
+
+def test_round_trip_is_typed(rt, names):
+    queue = names.queue()
+    with (
+        rt.client(service=names.service()) as server,
+        rt.client() as caller,
+        server.responder(queue, Add, add),
+    ):
+        reply = caller.request(queue, Add(a=2, b=3), Sum, timeout=5)
+        assert isinstance(reply, Sum)
+        assert reply == Sum(total=5)
+        # Replies are matched to their requests.
+        replies = [caller.request(queue, Add(a=i, b=i), Sum, timeout=5) for i in range(5)]
+        assert [r.total for r in replies] == [0, 2, 4, 6, 8]
+
+
+def test_request_and_responder_on_one_client(rt, names):
+    queue = names.queue()
+    with rt.client() as client, client.responder(queue, Add, add):
+        assert client.request(queue, Add(a=20, b=22), Sum) == Sum(total=42)
+
+
+def test_responder_sees_the_request_context(rt, names):
+    queue = names.queue()
+    contexts = []
+
+    def echo(request, ctx):
+        contexts.append(ctx)
+        return Sum(total=request.a)
+
+    with rt.client() as server, rt.client() as caller, server.responder(queue, Add, echo):
+        caller.request(queue, Add(a=1, b=0), Sum)
+    [ctx] = contexts
+    assert ctx.queue == queue
+    assert ctx.correlation_id  # the reply is matched by it
+    assert ctx.reply_to and ctx.reply_to.startswith("amq.rabbitmq.reply-to")
+    assert ctx.event_type == "Add"
+
+
+def test_timeout_names_queue_and_timeout(rt, names):
+    queue = names.queue()
+    with rt.client() as client:
+        client.declare(mqkit.Queue(queue))  # routable, but nobody answers
+        started = time.monotonic()
+        with pytest.raises(mqkit.RequestTimeout) as info:
+            client.request(queue, Add(a=1, b=2), Sum, timeout=0.5)
+        elapsed = time.monotonic() - started
+        assert 0.5 - 0.05 <= elapsed < 3
+        assert queue in str(info.value)
+        assert "0.5" in str(info.value)
+        # A timed-out request leaves the client usable.
+        other = names.queue()
+        with client.responder(other, Add, add):
+            assert client.request(other, Add(a=1, b=1), Sum, timeout=5) == Sum(total=2)
+
+
+def test_handler_error_is_a_remote_error_at_once(rt, names):
+    queue = names.queue()
+    with rt.client() as server, rt.client() as caller, server.responder(queue, Add, add):
+        started = time.monotonic()
+        with pytest.raises(mqkit.RemoteError) as info:
+            caller.request(queue, Add(a=-1, b=2), Sum, timeout=5)
+        assert time.monotonic() - started < 2  # no waiting for the timeout
+        assert info.value.error_type == "ValueError"
+        assert info.value.error_message == "negative operand -1"
+        assert "ValueError" in str(info.value)
+        # Not retried, and the responder keeps answering.
+        assert caller.request(queue, Add(a=1, b=1), Sum, timeout=5) == Sum(total=2)
+
+
+def test_responder_returning_the_wrong_type_is_a_remote_error(rt, names):
+    queue = names.queue()
+
+    def wrong(request, ctx):
+        return request.a + request.b  # an int, not a model
+
+    with rt.client() as server, rt.client() as caller, server.responder(queue, Add, wrong):
+        started = time.monotonic()
+        with pytest.raises(mqkit.RemoteError) as info:
+            caller.request(queue, Add(a=1, b=2), Sum, timeout=5)
+        assert time.monotonic() - started < 2
+    assert info.value.error_type == "TypeError"
+    assert "int" in info.value.error_message
+
+
+def test_reply_that_does_not_match_the_response_type(rt, names):
+    queue = names.queue()
+
+    class Other(BaseModel):
+        unrelated: str
+
+    def other(request, ctx):
+        return Other(unrelated="x")
+
+    with (
+        rt.client() as server,
+        rt.client() as caller,
+        server.responder(queue, Add, other),
+        pytest.raises(mqkit.DecodeError, match="Sum"),
+    ):
+        caller.request(queue, Add(a=1, b=2), Sum, timeout=5)
+
+
+def test_request_to_a_queue_nobody_declared_is_unroutable(rt, names):
+    queue = names.queue()
+    with rt.client() as client:
+        started = time.monotonic()
+        with pytest.raises(mqkit.PublishUnroutable) as info:
+            client.request(queue, Add(a=1, b=2), Sum, timeout=5)
+        assert time.monotonic() - started < 3
+        assert queue in str(info.value)

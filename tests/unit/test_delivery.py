@@ -1,0 +1,199 @@
+"""What a consumer does with one delivery: prepare (decode + Context) and follow_up."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pytest
+from pydantic import BaseModel
+
+from mqkit.context import Context
+from mqkit.delivery import (
+    FollowUp,
+    follow_up,
+    format_traceback,
+    prepare,
+    registry_decoder,
+    typed_decoder,
+)
+from mqkit.messages import Event, Incoming
+from mqkit.retry import ATTEMPT_HEADER, Ack, GiveUp, RetryLater
+
+
+class Refund(BaseModel):
+    order_id: str
+    amount: Decimal
+
+
+class UnitRefunded(Event, event_type="unit.delivery.refunded"):
+    order_id: str
+
+
+WHEN = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _incoming(**overrides: object) -> Incoming:
+    values: dict[str, object] = {
+        "body": b'{"order_id": "9", "amount": "2.50"}',
+        "delivery_tag": 4,
+        "message_id": "mid-9",
+        "correlation_id": "corr-9",
+        "reply_to": "amq.rabbitmq.reply-to.abc",
+        "type": "Refund",
+        "app_id": "shop",
+        "content_type": "application/json",
+        "timestamp": WHEN,
+        "headers": {"tenant": "acme"},
+        "redelivered": True,
+        "exchange": "shop",
+        "routing_key": "refunds.new",
+    }
+    values.update(overrides)
+    return Incoming(**values)  # type: ignore[arg-type]
+
+
+def test_prepare_decodes_and_builds_the_context() -> None:
+    message, ctx, failure = prepare(_incoming(), queue="refunds", decoder=typed_decoder(Refund))
+    assert failure is None
+    assert message == Refund(order_id="9", amount=Decimal("2.50"))
+    assert ctx == Context(
+        message_id="mid-9",
+        correlation_id="corr-9",
+        headers={"tenant": "acme"},
+        attempt=1,
+        redelivered=True,
+        exchange="shop",
+        routing_key="refunds.new",
+        queue="refunds",
+        event_type="Refund",
+        timestamp=WHEN,
+        reply_to="amq.rabbitmq.reply-to.abc",
+    )
+
+
+def test_prepare_reads_the_attempt_and_original_route_of_a_retried_copy() -> None:
+    # A retried copy comes back through the default exchange from the retry queue.
+    retried = _incoming(
+        exchange="",
+        routing_key="refunds",
+        headers={
+            ATTEMPT_HEADER: 3,
+            "x-mqkit-original-exchange": "shop",
+            "x-mqkit-original-routing-key": "refunds.new",
+        },
+    )
+    _, ctx, failure = prepare(retried, queue="refunds", decoder=typed_decoder(Refund))
+    assert failure is None
+    assert ctx.attempt == 3
+    assert (ctx.exchange, ctx.routing_key) == ("shop", "refunds.new")
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{oops", "not valid JSON"),
+        (b'{"order_id": "9"}', "amount"),
+        (b"\xff\xfe", "Refund"),
+    ],
+)
+def test_prepare_gives_up_on_a_bad_body(body: bytes, reason: str) -> None:
+    incoming = _incoming(body=body, headers={ATTEMPT_HEADER: 2})
+    message, ctx, failure = prepare(incoming, queue="refunds", decoder=typed_decoder(Refund))
+    assert message is None
+    assert ctx.message_id == "mid-9"
+    assert isinstance(failure, GiveUp)
+    assert failure.error_type == "DecodeError"
+    assert reason in failure.error_message
+    assert failure.attempts == 2
+
+
+def test_typed_decoder_ignores_the_type_property() -> None:
+    message, _, failure = prepare(
+        _incoming(type="something.else"), queue="q", decoder=typed_decoder(Refund)
+    )
+    assert failure is None and isinstance(message, Refund)
+
+
+def test_registry_decoder_picks_the_class_by_type() -> None:
+    incoming = _incoming(body=b'{"order_id": "3"}', type="unit.delivery.refunded")
+    message, ctx, failure = prepare(incoming, queue="audit", decoder=registry_decoder)
+    assert failure is None
+    assert isinstance(message, UnitRefunded) and message.order_id == "3"
+    assert ctx.event_type == "unit.delivery.refunded"
+
+
+def test_registry_decoder_unknown_type_is_a_decode_failure() -> None:
+    incoming = _incoming(body=b"{}", type="unit.delivery.nobody-knows")
+    message, _, failure = prepare(incoming, queue="audit", decoder=registry_decoder)
+    assert message is None
+    assert isinstance(failure, GiveUp)
+    assert failure.error_type == "DecodeError"
+    assert "unit.delivery.nobody-knows" in failure.error_message
+
+
+def test_follow_up_ack_needs_no_copy() -> None:
+    assert follow_up(_incoming(), Ack(), queue="refunds", service="s") is None
+
+
+def test_follow_up_retry_goes_to_the_tier_queue() -> None:
+    incoming = _incoming()
+    copy = follow_up(incoming, RetryLater(delay=0.3, attempt=2), queue="refunds", service="s")
+    assert isinstance(copy, FollowUp)
+    assert copy.routing_key == "refunds.retry.300ms"
+    envelope = copy.envelope
+    assert envelope.body == incoming.body
+    assert envelope.message_id == "mid-9"
+    assert envelope.correlation_id == "corr-9"
+    assert envelope.type == "Refund"
+    assert envelope.headers[ATTEMPT_HEADER] == 2
+    assert envelope.headers["x-mqkit-original-exchange"] == "shop"
+    assert envelope.headers["x-mqkit-original-routing-key"] == "refunds.new"
+    assert envelope.headers["tenant"] == "acme"
+    assert not any(k.startswith("x-mqkit-error") for k in envelope.headers)
+
+
+def test_follow_up_give_up_goes_to_the_dlq_with_reasons() -> None:
+    incoming = _incoming(headers={"tenant": "acme", ATTEMPT_HEADER: 3})
+    outcome = GiveUp("ValueError", "nope", 3, "tb")
+    copy = follow_up(incoming, outcome, queue="refunds", service="billing")
+    assert copy is not None
+    assert copy.routing_key == "refunds.dlq"
+    headers = copy.envelope.headers
+    assert headers["x-mqkit-error-type"] == "ValueError"
+    assert headers["x-mqkit-error-message"] == "nope"
+    assert headers["x-mqkit-attempts"] == 3
+    assert headers["x-mqkit-original-queue"] == "refunds"
+    assert headers["x-mqkit-service"] == "billing"
+    assert headers["tenant"] == "acme"
+    assert copy.envelope.message_id == "mid-9"
+    assert copy.envelope.body == incoming.body
+
+
+def test_follow_up_dlq_override_for_broadcast_queues() -> None:
+    copy = follow_up(
+        _incoming(),
+        GiveUp("E", "m", 1),
+        queue="svc.cache.cleared.ab12cd34",
+        service="svc",
+        dlq="svc.cache.cleared.dlq",
+    )
+    assert copy is not None
+    assert copy.routing_key == "svc.cache.cleared.dlq"
+    assert copy.envelope.headers["x-mqkit-original-queue"] == "svc.cache.cleared.ab12cd34"
+
+
+def _fail_deep(n: int) -> None:
+    if n == 0:
+        raise ValueError("deep failure 17")
+    _fail_deep(n - 1)
+
+
+def test_format_traceback_keeps_the_last_frames() -> None:
+    try:
+        _fail_deep(20)
+    except ValueError as exc:
+        text = format_traceback(exc, limit=3)
+    assert "ValueError: deep failure 17" in text
+    assert "_fail_deep" in text
+    assert text.count("_fail_deep") <= 3 * 2  # at most `limit` frames (name + source line)

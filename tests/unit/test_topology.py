@@ -1,0 +1,253 @@
+"""Topology values and what a consumer's queue plus its RetryPolicy imply."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mqkit.errors import ConfigError
+from mqkit.retry import RetryPolicy
+from mqkit.topology import (
+    Binding,
+    Exchange,
+    Queue,
+    consumer_topology,
+    dlq_name,
+    queue_arguments,
+    retry_queue_name,
+)
+
+
+def by_name(queues: list[Queue]) -> dict[str, Queue]:
+    return {q.name: q for q in queues}
+
+
+def test_queue_defaults() -> None:
+    queue = Queue("orders")
+    assert queue.name == "orders"
+    assert queue.type is None  # settings.queue_type decides
+    assert queue.durable is True
+    assert queue.arguments == ()
+
+
+def test_values_are_frozen() -> None:
+    for value in (Queue("q"), Exchange("x"), Binding("x", "q", "a.b")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            value.name = "other"  # type: ignore[misc,union-attr]
+
+
+def test_values_are_hashable_and_compare_by_value() -> None:
+    a = Queue("q", type="quorum", arguments={"x-max-length": 10, "x-a": "b"})
+    b = Queue("q", type="quorum", arguments={"x-a": "b", "x-max-length": 10})
+    assert a == b and hash(a) == hash(b)
+    assert a != Queue("q", type="classic", arguments={"x-a": "b", "x-max-length": 10})
+    entities = {a, b, Exchange("x"), Exchange("x"), Binding("x", "q", "k"), Binding("x", "q", "k")}
+    assert len(entities) == 3
+
+
+def test_queue_arguments_are_stored_as_sorted_pairs() -> None:
+    queue = Queue("q", arguments={"x-b": 2, "x-a": 1})
+    assert queue.arguments == (("x-a", 1), ("x-b", 2))
+    assert dict(queue.arguments) == {"x-a": 1, "x-b": 2}
+
+
+@pytest.mark.parametrize("name", ["", "x" * 256])
+def test_queue_name_must_be_1_to_255_bytes(name: str) -> None:
+    with pytest.raises(ValueError, match="255"):
+        Queue(name)
+
+
+def test_queue_type_is_checked() -> None:
+    with pytest.raises(ValueError):
+        Queue("q", type="stream-ish")  # type: ignore[arg-type]
+
+
+def test_exchange_defaults_and_types() -> None:
+    assert Exchange("events").type == "topic"
+    assert Exchange("events").durable is True
+    assert Exchange("fan", type="fanout").type == "fanout"
+    with pytest.raises(ValueError):
+        Exchange("x", type="nope")  # type: ignore[arg-type]
+
+
+def test_binding_takes_names_or_entities() -> None:
+    binding = Binding(Exchange("events"), Queue("orders"), "orders.*")  # type: ignore[arg-type]
+    assert binding == Binding("events", "orders", "orders.*")
+    assert Binding("events", "orders").routing_key == "#"
+
+
+def test_derived_names() -> None:
+    assert dlq_name("orders") == "orders.dlq"
+    assert retry_queue_name("orders", 1.0) == "orders.retry.1000ms"
+    assert retry_queue_name("orders", 0.3) == "orders.retry.300ms"
+
+
+def test_queue_arguments_type() -> None:
+    assert queue_arguments(Queue("q"), "quorum") == {"x-queue-type": "quorum"}
+    assert queue_arguments(Queue("q"), "classic") == {"x-queue-type": "classic"}
+    assert queue_arguments(Queue("q", type="classic"), "quorum") == {"x-queue-type": "classic"}
+    own = queue_arguments(Queue("q", arguments={"x-max-length": 5}), "quorum")
+    assert own == {"x-queue-type": "quorum", "x-max-length": 5}
+
+
+@pytest.mark.parametrize(
+    "queue",
+    [
+        Queue("tmp", exclusive=True),
+        Queue("tmp", auto_delete=True),
+        Queue("tmp", durable=False),
+        Queue("tmp", type="quorum", exclusive=True, auto_delete=True),
+    ],
+)
+def test_temporary_queues_are_classic(queue: Queue) -> None:
+    # Quorum queues are always durable and never exclusive: asking would fail on the broker.
+    assert queue_arguments(queue, "quorum")["x-queue-type"] == "classic"
+
+
+def test_consumer_topology_quorum_default_policy() -> None:
+    queues = consumer_topology(
+        Queue("orders"), RetryPolicy(), default_type="quorum", delivery_limit=20
+    )
+    names = [q.name for q in queues]
+    # The DLQ first and the work queue last: the work queue refers to the DLQ.
+    assert names == ["orders.dlq", "orders.retry.1000ms", "orders.retry.10000ms", "orders"]
+    queues_ = by_name(queues)
+
+    dlq = queues_["orders.dlq"]
+    assert queue_arguments(dlq, "quorum")["x-queue-type"] == "classic"
+    assert dlq.durable
+
+    retry = queues_["orders.retry.1000ms"]
+    retry_args = queue_arguments(retry, "quorum")
+    assert retry_args["x-queue-type"] == "quorum"
+    assert retry_args["x-message-ttl"] == 1000
+    assert retry_args["x-dead-letter-exchange"] == ""
+    assert retry_args["x-dead-letter-routing-key"] == "orders"
+    assert retry_args["x-dead-letter-strategy"] == "at-least-once"
+    assert retry_args["x-overflow"] == "reject-publish"
+    assert queue_arguments(queues_["orders.retry.10000ms"], "quorum")["x-message-ttl"] == 10000
+
+    work = queue_arguments(queues_["orders"], "quorum")
+    assert work["x-queue-type"] == "quorum"
+    assert work["x-dead-letter-exchange"] == ""
+    assert work["x-dead-letter-routing-key"] == "orders.dlq"
+    assert work["x-delivery-limit"] == 20
+    assert work["x-dead-letter-strategy"] == "at-least-once"
+    assert work["x-overflow"] == "reject-publish"
+    assert queues_["orders"].durable
+
+
+def test_consumer_topology_classic() -> None:
+    policy = RetryPolicy(max_attempts=3, delays=(0.3, 0.6))
+    queues = by_name(
+        consumer_topology(Queue("jobs"), policy, default_type="classic", delivery_limit=20)
+    )
+    assert set(queues) == {"jobs", "jobs.dlq", "jobs.retry.300ms", "jobs.retry.600ms"}
+    work = queue_arguments(queues["jobs"], "classic")
+    assert work["x-queue-type"] == "classic"
+    assert work["x-dead-letter-routing-key"] == "jobs.dlq"
+    # Classic queues have neither a delivery limit nor at-least-once dead-lettering.
+    assert "x-delivery-limit" not in work
+    assert "x-dead-letter-strategy" not in work
+    assert "x-overflow" not in work
+    retry = queue_arguments(queues["jobs.retry.600ms"], "classic")
+    assert retry["x-queue-type"] == "classic"
+    assert retry["x-message-ttl"] == 600
+    assert "x-dead-letter-strategy" not in retry
+
+
+def test_explicit_queue_type_beats_default() -> None:
+    queues = by_name(
+        consumer_topology(
+            Queue("jobs", type="classic"), RetryPolicy(), default_type="quorum", delivery_limit=20
+        )
+    )
+    assert queue_arguments(queues["jobs"], "quorum")["x-queue-type"] == "classic"
+    assert queue_arguments(queues["jobs.retry.1000ms"], "quorum")["x-queue-type"] == "classic"
+
+
+def test_producer_and_consumer_declare_the_work_queue_identically() -> None:
+    queue = Queue("orders", arguments={"x-max-length": 1000})
+    for kind in ("quorum", "classic"):
+        producer = by_name(consumer_topology(queue, None, default_type=kind, delivery_limit=20))
+        consumer = by_name(
+            consumer_topology(
+                queue,
+                RetryPolicy(max_attempts=5, delays=(0.1, 0.2)),
+                default_type=kind,
+                delivery_limit=20,
+            )
+        )
+        assert set(producer) == {"orders", "orders.dlq"}  # no retry queues without a policy
+        assert producer["orders"] == consumer["orders"]
+        assert producer["orders.dlq"] == consumer["orders.dlq"]
+
+
+def test_single_attempt_policy_has_no_retry_queues() -> None:
+    queues = consumer_topology(
+        Queue("q"), RetryPolicy(max_attempts=1), default_type="quorum", delivery_limit=20
+    )
+    assert [q.name for q in queues] == ["q.dlq", "q"]
+
+
+def test_one_retry_queue_per_distinct_delay() -> None:
+    policy = RetryPolicy(max_attempts=6, delays=(0.5, 0.5, 2.0))
+    queues = consumer_topology(Queue("q"), policy, default_type="quorum", delivery_limit=20)
+    assert [q.name for q in queues] == ["q.dlq", "q.retry.500ms", "q.retry.2000ms", "q"]
+
+
+def test_own_arguments_are_kept_and_win() -> None:
+    queue = Queue("q", arguments={"x-max-length": 10, "x-delivery-limit": 50})
+    work = by_name(
+        consumer_topology(queue, RetryPolicy(), default_type="quorum", delivery_limit=20)
+    )
+    args = queue_arguments(work["q"], "quorum")
+    assert args["x-max-length"] == 10
+    assert args["x-delivery-limit"] == 50
+
+
+def test_delivery_limit_below_max_attempts_is_a_config_error() -> None:
+    policy = RetryPolicy(max_attempts=5, delays=(0.1,))
+    with pytest.raises(ConfigError) as info:
+        consumer_topology(Queue("orders"), policy, default_type="quorum", delivery_limit=3)
+    text = str(info.value)
+    assert "orders" in text and "x-delivery-limit=3" in text and "max_attempts=5" in text
+    assert isinstance(info.value, ValueError)
+
+
+def test_queue_own_delivery_limit_is_checked_too() -> None:
+    queue = Queue("orders", arguments={"x-delivery-limit": 2})
+    with pytest.raises(ConfigError, match="x-delivery-limit=2"):
+        consumer_topology(
+            queue, RetryPolicy(max_attempts=3), default_type="quorum", delivery_limit=20
+        )
+
+
+def test_delivery_limit_equal_to_max_attempts_is_fine() -> None:
+    queues = consumer_topology(
+        Queue("q"), RetryPolicy(max_attempts=3), default_type="quorum", delivery_limit=3
+    )
+    assert queue_arguments(by_name(queues)["q"], "quorum")["x-delivery-limit"] == 3
+
+
+def test_delivery_limit_does_not_apply_to_classic_queues() -> None:
+    queues = consumer_topology(
+        Queue("q"),
+        RetryPolicy(max_attempts=10, delays=(0.1,)),
+        default_type="classic",
+        delivery_limit=1,
+    )
+    assert "x-delivery-limit" not in queue_arguments(by_name(queues)["q"], "classic")
+
+
+def test_broadcast_queue_gets_no_broker_dead_lettering() -> None:
+    queue = Queue("svc.cache.cleared.ab12cd34", exclusive=True, auto_delete=True)
+    policy = RetryPolicy(max_attempts=3, delays=(0.1,))
+    queues = consumer_topology(queue, policy, default_type="quorum", delivery_limit=1)
+    work = queues[-1]
+    assert work == queue  # declared as given: no x-dead-letter-*, no delivery limit
+    args = queue_arguments(work, "quorum")
+    assert args == {"x-queue-type": "classic"}
+    assert work.exclusive and work.auto_delete
+    assert queues[0].name == "svc.cache.cleared.ab12cd34.dlq"
