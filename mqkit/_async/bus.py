@@ -1,0 +1,297 @@
+"""AsyncEventBus: publish :class:`~mqkit.Event` s on a topic exchange and subscribe to them.
+
+Each (service, subscription) has one durable queue, so every service gets each matching event
+once and a service's instances compete for it. ``broadcast=True`` gives every running
+instance its own temporary queue instead (retries in process only; give-ups go to a durable
+DLQ the service's instances share).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, overload
+
+from mqkit.delivery import Decoder, registry_decoder, typed_decoder
+from mqkit.errors import ConfigError
+from mqkit.messages import Event, encode
+from mqkit.retry import DEFAULT_POLICY, RetryPolicy
+from mqkit.topology import Binding, Entity, Exchange, Queue, consumer_topology, dlq_name
+
+from .consumer import AsyncConsumer, Handler
+
+if TYPE_CHECKING:
+    from .connection import Link
+
+__all__ = ["AsyncEventBus"]
+
+
+class AsyncEventBus:
+    """Events on the topic exchange ``settings.events_exchange``; made by
+    :meth:`AsyncClient.event_bus`.
+
+    ```python
+    bus = client.event_bus()
+
+    @bus.subscribe(OrderPlaced)
+    async def reserve_stock(event: OrderPlaced, ctx: mqkit.Context) -> None: ...
+
+    async with bus:
+        await bus.publish(OrderPlaced(order_id="42", total=Decimal("9.90")))
+    ```
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        *,
+        service: str,
+        exchange: str,
+        prefetch: int,
+        on_consumer: Callable[[AsyncConsumer[Any]], None] | None = None,
+    ) -> None:
+        self._link = link
+        self._service = service
+        self._exchange = Exchange(exchange, type="topic", durable=True)
+        self._prefetch = prefetch
+        self._on_consumer = on_consumer
+        self._consumers: list[AsyncConsumer[Any]] = []
+        self._keys: set[str] = set()
+        self._started = False
+        self._stopped = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<AsyncEventBus exchange={self._exchange.name!r} service={self._service!r}>"
+
+    @property
+    def exchange(self) -> str:
+        """The topic exchange's name."""
+        return self._exchange.name
+
+    @property
+    def service(self) -> str:
+        """The service whose queues this bus's subscriptions use."""
+        return self._service
+
+    @property
+    def consumers(self) -> tuple[AsyncConsumer[Any], ...]:
+        """One consumer per subscription."""
+        return tuple(self._consumers)
+
+    @overload
+    def subscribe(
+        self,
+        target: type[Event] | str,
+        handler: None = None,
+        *,
+        broadcast: bool = False,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        prefetch: int | None = None,
+        concurrency: int = 1,
+    ) -> Callable[[Handler[Any]], Handler[Any]]: ...
+
+    @overload
+    def subscribe(
+        self,
+        target: type[Event] | str,
+        handler: Handler[Any],
+        *,
+        broadcast: bool = False,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        prefetch: int | None = None,
+        concurrency: int = 1,
+    ) -> Handler[Any]: ...
+
+    def subscribe(
+        self,
+        target: type[Event] | str,
+        handler: Handler[Any] | None = None,
+        *,
+        broadcast: bool = False,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        prefetch: int | None = None,
+        concurrency: int = 1,
+    ) -> Any:
+        """Subscribe ``handler`` to an :class:`~mqkit.Event` subclass (its ``event_type``) or
+        to a topic pattern such as ``"orders.*"`` (events decoded by their ``type``).
+
+        Without ``handler`` it is a decorator. Subscriptions start with the bus.
+        """
+        if handler is None:
+
+            def decorate(fn: Handler[Any]) -> Handler[Any]:
+                self._add(
+                    target,
+                    fn,
+                    broadcast=broadcast,
+                    retry=retry,
+                    queue=queue,
+                    prefetch=prefetch,
+                    concurrency=concurrency,
+                )
+                return fn
+
+            return decorate
+        self._add(
+            target,
+            handler,
+            broadcast=broadcast,
+            retry=retry,
+            queue=queue,
+            prefetch=prefetch,
+            concurrency=concurrency,
+        )
+        return handler
+
+    def _add(
+        self,
+        target: type[Event] | str,
+        handler: Handler[Any],
+        *,
+        broadcast: bool,
+        retry: RetryPolicy | None,
+        queue: str | None,
+        prefetch: int | None,
+        concurrency: int,
+    ) -> None:
+        decoder: Decoder
+        if isinstance(target, str):
+            key, decoder, message_type = target, registry_decoder, None
+        elif isinstance(target, type) and issubclass(target, Event):
+            key, decoder, message_type = target.event_type, typed_decoder(target), target
+        else:
+            raise ConfigError(
+                f"subscribe expects an Event subclass or a topic pattern, got {target!r}"
+            )
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        policy = retry or DEFAULT_POLICY
+        default_type = self._link.settings.queue_type
+        dlq: str | None = None
+        if broadcast:
+            name = queue or f"{self._service}.{key}.{uuid.uuid4().hex[:8]}"
+            work = Queue(name, type="classic", durable=False, exclusive=True, auto_delete=True)
+            dlq = dlq_name(f"{self._service}.{key}") if queue is None else dlq_name(queue)
+            policy = RetryPolicy(
+                max_attempts=1,
+                delays=(),
+                immediate=policy.immediate,
+                retry_on=policy.retry_on,
+                give_up_on=policy.give_up_on,
+            )
+            topology: list[Entity] = [Queue(dlq, type="classic"), work]
+        else:
+            if queue is None and key in self._keys:
+                raise ConfigError(
+                    f"this bus already subscribes to {key!r}; pass queue= to subscribe again "
+                    "with a queue of its own"
+                )
+            name = queue or f"{self._service}.{key}"
+            work = Queue(name)
+            topology = list(
+                consumer_topology(
+                    work,
+                    policy,
+                    default_type=default_type,
+                    delivery_limit=self._link.settings.delivery_limit,
+                )
+            )
+        if queue is None and not broadcast:
+            self._keys.add(key)
+        topology = [self._exchange, *topology, Binding(self._exchange.name, name, key)]
+        consumer: AsyncConsumer[Any] = AsyncConsumer(
+            self._link,
+            work,
+            message_type,
+            handler,
+            prefetch=prefetch or self._prefetch,
+            concurrency=concurrency,
+            policy=policy,
+            service=self._link.settings.service,
+            topology=topology,
+            decoder=decoder,
+            dlq=dlq,
+        )
+        self._consumers.append(consumer)
+        if self._on_consumer is not None:
+            self._on_consumer(consumer)
+        if self._started:
+            # Subscribing on a running bus: start the new subscription in the background.
+            task = asyncio.get_running_loop().create_task(consumer.start())
+            task.add_done_callback(_log_failure)
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        mandatory: bool = False,
+    ) -> str:
+        """Publish ``event`` (confirmed); its message id. Routing key: its ``event_type``.
+
+        No subscriber is fine, unless ``mandatory=True`` (then
+        :class:`~mqkit.PublishUnroutable`).
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"AsyncEventBus.publish expected an Event, got {type(event).__name__}")
+        await self._link.declare([self._exchange])
+        envelope = encode(
+            event,
+            service=self._link.settings.service,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+        )
+        await self._link.publishing.publish(
+            envelope,
+            exchange=self._exchange.name,
+            routing_key=routing_key if routing_key is not None else type(event).event_type,
+            mandatory=mandatory,
+        )
+        return envelope.message_id
+
+    async def start(self) -> None:
+        """Declare the exchange and start every subscription (returns once consuming)."""
+        await self._link.declare([self._exchange])
+        self._stopped.clear()
+        for consumer in self._consumers:
+            await consumer.start()
+        self._started = True
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop every subscription gracefully (see :meth:`AsyncConsumer.stop`)."""
+        await asyncio.gather(*(c.stop(timeout) for c in self._consumers))
+        self._started = False
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Start, then wait until :meth:`stop`."""
+        await self.start()
+        await self._stopped.wait()
+
+    @property
+    def started(self) -> bool:
+        """Whether the bus is started."""
+        return self._started
+
+    async def __aenter__(self) -> AsyncEventBus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("mqkit").error(
+            "mqkit: a subscription added to a running bus failed to start: %s", task.exception()
+        )

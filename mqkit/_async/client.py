@@ -1,0 +1,360 @@
+"""AsyncClient: the asyncio runtime's entry point (aio-pika).
+
+```python
+async with mqkit.AsyncClient(service="billing") as client:
+    producer = await client.producer(ChargeCard, queue="charges")
+    await producer.publish(ChargeCard(order_id="42", amount=Decimal("9.90")))
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from mqkit.errors import ConfigError
+from mqkit.health import Health
+from mqkit.retry import DEFAULT_POLICY, RetryPolicy
+from mqkit.settings import Settings, mask_url
+from mqkit.topology import Binding, Entity, Exchange, Queue, consumer_topology
+
+from .bus import AsyncEventBus
+from .connection import Link
+from .consumer import AsyncConsumer
+from .dead_letters import AsyncDeadLetterQueue
+from .producer import AsyncProducer
+from .rpc import Requester, request_decoder, responder_handler
+
+__all__ = ["AsyncClient"]
+
+log = logging.getLogger("mqkit")
+
+T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R", bound=BaseModel)
+
+
+class AsyncClient:
+    """A connection to RabbitMQ for asyncio services; every I/O method is ``async``.
+
+    ``AsyncClient(settings=None, **overrides)`` does no I/O; ``async with`` (or
+    :meth:`connect`) connects, raising :class:`~mqkit.ConnectionFailed` within
+    ``connect_timeout``. After that the client reconnects by itself (fail-over across
+    ``settings.all_urls``), re-declares its topology and restores its consumers.
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        self._settings = (settings or Settings()).merged(**overrides)
+        self._id = uuid.uuid4().hex[:8]
+        self._link = Link(self._settings, name=f"mqkit async {self._settings.service} {self._id}")
+        self._requester = Requester(self._link, self._settings.service)
+        self._consumers: list[AsyncConsumer[Any]] = []
+        self._buses: list[AsyncEventBus] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._stop_requested = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        urls = ", ".join(mask_url(u) for u in self._settings.all_urls)
+        state = "closed" if self._closed else ("connected" if self._link.connected else "idle")
+        return f"<AsyncClient service={self._settings.service!r} {urls} {state}>"
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in use (overrides applied)."""
+        return self._settings
+
+    @property
+    def topology(self) -> tuple[Entity, ...]:
+        """Every queue, exchange and binding declared so far (replayed after a reconnect)."""
+        return self._link.topology
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def connect(self) -> None:
+        """Connect (idempotent). Raises :class:`~mqkit.ConnectionFailed`."""
+        if self._closed:
+            raise ConfigError("this AsyncClient is closed; create a new one")
+        self._loop = asyncio.get_running_loop()
+        await self._link.open()
+
+    async def close(self) -> None:
+        """Stop consumers and buses gracefully, then close the connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._stop_all()
+        await self._link.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------- topology
+
+    async def declare(self, *entities: Entity) -> None:
+        """Declare queues, exchanges and bindings (idempotent, cached). Raises
+        :class:`~mqkit.TopologyError` when one exists with other arguments."""
+        for entity in entities:
+            if not isinstance(entity, (Queue, Exchange, Binding)):
+                raise ConfigError(f"declare expects Queue, Exchange or Binding, got {entity!r}")
+        await self._link.declare(entities)
+
+    # ----------------------------------------------------------------- factories
+
+    async def producer(
+        self,
+        message_type: type[T],
+        *,
+        queue: str | Queue | None = None,
+        exchange: str | Exchange | None = None,
+        routing_key: str | None = None,
+    ) -> AsyncProducer[T]:
+        """A producer of ``message_type`` to a ``queue`` (declared with the arguments its
+        consumer will use) or to an ``exchange`` (an :class:`~mqkit.Exchange` is declared; a
+        name is used as is). Exactly one of ``queue`` / ``exchange``."""
+        if (queue is None) == (exchange is None):
+            raise ConfigError("producer needs exactly one of queue= or exchange=")
+        if not (isinstance(message_type, type) and issubclass(message_type, BaseModel)):
+            raise ConfigError(f"producer expects a pydantic model class, got {message_type!r}")
+        if queue is not None:
+            work = queue if isinstance(queue, Queue) else Queue(queue)
+            # A queue this client declared itself is used as it is: re-declaring it with the
+            # consumer's arguments would conflict with what the user chose.
+            if not any(isinstance(e, Queue) and e.name == work.name for e in self.topology):
+                await self._link.declare(
+                    consumer_topology(
+                        work,
+                        None,
+                        default_type=self._settings.queue_type,
+                        delivery_limit=self._settings.delivery_limit,
+                    )
+                )
+            return AsyncProducer(
+                self._link,
+                message_type,
+                service=self._settings.service,
+                exchange="",
+                routing_key=None,
+                queue=work.name,
+            )
+        assert exchange is not None
+        if isinstance(exchange, Exchange):
+            await self._link.declare([exchange])
+            name = exchange.name
+        else:
+            name = exchange
+        return AsyncProducer(
+            self._link,
+            message_type,
+            service=self._settings.service,
+            exchange=name,
+            routing_key=routing_key,
+            queue=None,
+        )
+
+    def consumer(
+        self,
+        queue: str | Queue,
+        message_type: type[T],
+        handler: Callable[[T, Any], Awaitable[Any]],
+        *,
+        prefetch: int | None = None,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+    ) -> AsyncConsumer[T]:
+        """A consumer (not started) running ``async def handler(message, ctx)`` for each
+        message of ``queue``; ``retry`` defaults to ``RetryPolicy()``."""
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if prefetch is not None and prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
+        if not (isinstance(message_type, type) and issubclass(message_type, BaseModel)):
+            raise ConfigError(f"consumer expects a pydantic model class, got {message_type!r}")
+        work = queue if isinstance(queue, Queue) else Queue(queue)
+        policy = retry or DEFAULT_POLICY
+        topology = consumer_topology(
+            work,
+            policy,
+            default_type=self._settings.queue_type,
+            delivery_limit=self._settings.delivery_limit,
+        )
+        consumer: AsyncConsumer[T] = AsyncConsumer(
+            self._link,
+            work,
+            message_type,
+            handler,
+            prefetch=prefetch or self._settings.prefetch,
+            concurrency=concurrency,
+            policy=policy,
+            service=self._settings.service,
+            topology=topology,
+        )
+        self._consumers.append(consumer)
+        return consumer
+
+    def event_bus(
+        self, *, service: str | None = None, exchange: str | None = None
+    ) -> AsyncEventBus:
+        """An event bus on the topic exchange ``exchange`` (default
+        ``settings.events_exchange``) for ``service`` (default ``settings.service``)."""
+        bus = AsyncEventBus(
+            self._link,
+            service=service or self._settings.service,
+            exchange=exchange or self._settings.events_exchange,
+            prefetch=self._settings.prefetch,
+        )
+        self._buses.append(bus)
+        return bus
+
+    async def request(
+        self,
+        queue: str,
+        message: BaseModel,
+        response_type: type[R],
+        *,
+        timeout: float = 5.0,
+    ) -> R:
+        """Send ``message`` to ``queue`` and return the typed reply (direct reply-to).
+
+        Raises :class:`~mqkit.RequestTimeout`, :class:`~mqkit.RemoteError` (the responder
+        raised), :class:`~mqkit.PublishUnroutable` (no such queue).
+        """
+        return await self._requester.request(queue, message, response_type, timeout)
+
+    def responder(
+        self,
+        queue: str | Queue,
+        request_type: type[T],
+        handler: Callable[[T, Any], Awaitable[BaseModel]],
+    ) -> AsyncConsumer[T]:
+        """A consumer (not started) whose ``async def handler(request, ctx)`` return value is
+        the reply. Errors are sent back to the caller (as :class:`~mqkit.RemoteError`), not
+        retried."""
+        work = queue if isinstance(queue, Queue) else Queue(queue)
+        policy = RetryPolicy(max_attempts=1, delays=())
+        topology = consumer_topology(
+            work,
+            policy,
+            default_type=self._settings.queue_type,
+            delivery_limit=self._settings.delivery_limit,
+        )
+        consumer: AsyncConsumer[T] = AsyncConsumer(
+            self._link,
+            work,
+            request_type,
+            responder_handler(self._link, work.name, self._settings.service, handler),
+            prefetch=self._settings.prefetch,
+            concurrency=1,
+            policy=policy,
+            service=self._settings.service,
+            topology=topology,
+            decoder=request_decoder(request_type),
+        )
+        self._consumers.append(consumer)
+        return consumer
+
+    def dead_letters(self, queue: str | Queue) -> AsyncDeadLetterQueue:
+        """The dead letters of ``queue`` (its DLQ is ``f"{queue}.dlq"``)."""
+        return AsyncDeadLetterQueue(self._link, queue.name if isinstance(queue, Queue) else queue)
+
+    # ----------------------------------------------------------------- run / stop
+
+    async def run(self) -> None:
+        """Start every consumer and bus made on this client, wait until :meth:`stop`,
+        SIGINT or SIGTERM, then stop them gracefully."""
+        self._loop = asyncio.get_running_loop()
+        if self._stop_event is None:
+            self._stop_event = asyncio.Event()
+        if self._stop_requested:
+            self._stop_event.set()
+        restore = self._install_signal_handlers()
+        try:
+            for bus in self._buses:
+                if not bus.started:
+                    await bus.start()
+            for consumer in self._consumers:
+                if not consumer.started:
+                    await consumer.start()
+            log.info(
+                "mqkit: running %d consumer(s) and %d bus(es); waiting for stop",
+                len(self._consumers),
+                len(self._buses),
+            )
+            await self._stop_event.wait()
+        finally:
+            restore()
+            self._stop_event.clear()
+            self._stop_requested = False
+            await self._stop_all()
+
+    def stop(self) -> None:
+        """End :meth:`run` (which then stops consumers gracefully). Safe to call from any
+        thread and from a signal handler; does not wait."""
+        self._stop_requested = True
+        loop, event = self._loop, self._stop_event
+        if loop is None or event is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(event.set)
+
+    async def _stop_all(self) -> None:
+        await asyncio.gather(
+            *(bus.stop() for bus in self._buses if bus.started),
+            *(consumer.stop() for consumer in self._consumers if consumer.started),
+        )
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        loop = asyncio.get_running_loop()
+        installed: list[tuple[signal.Signals, Any]] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous = signal.getsignal(sig)
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError, ValueError):  # not on this platform
+                continue
+            installed.append((sig, previous))
+
+        def restore() -> None:
+            for sig, previous in installed:
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+                    signal.signal(sig, previous)
+
+        return restore
+
+    # ----------------------------------------------------------------- health
+
+    def health(self) -> Health:
+        """A snapshot for liveness/readiness probes; no I/O."""
+        started = self._link.restorables
+        return Health(
+            connected=self._link.connected,
+            url=self._link.url if self._link.connected else "",
+            consumers=len(started),
+            consumers_attached=sum(1 for c in started if c.attached),
+            reconnects=self._link.reconnects,
+            last_error=self._link.last_error,
+        )

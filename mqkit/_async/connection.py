@@ -1,0 +1,555 @@
+"""The asyncio link to RabbitMQ: connect with fail-over, reconnect in the background, open
+channels, declare topology, and translate aio-pika / aiormq errors (in one place).
+Publishing lives in :mod:`.publisher`, batched acking in :mod:`.acks`.
+
+A :class:`Link` owns one ``aio_pika`` connection (plain, not "robust": its consumer restore has
+known bugs) and a supervisor that replaces it when it is lost: it tries ``settings.all_urls`` in
+order with tenacity backoff, re-declares everything in :attr:`Link.topology`, then asks every
+registered :class:`Restorable` (the started consumers) to attach again.
+
+Hot paths (publishing, acking) talk to the aiormq channel under the aio-pika channel: the same
+protocol objects aio-pika itself uses, without building an aio-pika message per delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aio_pika
+import aio_pika.abc
+import aiormq
+import aiormq.abc
+import aiormq.exceptions as amqp
+from aio_pika.connection import make_url
+from pamqp import constants as pamqp_constants
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
+from mqkit.errors import (
+    ConnectionFailed,
+    MqkitError,
+    PublishNacked,
+    PublishUnroutable,
+    TopologyError,
+)
+from mqkit.settings import Settings, mask_url
+from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
+
+__all__ = [
+    "AMQP_ERRORS",
+    "LINK_ERRORS",
+    "RPC_ERRORS",
+    "Link",
+    "Restorable",
+    "describe",
+    "reply_text",
+    "translate",
+]
+
+log = logging.getLogger("mqkit")
+
+# pamqp refuses names RabbitMQ accepts (any UTF-8 up to 255 bytes), "*" among them, which a
+# pattern subscription's queue carries ("billing.orders.*"). The sync twin (pika) declares such
+# names, so the async one must be able to consume them: accept what the broker accepts.
+_BROKER_NAMES = re.compile(r"[^\x00]*")
+pamqp_constants.DOMAIN_REGEX["queue-name"] = _BROKER_NAMES
+pamqp_constants.DOMAIN_REGEX["exchange-name"] = _BROKER_NAMES
+
+RECONNECT_MAX_DELAY = 5.0
+RPC_TIMEOUT = 30.0
+
+# Errors that mean "the link (connection or channel) went away", not "the broker said no".
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    amqp.AMQPConnectionError,
+    amqp.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    RuntimeError,  # aio-pika: "Connection was not opened" / "... closed"
+)
+
+
+# What a channel operation may raise besides the broker's answer.
+AMQP_ERRORS: tuple[type[BaseException], ...] = (amqp.AMQPError, *LINK_ERRORS)
+RPC_ERRORS: tuple[type[BaseException], ...] = (amqp.AMQPError, asyncio.TimeoutError, *LINK_ERRORS)
+
+
+class Restorable(Protocol):
+    """Something attached to the broker that must attach again after a reconnect."""
+
+    async def restore(self) -> None:
+        """Attach again on the (new) connection; idempotent."""
+
+    @property
+    def attached(self) -> bool:
+        """Whether it is attached to the broker right now."""
+
+
+# --------------------------------------------------------------------------- error translation
+
+
+def describe(exc: BaseException | None) -> str:
+    """A one-line, password-free description of an aio-pika/aiormq/OS error."""
+    if exc is None:
+        return "connection closed"
+    if isinstance(exc, amqp.DeliveryError):
+        text = str(exc)
+    elif isinstance(exc, amqp.AMQPError) and exc.args:
+        text = " ".join(str(a) for a in exc.args if a is not None)
+    else:
+        text = str(exc) or type(exc).__name__
+    return mask_url(f"{type(exc).__name__}: {text}")
+
+
+def reply_text(exc: BaseException) -> str:
+    """The broker's reply text of an aiormq error (password-free)."""
+    args = [str(a) for a in getattr(exc, "args", ()) if a is not None]
+    return mask_url(" ".join(args) or str(exc))
+
+
+def _entity_text(entity: Entity) -> str:
+    if isinstance(entity, Queue):
+        return f"queue {entity.name!r}"
+    if isinstance(entity, Exchange):
+        return f"exchange {entity.name!r}"
+    return f"binding {entity.exchange!r} -> {entity.queue!r} ({entity.routing_key!r})"
+
+
+_CURRENT_TYPE = re.compile(r"x-queue-type'.*current is (?:the value )?'?(?P<kind>[a-z]+)'?", re.I)
+
+
+def translate(exc: BaseException, *, what: str, entity: Entity | None = None) -> MqkitError:
+    """Turn an aio-pika/aiormq exception into the mqkit error for ``what`` was being done.
+
+    This is the one place the async shell maps client errors; callers ``raise ... from exc``.
+    """
+    text = reply_text(exc)
+    subject = _entity_text(entity) if entity is not None else what
+    if isinstance(exc, amqp.PublishError):  # a mandatory publish came back (basic.return)
+        return PublishUnroutable(
+            f"{what}: the broker returned it as unroutable ({text}); "
+            "declare a queue (or a binding) for that routing key first"
+        )
+    if isinstance(exc, amqp.DeliveryError):
+        return PublishNacked(
+            f"{what}: the broker nacked it (for example a full queue with "
+            "overflow=reject-publish); retry later"
+        )
+    if isinstance(exc, amqp.ChannelPreconditionFailed):
+        hint = "delete it, or declare it with the arguments it has"
+        match = _CURRENT_TYPE.search(text)
+        if match and match.group("kind") in ("classic", "quorum"):
+            hint = f"delete it, or declare it as it is (queue_type={match.group('kind')!r})"
+        if "inequivalent" in text:
+            return TopologyError(f"{subject} already exists with other arguments ({text}); {hint}")
+        return TopologyError(f"{subject}: precondition failed ({text})")
+    if isinstance(exc, amqp.ChannelLockedResource):
+        return TopologyError(
+            f"{subject} is exclusive to another connection ({text}); use "
+            "another name, or stop the service holding it"
+        )
+    if isinstance(exc, amqp.ChannelNotFoundEntity):
+        return TopologyError(f"{subject}: not found ({text}); declare it first")
+    if isinstance(exc, amqp.ChannelAccessRefused):
+        return TopologyError(
+            f"{subject}: access refused ({text}); check the user's permissions "
+            "and that the name does not start with 'amq.'"
+        )
+    if isinstance(exc, amqp.AMQPChannelError):
+        return TopologyError(f"{subject}: the broker closed the channel ({text})")
+    if isinstance(exc, asyncio.TimeoutError):
+        return ConnectionFailed(f"{what}: the broker did not answer in time; retry shortly")
+    return ConnectionFailed(
+        f"{what}: the connection to the broker failed ({describe(exc)}); "
+        "mqkit reconnects in the background, retry shortly"
+    )
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    return isinstance(exc, (amqp.ProbableAuthenticationError, amqp.AuthenticationError))
+
+
+def _is_vhost_error(exc: BaseException) -> bool:
+    text = reply_text(exc)
+    if isinstance(exc, amqp.InvalidFrameError):
+        # aiormq reports the broker's Connection.Close in answer to Connection.Open (unknown
+        # vhost, or no permission on it) as an unexpected frame.
+        return "Connection.OpenOk" in text and "Connection.Close" in text
+    return isinstance(exc, amqp.ConnectionClosed) and "vhost" in text.lower()
+
+
+def _connect_error(url: str, exc: BaseException) -> ConnectionFailed:
+    masked = mask_url(url)
+    if _is_auth_error(exc):
+        return ConnectionFailed(
+            f"cannot connect to {masked}: wrong username or password ({describe(exc)}); "
+            "check the credentials in the URL (MQKIT_URL)"
+        )
+    vhost = urlsplit(url).path[1:] or "/"
+    return ConnectionFailed(
+        f"cannot connect to {masked}: virtual host {vhost!r} does not exist or this user may "
+        f"not use it ({describe(exc)}); create it (rabbitmqctl add_vhost) or fix the URL's path"
+    )
+
+
+# --------------------------------------------------------------------------- wire helpers
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if settings.cert_file:
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+    return context
+
+
+async def _discard(connection: aio_pika.abc.AbstractConnection) -> None:
+    """Close a connection that failed or was lost, whatever state it is in."""
+    try:
+        await asyncio.wait_for(connection.close(), timeout=5)
+    except Exception as exc:  # it is dead already; closing is only bookkeeping
+        log.debug("mqkit: closing a dead connection: %s", describe(exc))
+
+
+class _Unreachable(Exception):
+    """Every URL failed this round (network-level); worth another try."""
+
+
+# --------------------------------------------------------------------------- the link
+
+
+class Link:
+    """One connection to the broker that survives losing it.
+
+    ``open()`` connects (raising :class:`ConnectionFailed` within ``connect_timeout``);
+    afterwards the link reconnects by itself until ``close()``.
+    """
+
+    def __init__(self, settings: Settings, *, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self.url = ""
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._opened = False
+        self._reconnector: asyncio.Task[None] | None = None
+        # The import is here because publisher.py builds on this module.
+        from .publisher import Publisher
+
+        self.publishing = Publisher(self)
+        self._declarer: aiormq.abc.AbstractChannel | None = None
+        self._declare_lock = asyncio.Lock()
+        self._topology: dict[Entity, None] = {}
+        self._restorables: dict[Restorable, None] = {}
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def connected(self) -> bool:
+        """Connected and the topology re-declared."""
+        return self._ready.is_set() and self._connection is not None
+
+    @property
+    def closed(self) -> bool:
+        """``close()`` was called."""
+        return self._closing
+
+    @property
+    def topology(self) -> tuple[Entity, ...]:
+        """Every entity declared so far, in declaration order."""
+        return tuple(self._topology)
+
+    @property
+    def restorables(self) -> tuple[Restorable, ...]:
+        """The started consumers."""
+        return tuple(self._restorables)
+
+    def register(self, item: Restorable) -> None:
+        """Restore ``item`` after every reconnect (until :meth:`unregister`)."""
+        self._restorables[item] = None
+
+    def unregister(self, item: Restorable) -> None:
+        """Stop restoring ``item``."""
+        self._restorables.pop(item, None)
+
+    # ----------------------------------------------------------------- connect / close
+
+    async def open(self) -> None:
+        """Connect, trying every URL with backoff until ``connect_timeout``."""
+        if self._opened:
+            return
+        deadline = time.monotonic() + self.settings.connect_timeout
+        urls = self.settings.all_urls
+        tried: list[str] = []
+        last: list[BaseException] = []
+
+        def wait(state: RetryCallState) -> float:
+            delay = wait_exponential(multiplier=0.1, min=0.05, max=2.0)(state)
+            return float(max(0.0, min(delay, deadline - time.monotonic())))
+
+        def stop(state: RetryCallState) -> bool:
+            return time.monotonic() >= deadline - 0.02
+
+        try:
+            async for attempt in AsyncRetrying(
+                wait=wait, stop=stop, retry=retry_if_exception_type(_Unreachable), reraise=True
+            ):
+                with attempt:
+                    connection, url = await self._connect_any(urls, deadline, tried, last)
+        except _Unreachable:
+            hosts = ", ".join(dict.fromkeys(mask_url(u) for u in (tried or urls)))
+            cause = describe(last[-1]) if last else "no attempt finished in time"
+            raise ConnectionFailed(
+                f"cannot connect to {hosts} within {self.settings.connect_timeout:g}s "
+                f"(last error: {cause}); is RabbitMQ running and reachable from here?"
+            ) from (last[-1] if last else None)
+        self._install(connection, url)
+        self._opened = True
+        self._ready.set()
+
+    async def _connect_any(
+        self,
+        urls: Sequence[str],
+        deadline: float | None,
+        tried: list[str],
+        last: list[BaseException],
+    ) -> tuple[aio_pika.abc.AbstractConnection, str]:
+        """Try each URL once; fatal errors raise ConnectionFailed, the rest _Unreachable."""
+        for url in urls:
+            if deadline is None:
+                per_try = max(5.0, self.settings.connect_timeout)
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                per_try = min(left, max(2.0, self.settings.connect_timeout / len(urls)))
+            tried.append(url)
+            try:
+                return await self._connect_one(url, per_try), url
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                last.append(exc)
+                if _is_auth_error(exc) or _is_vhost_error(exc):
+                    raise _connect_error(url, exc) from exc
+                log.debug("mqkit: cannot connect to %s: %s", mask_url(url), describe(exc))
+        raise _Unreachable()
+
+    async def _connect_one(self, url: str, timeout: float) -> aio_pika.abc.AbstractConnection:
+        # aio_pika.connect() drops the Connection object when connecting fails, and an
+        # unclosed one warns when collected; build it here so a failure closes it.
+        connection = aio_pika.Connection(
+            make_url(url, heartbeat=self.settings.heartbeat),
+            ssl_context=_ssl_context(self.settings) if urlsplit(url).scheme == "amqps" else None,
+            client_properties={"connection_name": self.name},
+        )
+        try:
+            await connection.connect(timeout=timeout)
+        except BaseException:
+            await _discard(connection)
+            raise
+        return connection
+
+    def _install(self, connection: aio_pika.abc.AbstractConnection, url: str) -> None:
+        self._connection = connection
+        self.url = mask_url(url)
+        self._declarer = None
+        connection.close_callbacks.add(self._on_connection_closed)
+
+    def _on_connection_closed(self, sender: Any, exc: BaseException | None = None) -> None:
+        connection = self._connection
+        if connection is None or sender is not connection or self._closing:
+            return
+        self._ready.clear()
+        self._connection = None
+        self._declarer = None
+        self.last_error = describe(exc)
+        self._spawn(_discard(connection))  # its transport is gone; release the object too
+        log.warning(
+            "mqkit: lost the connection to %s (%s); reconnecting", self.url, self.last_error
+        )
+        if self._reconnector is None or self._reconnector.done():
+            self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reconnect(self) -> None:
+        """Reconnect until it works or the link is closed; then replay topology and consumers."""
+        urls = self.settings.all_urls
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential(multiplier=0.2, min=0.1, max=RECONNECT_MAX_DELAY),
+            retry=retry_if_exception_type(Exception),
+        ):
+            with attempt:
+                last: list[BaseException] = []
+                try:
+                    connection, url = await self._connect_any(urls, None, [], last)
+                except _Unreachable:
+                    self.last_error = describe(last[-1]) if last else "no URL answered"
+                    raise
+                except ConnectionFailed as exc:  # credentials or vhost: may be fixed later
+                    self.last_error = mask_url(str(exc))
+                    raise
+        if self._closing:
+            await connection.close()
+            return
+        self._install(connection, url)
+        for entity in list(self._topology):
+            try:
+                await self._declare_entity(entity)
+            except Exception as exc:  # keep going: one bad entity must not block the rest
+                log.error(
+                    "mqkit: could not re-declare %s after reconnecting: %s",
+                    _entity_text(entity),
+                    describe(exc),
+                )
+        self.reconnects += 1
+        self._ready.set()
+        log.warning("mqkit: reconnected to %s (reconnect #%d)", self.url, self.reconnects)
+        for item in list(self._restorables):
+            try:
+                await item.restore()
+            except Exception as exc:
+                log.error("mqkit: could not restore %r after reconnecting: %s", item, describe(exc))
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting; idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self._ready.clear()
+        if self._reconnector is not None and not self._reconnector.done():
+            self._reconnector.cancel()
+            await asyncio.gather(self._reconnector, return_exceptions=True)
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                await asyncio.wait_for(connection.close(), timeout=10)
+            except Exception as exc:  # closing a dead connection may fail; it is closed anyway
+                log.debug("mqkit: error while closing the connection: %s", describe(exc))
+
+    # ----------------------------------------------------------------- channels
+
+    async def wait_ready(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds for the link; whether it is up."""
+        if self._ready.is_set():
+            return True
+        if self._closing or not self._opened:
+            return False
+        if timeout is not None and timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return not self._closing
+
+    def require_open(self, what: str) -> None:
+        """Raise ConnectionFailed unless the link was opened and not closed."""
+        if self._closing:
+            raise ConnectionFailed(f"{what}: the client is closed; open a new one")
+        if not self._opened:
+            raise ConnectionFailed(
+                f"{what}: the client is not connected; use `async with AsyncClient(...)` "
+                "or `await client.connect()` first"
+            )
+
+    async def channel(
+        self, *, confirms: bool = False, timeout: float | None = None
+    ) -> aio_pika.abc.AbstractChannel:
+        """A new aio-pika channel (waiting up to ``timeout`` for the link)."""
+        self.require_open("opening a channel")
+        wait = self.settings.connect_timeout if timeout is None else timeout
+        if not await self.wait_ready(wait):
+            raise ConnectionFailed(
+                f"no connection to the broker ({self.last_error or 'not connected'}) after "
+                f"waiting {wait:g}s; mqkit keeps reconnecting in the background"
+            )
+        return await self._open_channel(confirms)
+
+    async def _open_channel(self, confirms: bool) -> aio_pika.abc.AbstractChannel:
+        """A channel on the current connection, ready or not (topology replay uses it)."""
+        connection = self._connection
+        if connection is None:
+            raise ConnectionFailed(
+                f"the connection to the broker was lost ({self.last_error}); mqkit is "
+                "reconnecting in the background, retry shortly"
+            )
+        try:
+            channel = connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+            await asyncio.wait_for(channel.initialize(), RPC_TIMEOUT)
+        except AMQP_ERRORS as exc:
+            raise translate(exc, what="opening a channel") from exc
+        return channel
+
+    async def underlay(self, *, confirms: bool = False) -> aiormq.abc.AbstractChannel:
+        """A new aiormq channel (the protocol object under an aio-pika channel)."""
+        channel = await self.channel(confirms=confirms)
+        return await channel.get_underlay_channel()
+
+    # ----------------------------------------------------------------- declare
+
+    async def declare(self, entities: Iterable[Entity], *, force: bool = False) -> None:
+        """Declare what is not declared yet (``force``: all of it); cache it for replay."""
+        todo = [e for e in entities if force or e not in self._topology]
+        if not todo:
+            return
+        self.require_open("declaring topology")
+        if not await self.wait_ready(self.settings.connect_timeout):
+            raise ConnectionFailed(
+                f"declaring topology: no connection to the broker ({self.last_error}) after "
+                f"{self.settings.connect_timeout:g}s; mqkit keeps reconnecting in the background"
+            )
+        async with self._declare_lock:
+            for entity in todo:
+                if not force and entity in self._topology:
+                    continue
+                await self._declare_entity(entity)
+                self._topology[entity] = None
+
+    async def _declare_entity(self, entity: Entity) -> None:
+        what = f"declaring {_entity_text(entity)}"
+        channel = self._declarer
+        if channel is None or channel.is_closed:
+            opened = await self._open_channel(confirms=False)
+            channel = self._declarer = await opened.get_underlay_channel()
+        try:
+            if isinstance(entity, Queue):
+                await channel.queue_declare(
+                    entity.name,
+                    durable=entity.durable,
+                    exclusive=entity.exclusive,
+                    auto_delete=entity.auto_delete,
+                    arguments=queue_arguments(entity, self.settings.queue_type),
+                    timeout=RPC_TIMEOUT,
+                )
+            elif isinstance(entity, Exchange):
+                await channel.exchange_declare(
+                    entity.name,
+                    exchange_type=entity.type,
+                    durable=entity.durable,
+                    auto_delete=entity.auto_delete,
+                    timeout=RPC_TIMEOUT,
+                )
+            else:
+                assert isinstance(entity, Binding)
+                await channel.queue_bind(
+                    entity.queue,
+                    entity.exchange,
+                    routing_key=entity.routing_key,
+                    timeout=RPC_TIMEOUT,
+                )
+        except RPC_ERRORS as exc:
+            self._declarer = None  # a channel error closed it; the next declare opens another
+            raise translate(exc, what=what, entity=entity) from exc

@@ -1,0 +1,505 @@
+"""AsyncConsumer: run an ``async def`` handler for every message of a queue.
+
+Each consumer has its own channel (so its prefetch is its own) and ``concurrency`` worker
+tasks that take deliveries from a local buffer. What happens to a delivery is decided by the
+core (:mod:`mqkit.delivery`, :mod:`mqkit.retry`); this module only does the I/O: it acks
+finished deliveries in batches (``multiple=True`` over the contiguous finished prefix, flushed
+when the batch fills, when the workers go idle, on a short timer, and before ``stop``
+returns), publishes retry and dead-letter copies (confirmed) before acking the original, and
+returns prefetched-but-unstarted deliveries to the queue on ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import aio_pika.abc
+import aiormq.abc
+from pydantic import BaseModel
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from mqkit.context import Context
+from mqkit.delivery import Decoder, follow_up, format_traceback, prepare, typed_decoder
+from mqkit.errors import MqkitError
+from mqkit.messages import Incoming, to_datetime
+from mqkit.retry import GiveUp, Outcome, Reject, RetryLater, RetryPolicy, decide
+from mqkit.topology import Entity, Queue, dlq_name
+
+from .acks import Acks
+from .connection import (
+    RECONNECT_MAX_DELAY,
+    RPC_ERRORS,
+    RPC_TIMEOUT,
+    describe,
+    translate,
+)
+
+if TYPE_CHECKING:
+    from .connection import Link
+
+__all__ = ["AsyncConsumer", "Handler"]
+
+log = logging.getLogger("mqkit")
+
+T = TypeVar("T", bound=BaseModel)
+Handler = Callable[[T, Context], Awaitable[Any]]
+
+ACK_DELAY = 0.05  # seconds a finished delivery may wait for its (batched) ack
+
+
+def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """``handler`` as an ``async`` callable. Handlers should be ``async def``; a plain callable
+    is tolerated (called on the loop, its result awaited if it is awaitable)."""
+    call = getattr(handler, "__call__", None)  # noqa: B004 - an object with async __call__
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
+        return handler
+
+    async def run(*args: Any) -> Any:
+        result = handler(*args)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    return run
+
+
+class AsyncConsumer(Generic[T]):
+    """Consumes a queue with an ``async def handler(message, ctx)``; not started until
+    :meth:`start` (or ``async with consumer:``, or :meth:`run`).
+
+    Return normally: acked. Raise: retried per the :class:`~mqkit.RetryPolicy` (by the broker,
+    through retry queues), then dead-lettered to ``f"{queue}.dlq"``. Raise
+    :class:`~mqkit.Reject`: dead-lettered at once. A body that does not decode is dead-lettered
+    at once; the consumer keeps running whatever the handler does.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        queue: Queue,
+        message_type: type[T] | None,
+        handler: Handler[T],
+        *,
+        prefetch: int,
+        concurrency: int,
+        policy: RetryPolicy,
+        service: str,
+        topology: Sequence[Entity],
+        decoder: Decoder | None = None,
+        dlq: str | None = None,
+    ) -> None:
+        self._link = link
+        self._queue = queue
+        self._message_type = message_type
+        self._handler = as_async(handler)
+        self._concurrency = concurrency
+        self._prefetch = max(prefetch, concurrency)
+        self._batch = max(1, self._prefetch // 4)
+        self._idle_flush = max(1, self._prefetch // 2)
+        self._policy = policy
+        self._service = service
+        self._topology = tuple(topology)
+        if decoder is None:
+            assert message_type is not None
+            decoder = typed_decoder(message_type)
+        self._decoder = decoder
+        self._dlq = dlq
+        self._dead_letter_queue = dlq or dlq_name(queue.name)
+
+        self._session: Acks | None = None
+        self._ready: deque[tuple[Acks, aiormq.abc.DeliveredMessage]] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._workers: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._attach_lock = asyncio.Lock()
+        self._reattacher: asyncio.Task[None] | None = None
+        self._stopper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._started = False
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncConsumer queue={self._queue.name!r} started={self._started}>"
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def queue(self) -> str:
+        """The queue's name."""
+        return self._queue.name
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` ran and :meth:`stop` did not."""
+        return self._started
+
+    @property
+    def attached(self) -> bool:
+        """Whether the broker is delivering to this consumer right now."""
+        return self._session is not None and self._session.alive
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Declare the queue's topology and start consuming; returns once basic.consume is
+        confirmed. Starting a started consumer does nothing."""
+        if self._started:
+            return
+        await self._link.declare(self._topology)
+        self._stopping = False
+        self._stopped.clear()
+        self._workers = [
+            asyncio.get_running_loop().create_task(self._work()) for _ in range(self._concurrency)
+        ]
+        try:
+            await self._attach()
+        except BaseException:
+            for worker in self._workers:
+                worker.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+            self._workers = []
+            raise
+        self._started = True
+        self._link.register(self)
+        log.info(
+            "mqkit: consuming %r (prefetch %d, concurrency %d)",
+            self._queue.name,
+            self._prefetch,
+            self._concurrency,
+        )
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking deliveries, let in-flight handlers finish (up to ``timeout`` seconds)
+        and ack them, and return prefetched-but-unstarted deliveries to the queue.
+        Idempotent."""
+        if not self._started:
+            return
+        if self._stopper is None:
+            self._stopper = asyncio.get_running_loop().create_task(self._stop(timeout))
+        await asyncio.shield(self._stopper)
+
+    async def run(self) -> None:
+        """Start, then wait until :meth:`stop` is called (from another task)."""
+        await self.start()
+        await self._stopped.wait()
+
+    async def restore(self) -> None:
+        """Attach again after the link reconnected (idempotent)."""
+        if self._started and not self._stopping:
+            await self._attach()
+
+    async def __aenter__(self) -> AsyncConsumer[T]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ----------------------------------------------------------------- attach / detach
+
+    async def _attach(self) -> None:
+        async with self._attach_lock:
+            if self._stopping or (self._session is not None and self._session.alive):
+                return
+            what = f"consuming from queue {self._queue.name!r}"
+            channel = await self._link.channel()
+            session: Acks | None = None
+            try:
+                await channel.set_qos(prefetch_count=self._prefetch, timeout=RPC_TIMEOUT)
+                underlay = await channel.get_underlay_channel()
+                session = Acks(channel, underlay)
+                channel.close_callbacks.add(partial(self._on_closed, session))
+                underlay.on_consumer_cancel_callbacks.add(partial(self._on_cancelled, session))
+                await underlay.basic_consume(
+                    self._queue.name,
+                    partial(self._on_delivery, session),
+                    consumer_tag=session.tag,
+                    timeout=RPC_TIMEOUT,
+                )
+            except RPC_ERRORS as exc:
+                if session is not None:
+                    session.alive = False
+                await _close_quietly(channel)
+                raise translate(exc, what=what) from exc
+            self._session = session
+
+    def _on_closed(self, session: Acks, _sender: Any, exc: BaseException | None) -> None:
+        was_alive, session.alive = session.alive, False
+        if self._session is session:
+            self._session = None
+        if not was_alive or self._stopping or not self._started or self._link.closed:
+            return
+        log.warning(
+            "mqkit: consumer of %r lost its channel (%s); re-attaching",
+            self._queue.name,
+            describe(exc),
+        )
+        self._schedule_reattach()
+
+    def _on_cancelled(self, session: Acks, _frame: Any) -> None:
+        # The broker cancelled us (the queue was deleted, or a quorum leader moved): the
+        # channel is fine but useless, so drop it and attach afresh (re-declaring the queue).
+        if not session.alive or self._stopping:
+            return
+        log.warning(
+            "mqkit: the broker cancelled the consumer of %r; re-attaching", self._queue.name
+        )
+        session.alive = False
+        if self._session is session:
+            self._session = None
+        self._spawn(_close_quietly(session.owner))
+        self._schedule_reattach()
+
+    def _schedule_reattach(self) -> None:
+        if self._reattacher is None or self._reattacher.done():
+            self._reattacher = asyncio.get_running_loop().create_task(self._reattach())
+
+    async def _reattach(self) -> None:
+        delay = 0.1
+        while not self._stopping and not self._link.closed and not self.attached:
+            if not await self._link.wait_ready(RECONNECT_MAX_DELAY):
+                continue
+            try:
+                await self._link.declare(self._topology, force=True)
+                await self._attach()
+                log.warning("mqkit: consumer of %r re-attached", self._queue.name)
+                return
+            except MqkitError as exc:
+                log.warning(
+                    "mqkit: cannot re-attach the consumer of %r yet: %s", self._queue.name, exc
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    # ----------------------------------------------------------------- deliveries
+
+    async def _on_delivery(self, session: Acks, message: aiormq.abc.DeliveredMessage) -> None:
+        # Called by aiormq once per delivery: keep it tiny, the workers do the work.
+        if not session.alive:
+            return
+        delivery: Any = message.delivery  # a Basic.Deliver on a consumer's channel
+        session.unsettled.append(delivery.delivery_tag)
+        self._ready.append((session, message))
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def _work(self) -> None:
+        ready = self._ready
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            if not ready:
+                # Idle. Acking now would send an ack per message whenever the broker is the
+                # slower side; the batch threshold and the ACK_DELAY timer cover the rest. But
+                # if the broker holds back for want of acks (half the prefetch unacked), ack.
+                session = self._session
+                if (
+                    session is not None
+                    and session.finished
+                    and len(session.unsettled) >= self._idle_flush
+                ):
+                    await session.flush(everything=True)
+                    continue
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+                await waiter
+                continue
+            session, message = ready.popleft()
+            if not session.alive:
+                continue
+            try:
+                await self._handle(session, message)
+            except Exception:  # a bug here must not kill the worker
+                log.exception(
+                    "mqkit: unexpected error handling a message from %r", self._queue.name
+                )
+
+    async def _handle(self, session: Acks, message: aiormq.abc.DeliveredMessage) -> None:
+        delivery: Any = message.delivery
+        props = message.header.properties
+        tag: int = delivery.delivery_tag
+        incoming = Incoming(
+            body=message.body,
+            delivery_tag=tag,
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            type=props.message_type,
+            app_id=props.app_id,
+            content_type=props.content_type,
+            timestamp=to_datetime(props.timestamp),
+            headers=props.headers or {},
+            priority=props.priority,
+            expiration=props.expiration,
+            redelivered=bool(delivery.redelivered),
+            exchange=delivery.exchange or "",
+            routing_key=delivery.routing_key or "",
+        )
+        value, ctx, failure = prepare(incoming, queue=self._queue.name, decoder=self._decoder)
+        outcome: Outcome
+        if failure is None:
+            exc = await self._call(value, ctx)
+            if exc is None:
+                await self._finish(session, tag)
+                return
+            outcome = decide(exc, ctx.attempt, self._policy, format_traceback(exc))
+            self._log_failure(ctx, exc, outcome)
+        else:
+            outcome = failure
+            log.warning(
+                "mqkit: message %s on %r cannot be decoded (%s); dead-lettering it to %r",
+                ctx.message_id,
+                self._queue.name,
+                failure.error_message,
+                self._dead_letter_queue,
+            )
+        copy = follow_up(
+            incoming, outcome, queue=self._queue.name, service=self._service, dlq=self._dlq
+        )
+        if copy is not None:
+            try:
+                await self._link.publishing.publish(
+                    copy.envelope, exchange="", routing_key=copy.routing_key, mandatory=True
+                )
+            except MqkitError as exc:
+                log.error(
+                    "mqkit: could not move message %s to %r (%s); returning it to %r",
+                    ctx.message_id,
+                    copy.routing_key,
+                    exc,
+                    self._queue.name,
+                )
+                await session.nack(tag)
+                return
+        await self._finish(session, tag)
+
+    async def _call(self, value: Any, ctx: Context) -> Exception | None:
+        """Run the handler (with the policy's quick in-process retries); its exception."""
+        try:
+            await self._handler(value, ctx)
+            return None
+        except Exception as exc:
+            policy = self._policy
+            if not policy.immediate or not policy.retries_immediately(exc):
+                return exc
+            log.info(
+                "mqkit: handler failed for message %s (%s); retrying in process",
+                ctx.message_id,
+                describe(exc),
+            )
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(policy.immediate),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                retry=retry_if_exception(policy.retries_immediately),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._handler(value, ctx)
+        except Exception as exc:
+            return exc
+        return None
+
+    async def _finish(self, session: Acks, tag: int) -> None:
+        session.finished.add(tag)
+        if len(session.finished) >= self._batch:
+            await session.flush(everything=False)
+        if session.finished and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._on_timer, session)
+
+    def _on_timer(self, session: Acks) -> None:
+        self._timer = None
+        if session.finished and session.alive:
+            self._spawn(session.flush(everything=True))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _log_failure(self, ctx: Context, exc: BaseException, outcome: Outcome) -> None:
+        where = f"message {ctx.message_id} on {self._queue.name!r} (attempt {ctx.attempt})"
+        if isinstance(outcome, RetryLater):
+            log.warning(
+                "mqkit: handler failed for %s: %s; retrying in %gs",
+                where,
+                describe(exc),
+                outcome.delay,
+                exc_info=exc,
+            )
+        elif isinstance(outcome, GiveUp):
+            level = logging.INFO if isinstance(exc, Reject) else logging.ERROR
+            log.log(
+                level,
+                "mqkit: handler failed for %s: %s; dead-lettering it to %r",
+                where,
+                describe(exc),
+                self._dead_letter_queue,
+                exc_info=None if isinstance(exc, Reject) else exc,
+            )
+
+    # ----------------------------------------------------------------- stop
+
+    async def _stop(self, timeout: float) -> None:
+        self._stopping = True
+        self._link.unregister(self)
+        try:
+            if self._reattacher is not None and not self._reattacher.done():
+                self._reattacher.cancel()
+            session = self._session
+            if session is not None and session.alive:
+                try:
+                    await session.underlay.basic_cancel(session.tag, timeout=RPC_TIMEOUT)
+                except RPC_ERRORS as exc:
+                    log.debug("mqkit: basic.cancel failed: %s", describe(exc))
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
+            if self._workers:
+                _, pending = await asyncio.wait(self._workers, timeout=timeout)
+                if pending:
+                    log.warning(
+                        "mqkit: %d handler(s) of %r did not finish within %gs; their "
+                        "messages go back to the queue",
+                        len(pending),
+                        self._queue.name,
+                        timeout,
+                    )
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.wait(pending, timeout=5)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if session is not None:
+                await session.flush(everything=True)
+                await session.requeue_rest()
+                session.alive = False
+                await _close_quietly(session.owner)
+            self._ready.clear()
+        finally:
+            self._session = None
+            self._workers = []
+            self._started = False
+            self._stopper = None
+            self._stopped.set()
+        log.info("mqkit: stopped consuming %r", self._queue.name)
+
+
+async def _close_quietly(channel: aio_pika.abc.AbstractChannel) -> None:
+    try:
+        if not channel.is_closed:
+            await asyncio.wait_for(channel.close(), timeout=5)
+    except Exception as exc:  # it may already be gone with the connection
+        log.debug("mqkit: closing a channel failed: %s", describe(exc))

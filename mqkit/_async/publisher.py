@@ -1,0 +1,447 @@
+"""Confirmed publishing for the asyncio runtime: one channel with publisher confirms (and
+mandatory returns raised) per client, shared by producers, consumers' retry and dead-letter
+copies, RPC and dead-letter replays.
+
+``publish`` waits for its confirm; while the link is down it waits for the link (within
+``confirm_timeout``) and sends again what the link lost (at-least-once). ``publish_many``
+keeps a window of confirms in flight and hands the writer many publishes per write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import aiormq
+import aiormq.abc
+import aiormq.exceptions as amqp
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+from mqkit.errors import ConnectionFailed, PublishError, PublishTimeout
+from mqkit.messages import Envelope
+
+from .connection import AMQP_ERRORS, describe, reply_text, translate
+
+if TYPE_CHECKING:
+    from .connection import Link
+
+__all__ = ["Publisher", "properties"]
+
+log = logging.getLogger("mqkit")
+
+# publish_many keeps up to WINDOW confirms in flight and, when full, waits for the oldest CHUNK.
+WINDOW = 1024
+CHUNK = 256
+FRAME_BATCH = 128  # publishes per write in the pipelined publish_many
+
+
+def properties(envelope: Envelope) -> spec.Basic.Properties:
+    """AMQP properties for an envelope."""
+    return spec.Basic.Properties(
+        content_type=envelope.content_type,
+        headers=envelope.headers or None,
+        delivery_mode=envelope.delivery_mode,
+        priority=envelope.priority,
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        expiration=None if envelope.expiration is None else str(envelope.expiration),
+        message_id=envelope.message_id,
+        timestamp=datetime.fromtimestamp(envelope.timestamp, tz=timezone.utc),
+        message_type=envelope.type or None,
+        app_id=envelope.app_id or None,
+    )
+
+
+class Publisher:
+    """The client's publishing channel and what is sent on it."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+
+    async def channel(self, timeout: float | None) -> aiormq.abc.AbstractChannel:
+        """The publishing channel (confirms on, returns raise), replaced if it closed (a
+        channel error, or a new connection)."""
+        current = self._channel
+        if current is not None and not current.is_closed:
+            return current
+        async with self._lock:
+            current = self._channel
+            if current is not None and not current.is_closed:
+                return current
+            self._link.require_open("publishing")
+            if not await self._link.wait_ready(timeout):
+                raise PublishTimeout(
+                    f"no connection to the broker ({self._link.last_error or 'not connected'}) "
+                    f"within {self._link.settings.confirm_timeout:g}s; the message was not sent"
+                )
+            self._channel = await self._link.underlay(confirms=True)
+            return self._channel
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool = True,
+        timeout: float | None = None,
+        channel: aiormq.abc.AbstractChannel | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm.
+
+        While the link is down this waits for it (within ``timeout``, default
+        ``confirm_timeout``); a publish whose confirm was lost with the link is sent again on
+        the new one (at-least-once). ``channel`` pins the publish to one channel (RPC).
+        """
+        budget = self._link.settings.confirm_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        props = properties(envelope)
+        what = f"publishing message {envelope.message_id} to {_target(exchange, routing_key)}"
+        self._link.require_open(what)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PublishTimeout(
+                    f"{what}: no confirm within {budget:g}s "
+                    f"({self._link.last_error or 'the broker did not answer'}); it may or may not "
+                    "have been stored",
+                    unconfirmed=[envelope.message_id],
+                )
+            try:
+                ch = channel or await self.channel(left)
+            except PublishTimeout as exc:
+                exc.unconfirmed = [envelope.message_id]
+                raise
+            except ConnectionFailed:
+                if self._link.closed:
+                    raise
+                await asyncio.sleep(0.05)  # lost again while opening the channel: wait on
+                continue
+            try:
+                await ch.basic_publish(  # type: ignore[call-arg]
+                    envelope.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=props,
+                    mandatory=mandatory,
+                    timeout=max(0.001, deadline - time.monotonic()),
+                    wait=False,
+                )
+                return
+            except asyncio.CancelledError:
+                if _really_cancelled():
+                    raise
+                error: BaseException = ConnectionFailed("the channel closed")
+            except asyncio.TimeoutError:
+                raise PublishTimeout(
+                    f"{what}: no confirm within {budget:g}s; it may or may not have been stored",
+                    unconfirmed=[envelope.message_id],
+                ) from None
+            except AMQP_ERRORS as exc:
+                if _broker_refused(exc, exchange):
+                    mapped = translate(exc, what=what)
+                    if isinstance(mapped, PublishError):
+                        mapped.unconfirmed = [envelope.message_id]
+                    raise mapped from exc
+                error = exc
+            if channel is not None:
+                raise translate(error, what=what) from error
+            log.debug("mqkit: %s: %s; will send it again", what, describe(error))
+            await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
+
+    async def publish_many(
+        self,
+        jobs: Sequence[tuple[Envelope, str, str]],
+        *,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish ``(envelope, exchange, routing_key)`` jobs with a window of confirms in
+        flight; raise a :class:`PublishError` whose ``unconfirmed`` lists what failed.
+
+        What the link loses is sent again once it is back (at-least-once), within one
+        ``confirm_timeout`` from the first loss; what is left then is a PublishTimeout.
+        """
+        if not jobs:
+            return
+        self._link.require_open("publishing")
+        budget = self._link.settings.confirm_timeout
+        failures: dict[int, BaseException] = {}
+        todo = list(range(len(jobs)))
+        deadline: float | None = None
+        while todo:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not await self._link.wait_ready(left):
+                    for index in todo:
+                        failures[index] = PublishTimeout(
+                            f"no connection to the broker within {budget:g}s "
+                            f"({self._link.last_error or 'link lost'})"
+                        )
+                    break
+            try:
+                channel = await self.channel(budget if deadline is None else left)
+            except PublishTimeout as exc:
+                for index in todo:
+                    failures[index] = exc
+                break
+            except ConnectionFailed:
+                if self._link.closed:
+                    raise
+                deadline = deadline or time.monotonic() + budget
+                await asyncio.sleep(0.05)
+                continue
+            send = self._pipeline if _can_pipeline(channel) else self._window
+            lost = await send(channel, jobs, todo, mandatory, failures)
+            if lost and deadline is None:
+                deadline = time.monotonic() + budget
+            if lost:
+                log.debug("mqkit: %d publishes lost with the link; sending them again", len(lost))
+                await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
+            todo = lost
+        if failures:
+            raise _many_error(jobs, failures, budget)
+
+    async def _window(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        jobs: Sequence[tuple[Envelope, str, str]],
+        todo: Sequence[int],
+        mandatory: bool,
+        failures: dict[int, BaseException],
+    ) -> list[int]:
+        """One pass over ``todo`` on ``channel``; the indexes the link lost."""
+        budget = self._link.settings.confirm_timeout
+        loop = asyncio.get_running_loop()
+        lost: list[int] = []
+        inflight: deque[tuple[int, asyncio.Task[Any]]] = deque()
+
+        def settle(index: int, task: asyncio.Task[Any]) -> None:
+            if task.cancelled():
+                failures[index] = asyncio.TimeoutError()
+                return
+            exc = task.exception()
+            if exc is None:
+                return
+            if _broker_refused(exc, jobs[index][1]):
+                failures[index] = exc
+            else:
+                lost.append(index)
+
+        async def drain(count: int) -> None:
+            batch = [inflight.popleft() for _ in range(min(count, len(inflight)))]
+            _, pending = await asyncio.wait([t for _, t in batch], timeout=budget)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+            for index, task in batch:
+                settle(index, task)
+
+        try:
+            for position, index in enumerate(todo):
+                if len(inflight) >= WINDOW:
+                    await drain(CHUNK)
+                if channel.is_closed:
+                    lost.extend(todo[position:])
+                    break
+                envelope, exchange, routing_key = jobs[index]
+                task = loop.create_task(
+                    channel.basic_publish(  # type: ignore[call-arg]
+                        envelope.body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=properties(envelope),
+                        mandatory=mandatory,
+                        wait=False,
+                    )
+                )
+                inflight.append((index, task))
+            await drain(len(inflight))
+        finally:
+            for _, task in inflight:  # only when cancelled: do not leave publishes behind
+                task.cancel()
+        return sorted(lost)
+
+    async def _pipeline(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        jobs: Sequence[tuple[Envelope, str, str]],
+        todo: Sequence[int],
+        mandatory: bool,
+        failures: dict[int, BaseException],
+    ) -> list[int]:
+        """Like :meth:`_window`, but hands the writer ``FRAME_BATCH`` publishes at a time (one
+        write, one lock, no task per message); confirms are tracked by aiormq as usual."""
+        budget = self._link.settings.confirm_timeout
+        lost: list[int] = []
+        inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
+
+        async def drain(count: int) -> None:
+            batch = [inflight.popleft() for _ in range(min(count, len(inflight)))]
+            _, pending = await asyncio.wait([f for _, f in batch], timeout=budget)
+            for future in pending:
+                future.cancel()
+            for index, future in batch:
+                if future.cancelled():
+                    failures[index] = asyncio.TimeoutError()
+                    continue
+                exc = future.exception()
+                if exc is None:
+                    continue
+                if _broker_refused(exc, jobs[index][1]):
+                    failures[index] = exc
+                else:
+                    lost.append(index)
+
+        position = 0
+        while position < len(todo):
+            if len(inflight) >= WINDOW:
+                await drain(CHUNK)
+            if channel.is_closed:
+                lost.extend(todo[position:])
+                break
+            chunk = todo[position : position + FRAME_BATCH]
+            try:
+                inflight.extend(await _send_batch(channel, jobs, chunk, mandatory))
+            except AMQP_ERRORS:
+                lost.extend(todo[position:])
+                break
+            position += len(chunk)
+        await drain(len(inflight))
+        return sorted(lost)
+
+
+_PIPELINE_ATTRS = (
+    "confirmations",
+    "create_future",
+    "delivery_tag",
+    "lock",
+    "message_id_delivery_tag",
+    "number",
+    "publisher_confirms",
+    "write_queue",
+    "_split_body",
+)
+
+
+def _can_pipeline(channel: Any) -> bool:
+    """Whether ``channel`` is the aiormq 7 channel whose confirm bookkeeping we know."""
+    return (
+        isinstance(channel, aiormq.Channel)
+        and all(hasattr(channel, name) for name in _PIPELINE_ATTRS)
+        and bool(channel.publisher_confirms)
+    )
+
+
+def _forget(registry: dict[str, int], message_id: str, tag: int, _: Any) -> None:
+    if registry.get(message_id) == tag:
+        registry.pop(message_id, None)
+
+
+async def _send_batch(
+    channel: Any,
+    jobs: Sequence[tuple[Envelope, str, str]],
+    chunk: Sequence[int],
+    mandatory: bool,
+) -> list[tuple[int, asyncio.Future[Any]]]:
+    """Publish ``chunk`` in one write, registering each confirm the way aiormq's own
+    ``basic_publish`` does (delivery tag, confirmation future, message id for returns)."""
+    frames: list[Any] = []
+    sent: list[tuple[int, asyncio.Future[Any]]] = []
+    async with channel.lock:
+        first = channel.delivery_tag
+        for index in chunk:
+            envelope, exchange, routing_key = jobs[index]
+            channel.delivery_tag += 1
+            tag = channel.delivery_tag
+            future = channel.create_future()
+            channel.confirmations[tag] = future
+            channel.message_id_delivery_tag[envelope.message_id] = tag
+            future.add_done_callback(
+                partial(_forget, channel.message_id_delivery_tag, envelope.message_id, tag)
+            )
+            frames.append(
+                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+            )
+            frames.append(
+                ContentHeader(properties=properties(envelope), body_size=len(envelope.body))
+            )
+            frames.extend(channel._split_body(envelope.body))
+            sent.append((index, future))
+        try:
+            await channel.write_queue.put(
+                ChannelFrame.marshall(channel_number=channel.number, frames=frames)
+            )
+        except BaseException:
+            # Never handed to the writer: undo, or the channel's confirm numbering is off.
+            for offset, (_, future) in enumerate(sent, start=first + 1):
+                channel.confirmations.pop(offset, None)
+                future.cancel()
+            channel.delivery_tag = first
+            raise
+    return sent
+
+
+def _target(exchange: str, routing_key: str) -> str:
+    if exchange:
+        return f"exchange {exchange!r} (routing key {routing_key!r})"
+    return f"queue {routing_key!r}"
+
+
+def _really_cancelled() -> bool:
+    """Whether the current task was cancelled (not a future the closing channel rejected)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else True
+
+
+def _broker_refused(exc: BaseException, exchange: str) -> bool:
+    """A definitive answer about this message (not a lost link): returned, nacked, or the
+    exchange it was sent to does not exist."""
+    if isinstance(exc, amqp.DeliveryError):
+        return True
+    if isinstance(exc, amqp.ChannelNotFoundEntity):
+        # Any publish in flight on a channel the broker closed gets that channel's error;
+        # only the one naming our exchange is about us. The rest go again.
+        return f"exchange '{exchange}'" in reply_text(exc)
+    return isinstance(exc, amqp.AMQPChannelError) and not isinstance(
+        exc, amqp.ChannelNotFoundEntity
+    )
+
+
+def _many_error(
+    jobs: Sequence[tuple[Envelope, str, str]], failures: dict[int, BaseException], budget: float
+) -> PublishError:
+    ids = [jobs[i][0].message_id for i in sorted(failures)]
+    kinds: set[type[PublishError]] = set()
+    for index, exc in failures.items():
+        if isinstance(exc, PublishError):
+            kinds.add(type(exc))
+        elif isinstance(exc, asyncio.TimeoutError):
+            kinds.add(PublishTimeout)
+        else:
+            mapped = translate(exc, what="publish")
+            kinds.add(type(mapped) if isinstance(mapped, PublishError) else PublishError)
+            failures[index] = mapped
+    cls: type[PublishError] = kinds.pop() if len(kinds) == 1 else PublishError
+    first = failures[min(failures)]
+    detail = (
+        str(first)
+        if not isinstance(first, asyncio.TimeoutError)
+        else (f"no confirm within {budget:g}s")
+    )
+    return cls(
+        f"{len(ids)} of {len(jobs)} messages were not confirmed (first: {detail}); "
+        "see .unconfirmed for their ids",
+        unconfirmed=ids,
+    )
