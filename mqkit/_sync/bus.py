@@ -1,0 +1,262 @@
+"""The event bus: a topic exchange, one durable queue per (service, subscription).
+
+Instances of a service share their subscription's queue (competing consumers), so every
+service gets each matching event once. A ``broadcast=True`` subscription gets a classic
+exclusive auto-delete queue per instance instead (every running instance gets a copy); its
+retries are in-process only and its give-ups go to a durable DLQ the service's instances share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from mqkit._sync.consumer import Consumer
+from mqkit.context import Context
+from mqkit.delivery import Decoder, registry_decoder, typed_decoder
+from mqkit.errors import ConfigError
+from mqkit.messages import Event, encode
+from mqkit.retry import DEFAULT_POLICY, RetryPolicy
+from mqkit.topology import Binding, Entity, Exchange, Queue, consumer_topology, dlq_name
+
+if TYPE_CHECKING:
+    from mqkit._sync.client import Client
+
+__all__ = ["EventBus"]
+
+E = TypeVar("E", bound=Event)
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+class EventBus:
+    """Publish events and subscribe handlers to them, by type or by topic pattern.
+
+    ```python
+    bus = client.event_bus()
+
+    @bus.subscribe(OrderPlaced)
+    def reserve_stock(event: OrderPlaced, ctx: mqkit.Context) -> None: ...
+
+    bus.subscribe("orders.*", audit)        # decoded by the `type` property
+    bus.publish(OrderPlaced(order_id="42", total=Decimal("9.90")))
+    bus.run()                               # or bus.start() / bus.stop(), or `with bus:`
+    ```
+    """
+
+    def __init__(self, client: Client, *, service: str, exchange: str) -> None:
+        self._client = client
+        self._service = service
+        self._exchange = exchange
+        self._subscriptions: list[Consumer[Any]] = []
+        self._keys: set[str] = set()
+        self._lock = threading.Lock()
+        self._running = False
+        self._stopped = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"EventBus(service={self._service!r}, exchange={self._exchange!r})"
+
+    @property
+    def service(self) -> str:
+        """The service whose queues this bus's subscriptions use."""
+        return self._service
+
+    @property
+    def exchange(self) -> str:
+        """The topic exchange's name."""
+        return self._exchange
+
+    @property
+    def consumers(self) -> list[Consumer[Any]]:
+        """One consumer per subscription."""
+        with self._lock:
+            return list(self._subscriptions)
+
+    @property
+    def started(self) -> bool:
+        """Whether the bus is started."""
+        return self._running
+
+    @overload
+    def subscribe(
+        self,
+        target: type[E] | str,
+        handler: None = None,
+        *,
+        broadcast: bool = False,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        prefetch: int | None = None,
+        concurrency: int = 1,
+    ) -> Callable[[H], H]: ...
+
+    @overload
+    def subscribe(
+        self,
+        target: type[E] | str,
+        handler: H,
+        *,
+        broadcast: bool = False,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        prefetch: int | None = None,
+        concurrency: int = 1,
+    ) -> H: ...
+
+    def subscribe(
+        self,
+        target: type[E] | str,
+        handler: H | None = None,
+        *,
+        broadcast: bool = False,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        prefetch: int | None = None,
+        concurrency: int = 1,
+    ) -> H | Callable[[H], H]:
+        """Run ``handler(event, ctx)`` for each matching event; without ``handler``, a
+        decorator. ``target``: an :class:`~mqkit.Event` subclass or a topic pattern."""
+        if handler is None:
+
+            def decorate(fn: H) -> H:
+                self.subscribe(
+                    target,
+                    fn,
+                    broadcast=broadcast,
+                    retry=retry,
+                    queue=queue,
+                    prefetch=prefetch,
+                    concurrency=concurrency,
+                )
+                return fn
+
+            return decorate
+        decoder: Decoder
+        if isinstance(target, str):
+            key, decoder = target, registry_decoder
+        elif isinstance(target, type) and issubclass(target, Event):
+            key, decoder = target.event_type, typed_decoder(target)
+        else:
+            raise ConfigError(
+                f"subscribe() takes an mqkit.Event subclass or a topic pattern, got {target!r}"
+            )
+        settings = self._client.settings
+        policy = retry or DEFAULT_POLICY
+        dlq: str | None = None
+        temporary: list[Entity] = []
+        with self._lock:
+            if queue is None and not broadcast:
+                if key in self._keys:
+                    raise ConfigError(
+                        f"this bus already subscribes to {key!r}; pass queue= to subscribe "
+                        "a second handler with its own queue"
+                    )
+                self._keys.add(key)
+        if broadcast:
+            name = queue or f"{self._service}.{key}.{uuid.uuid4().hex[:8]}"
+            dlq = dlq_name(f"{self._service}.{key}")
+            work = Queue(name, type="classic", durable=False, exclusive=True, auto_delete=True)
+            binding = Binding(self._exchange, name, key)
+            declare: list[Entity] = [Queue(dlq, type="classic"), work, binding]
+            temporary = [work, binding]
+            policy = dataclasses.replace(policy, max_attempts=1)  # no retry queues: in-process
+        else:
+            name = queue or f"{self._service}.{key}"
+            declare = [
+                *consumer_topology(
+                    Queue(name),
+                    policy,
+                    default_type=settings.queue_type,
+                    delivery_limit=settings.delivery_limit,
+                ),
+                Binding(self._exchange, name, key),
+            ]
+        consumer: Consumer[Any] = Consumer(
+            self._client,
+            name,
+            decoder,
+            _as_handler(handler),
+            policy=policy,
+            declare=[Exchange(self._exchange), *declare],
+            prefetch=prefetch,
+            concurrency=concurrency,
+            dlq=dlq,
+            temporary=temporary,
+            service=self._service,
+        )
+        with self._lock:
+            self._subscriptions.append(consumer)
+            running = self._running
+        if running:
+            consumer.start()
+        return handler
+
+    def publish(
+        self,
+        event: Event,
+        *,
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        mandatory: bool = False,
+    ) -> str:
+        """Publish ``event`` (routing key: its ``event_type``); return its id once confirmed.
+
+        No subscriber is fine, unless ``mandatory=True`` (then
+        :class:`~mqkit.PublishUnroutable`).
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"EventBus.publish expected an mqkit.Event, got {type(event).__name__}")
+        envelope = encode(
+            event,
+            service=self._service,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+        )
+        client = self._client
+        client._ensure_open()
+        key = routing_key or event.event_type
+        return client._publisher.publish(self._exchange, key, [envelope], mandatory=mandatory)[0]
+
+    def start(self) -> None:
+        """Start every subscription (and any added later); idempotent."""
+        with self._lock:
+            self._running = True
+            self._stopped.clear()
+            subscriptions = list(self._subscriptions)
+        for consumer in subscriptions:
+            consumer.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every subscription gracefully (see :meth:`Consumer.stop`); idempotent."""
+        with self._lock:
+            self._running = False
+            subscriptions = list(self._subscriptions)
+        for consumer in subscriptions:
+            consumer.stop(timeout)
+        self._stopped.set()
+
+    def run(self) -> None:
+        """Start, then block until :meth:`stop` (Ctrl-C stops gracefully)."""
+        self.start()
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            self.stop()
+
+    def __enter__(self) -> EventBus:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _as_handler(handler: Callable[..., Any]) -> Callable[[Any, Context], object]:
+    return handler

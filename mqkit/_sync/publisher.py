@@ -1,0 +1,426 @@
+"""Confirmed publishing: one confirm-mode channel per client, owned by the IO thread.
+
+Every publish of a client (producers, the event bus, retry and dead-letter copies, RPC
+requests and replies, replays) goes through its :class:`Publisher`. A publishing thread turns
+its messages into pika properties, hands them to the IO thread in one callback, and waits on a
+:class:`Batch`. The IO thread keeps up to :data:`WINDOW` messages in flight, matches
+``basic.ack``/``basic.nack`` (``multiple`` included) by delivery tag and ``basic.return``
+(which arrives before the ack of the same publish) by ``message_id``.
+
+When the link drops, messages in flight go back to the head of the queue and are sent again
+on the new channel (at-least-once: a message whose confirm was lost may be stored twice); a
+publisher that waits longer than ``confirm_timeout`` without progress gives up with
+:class:`~mqkit.PublishTimeout` and its messages that were not sent yet are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import pika.exceptions as pex
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from mqkit._sync.connection import Link, translate
+from mqkit._sync.io_thread import settle
+from mqkit.errors import (
+    ConnectionFailed,
+    MqkitError,
+    PublishError,
+    PublishNacked,
+    PublishTimeout,
+    PublishUnroutable,
+    TopologyError,
+)
+from mqkit.messages import Envelope
+
+__all__ = ["WINDOW", "Batch", "Publisher", "properties"]
+
+log = logging.getLogger("mqkit")
+
+WINDOW = 1000  # messages in flight per client: enough to keep the broker busy, bounded memory
+_MISSING_EXCHANGE = re.compile(r"no exchange '(?P<name>[^']*)'")
+
+
+def properties(envelope: Envelope) -> BasicProperties:
+    """pika properties for an envelope (built on the publishing thread, not the IO thread)."""
+    return BasicProperties(
+        content_type=envelope.content_type,
+        delivery_mode=envelope.delivery_mode,
+        message_id=envelope.message_id,
+        timestamp=envelope.timestamp,
+        type=envelope.type or None,
+        app_id=envelope.app_id or None,
+        headers=envelope.headers or None,
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        priority=envelope.priority,
+        expiration=None if envelope.expiration is None else str(envelope.expiration),
+    )
+
+
+class Batch:
+    """Messages one thread waits on. Settled by the IO thread, read by the waiting thread."""
+
+    __slots__ = ("_done", "abandoned", "errors", "ids", "ok", "progress", "remaining")
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        self.remaining = len(ids)
+        self.progress = 0
+        self.ok = bytearray(len(ids))  # 1 once confirmed
+        self.errors: dict[int, MqkitError] = {}
+        self.abandoned = False
+        # A lock held until the last settle: cheaper to make and wake than an Event, and a
+        # batch has exactly one waiter.
+        self._done = threading.Lock()
+        if ids:
+            self._done.acquire()
+
+    def settle(self, index: int, error: MqkitError | None = None) -> None:
+        """IO thread: message ``index`` was confirmed (or failed with ``error``)."""
+        if error is None:
+            self.ok[index] = 1
+        else:
+            self.errors[index] = error
+        self.progress += 1
+        self.remaining -= 1
+        if self.remaining == 0:
+            self._done.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until all are settled, as long as confirms keep coming at least every
+        ``timeout`` seconds; ``False`` on a stall."""
+        while True:
+            seen = self.progress
+            if self._done.acquire(timeout=timeout):
+                self._done.release()
+                return True
+            if self.progress == seen:
+                return False
+
+    def unconfirmed(self) -> list[str]:
+        """Ids of the messages not confirmed (failed or still open)."""
+        return [mid for mid, ok in zip(self.ids, self.ok, strict=True) if not ok]
+
+
+@dataclass(slots=True, eq=False)
+class _Message:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: BasicProperties
+    mandatory: bool
+    batch: Batch
+    index: int
+    tag: int = 0
+    settled: bool = False
+    returned: str | None = None
+
+
+class Publisher:
+    """The client's confirm-mode channel. Thread-safe: any thread may call :meth:`publish`."""
+
+    def __init__(self, link: Link, confirm_timeout: float) -> None:
+        self._link = link
+        self._confirm_timeout = confirm_timeout
+        self._channel: Channel | None = None  # IO thread: open and in confirm mode
+        self._opening = False
+        self._waiting: deque[_Message] = deque()
+        self._inflight: deque[_Message] = deque()  # sent, in delivery-tag order
+        self._next_tag = 1
+        self._hooks: list[Callable[[Channel], None]] = []
+        self._open_waiters: list[Future[None]] = []
+
+    @property
+    def channel(self) -> Channel | None:
+        """IO thread: the confirm channel, when open."""
+        return self._channel
+
+    def add_channel_hook(self, hook: Callable[[Channel], None]) -> None:
+        """IO thread: run ``hook(channel)`` now (if open) and on every new channel, before
+        anything is published on it (direct reply-to consumes on this channel)."""
+        self._hooks.append(hook)
+        if self._channel is not None:
+            hook(self._channel)
+        else:
+            self._reopen()
+
+    # -- publishing threads ------------------------------------------------------------------
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        envelopes: Sequence[Envelope],
+        *,
+        mandatory: bool = True,
+        routing_keys: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Publish and wait for every confirm; return the message ids.
+
+        Raises the :class:`~mqkit.PublishError` subclass for a single message; for several,
+        one whose ``unconfirmed`` lists the ids not confirmed.
+        """
+        batch = Batch([envelope.message_id for envelope in envelopes])
+        chunk: list[_Message] = []
+        for index, envelope in enumerate(envelopes):
+            key = routing_keys[index] if routing_keys is not None else routing_key
+            chunk.append(
+                _Message(
+                    exchange,
+                    key,
+                    envelope.body,
+                    properties(envelope),
+                    mandatory,
+                    batch,
+                    index,
+                )
+            )
+            if len(chunk) >= 256:  # let the IO thread start sending while we build the rest
+                self._hand_over(chunk)
+                chunk = []
+        if chunk:
+            self._hand_over(chunk)
+        confirmed = batch.wait(self._confirm_timeout)
+        if not confirmed:
+            batch.abandoned = True
+        if confirmed and not batch.errors:
+            return batch.ids
+        raise self._failure(batch, exchange, routing_key, timed_out=not confirmed)
+
+    def _hand_over(self, messages: list[_Message]) -> None:
+        self._link.submit(lambda: self._enqueue(messages))
+
+    def _failure(
+        self, batch: Batch, exchange: str, routing_key: str, *, timed_out: bool
+    ) -> MqkitError:
+        errors = list(batch.errors.values())
+        unconfirmed = batch.unconfirmed()
+        if timed_out:
+            pending = len(unconfirmed) - len(errors)
+            errors.append(
+                PublishTimeout(
+                    f"no confirm from the broker within {self._confirm_timeout:g}s for "
+                    f"{pending} message(s) to exchange {exchange!r} (routing key "
+                    f"{routing_key!r}); the broker may be unreachable or blocked",
+                    unconfirmed=unconfirmed,
+                )
+            )
+        kinds = {type(error) for error in errors}
+        if len(batch.ids) == 1 or kinds == {TopologyError}:
+            error = errors[0]
+            if isinstance(error, PublishError):
+                error.unconfirmed = unconfirmed
+            return error
+        kind = kinds.pop() if len(kinds) == 1 else PublishError
+        cls = kind if issubclass(kind, PublishError) else PublishError
+        summary = "; ".join(sorted({str(error) for error in errors})[:3])
+        return cls(
+            f"{len(unconfirmed)} of {len(batch.ids)} messages were not confirmed: {summary}",
+            unconfirmed=unconfirmed,
+        )
+
+    # -- IO thread -------------------------------------------------------------------------
+
+    def _enqueue(self, messages: list[_Message]) -> None:
+        self._waiting.extend(messages)
+        self._pump()
+
+    def _pump(self) -> None:
+        channel = self._channel
+        if channel is None:
+            self._reopen()
+            return
+        waiting, inflight = self._waiting, self._inflight
+        publish = channel.basic_publish
+        while waiting and len(inflight) < WINDOW:
+            message = waiting.popleft()
+            if message.batch.abandoned:
+                continue
+            try:
+                publish(
+                    message.exchange,
+                    message.routing_key,
+                    message.body,
+                    message.properties,
+                    message.mandatory,
+                )
+            except pex.ChannelWrongStateError:
+                waiting.appendleft(message)  # the channel is closing: its close handler reopens
+                return
+            except Exception as exc:
+                message.batch.settle(message.index, translate(exc, what="publish"))
+                continue
+            message.tag = self._next_tag
+            self._next_tag += 1
+            inflight.append(message)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag: int = method.delivery_tag
+        nacked = isinstance(method, Basic.Nack)
+        inflight = self._inflight
+        if not inflight:
+            return
+        if method.multiple:
+            while inflight and inflight[0].tag <= tag:
+                self._settle(inflight.popleft(), nacked)
+        else:
+            offset = tag - inflight[0].tag
+            if 0 <= offset < len(inflight):
+                self._settle(inflight[offset], nacked)
+            while inflight and inflight[0].settled:
+                inflight.popleft()
+        if self._waiting:
+            self._pump()
+
+    def _settle(self, message: _Message, nacked: bool) -> None:
+        if message.settled:
+            return
+        message.settled = True
+        error: MqkitError | None = None
+        if nacked:
+            error = PublishNacked(
+                f"the broker nacked message {message.properties.message_id} to exchange "
+                f"{message.exchange!r} (routing key {message.routing_key!r}); a queue may be "
+                "full (overflow=reject-publish) or the broker is short of resources"
+            )
+        elif message.returned is not None:
+            target = (
+                f"queue {message.routing_key!r}"
+                if message.exchange == ""
+                else (f"exchange {message.exchange!r} with routing key {message.routing_key!r}")
+            )
+            error = PublishUnroutable(
+                f"message {message.properties.message_id} to {target} was returned "
+                f"({message.returned}): no queue is bound for it; declare the queue or "
+                "binding first"
+            )
+        message.batch.settle(message.index, error)
+
+    def _on_return(
+        self, _channel: Channel, method: Basic.Return, props: BasicProperties, _body: bytes
+    ) -> None:
+        message_id = props.message_id
+        for message in self._inflight:
+            if (
+                not message.settled
+                and message.returned is None
+                and message.properties.message_id == message_id
+            ):
+                message.returned = f"{method.reply_code} {method.reply_text}"
+                return
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return  # an old channel
+        self._channel = None
+        if self._link.closed:
+            self._fail_all(ConnectionFailed("the mqkit client was closed before the confirm"))
+            return
+        if not isinstance(reason, pex.ChannelClosedByBroker):
+            self._requeue_inflight()  # the connection is gone: the link restores us
+            return
+        log.warning("mqkit: the broker closed the publishing channel: %s", reason)
+        # A missing exchange fails the messages to it (sent or not); the others go again on a
+        # new channel. Any other reason cannot be pinned on one message: all sent ones fail.
+        missing = _MISSING_EXCHANGE.search(reason.reply_text)
+        for message in (*self._inflight, *(self._waiting if missing else ())):
+            if message.settled:
+                continue
+            if missing is None or message.exchange == missing["name"]:
+                message.settled = True
+                what = f"publish to exchange {message.exchange!r}"
+                message.batch.settle(message.index, translate(reason, what=what))
+        self._requeue_inflight()
+        self._waiting = deque(m for m in self._waiting if not m.settled)
+        self._reopen()
+
+    def _requeue_inflight(self) -> None:
+        survivors = [m for m in self._inflight if not m.settled]
+        for message in survivors:
+            message.returned = None
+        self._inflight.clear()
+        self._waiting.extendleft(reversed(survivors))
+
+    def _fail_all(self, error: MqkitError) -> None:
+        for message in (*self._inflight, *self._waiting):
+            if not message.settled:
+                message.settled = True
+                message.batch.settle(message.index, error)
+        self._inflight.clear()
+        self._waiting.clear()
+
+    def _reopen(self) -> None:
+        connection = self._link.connection
+        if connection is not None:
+            self._open(connection, None)
+
+    def _open(self, connection: SelectConnection, future: Future[None] | None) -> None:
+        """Open the confirm channel unless it is open or opening; ``future`` settles when
+        it is ready (one channel at a time: confirms are tracked per channel)."""
+        if future is not None:
+            self._open_waiters.append(future)
+        if self._channel is not None:
+            self._settle_waiters(None)
+            return
+        if self._opening:
+            return
+        self._opening = True
+
+        def on_open(channel: Channel) -> None:
+            channel.add_on_return_callback(self._on_return)
+            channel.confirm_delivery(self._on_confirm, callback=lambda _frame: ready(channel))
+
+        def ready(channel: Channel) -> None:
+            self._opening = False
+            self._channel = channel
+            self._next_tag = 1
+            for hook in self._hooks:
+                hook(channel)
+            self._settle_waiters(None)
+            self._pump()
+
+        def on_close(channel: Channel, reason: BaseException) -> None:
+            if self._opening and self._channel is None:
+                self._opening = False
+                self._settle_waiters(reason)
+                return
+            self._on_channel_closed(channel, reason)
+
+        self._link.open_channel(connection, on_open, on_close)
+
+    def _settle_waiters(self, exc: BaseException | None) -> None:
+        waiters, self._open_waiters = self._open_waiters, []
+        for waiter in waiters:
+            settle(waiter, exc=exc)
+
+    # -- Component -------------------------------------------------------------------------
+
+    def _link_lost(self, reason: BaseException) -> None:
+        """IO thread: the connection is gone; what was in flight is sent again later."""
+        self._channel = None
+        self._opening = False
+        self._settle_waiters(reason)
+        if self._link.closed:
+            self._fail_all(ConnectionFailed("the mqkit client was closed before the confirm"))
+        else:
+            self._requeue_inflight()
+
+    def restore(self) -> None:
+        """Open the confirm channel on the new connection, then send what is waiting."""
+        self._link.call(
+            self._open,
+            self._link.settings.connect_timeout,
+            what="open the publishing channel",
+            wait_ready=False,
+        )

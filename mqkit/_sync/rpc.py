@@ -1,0 +1,203 @@
+"""Request/reply over RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``).
+
+The requesting side consumes replies no-ack on the client's publishing channel (direct
+reply-to requires the channel that publishes the request), one reply consumer per client,
+and matches replies to waiting callers by ``correlation_id``. The responding side is a
+consumer whose handler's return value is published to the request's ``reply_to``; if the
+handler raises (or returns something that is not a pydantic model) the reply carries
+``x-mqkit-error-type`` / ``x-mqkit-error-message`` and the caller gets
+:class:`~mqkit.RemoteError`. Requests are never retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+from pydantic import BaseModel
+
+from mqkit._sync.io_thread import settle
+from mqkit.context import Context
+from mqkit.dead_letters import ERROR_MESSAGE, ERROR_TYPE
+from mqkit.errors import ConnectionFailed, MqkitError, RemoteError, RequestTimeout
+from mqkit.messages import Envelope, Incoming, decode, encode
+from mqkit.retry import GiveUp
+
+if TYPE_CHECKING:
+    from mqkit._sync.client import Client
+
+__all__ = ["REPLY_TO", "Requester", "reply_step"]
+
+log = logging.getLogger("mqkit")
+
+R = TypeVar("R", bound=BaseModel)
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class Requester:
+    """The client's RPC caller: one direct reply-to consumer, futures by correlation id."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._consuming = False
+        self._hooked = False  # IO thread
+        self._waiter: Future[None] | None = None
+        self._waiting: dict[str, Future[tuple[BasicProperties, bytes]]] = {}
+        self._sent: set[str] = set()  # requests published: their reply dies with the channel
+
+    def request(self, queue: str, message: BaseModel, response_type: type[R], timeout: float) -> R:
+        """Publish ``message`` to ``queue`` and wait up to ``timeout`` s for the typed reply."""
+        started = time.monotonic()
+        client = self._client
+        client._ensure_open()
+        self._ensure_consuming()
+        correlation_id = uuid.uuid4().hex
+        future: Future[tuple[BasicProperties, bytes]] = Future()
+        self._waiting[correlation_id] = future
+        try:
+            envelope = encode(
+                message,
+                service=client.settings.service,
+                correlation_id=correlation_id,
+                reply_to=REPLY_TO,
+            )
+            client._publisher.publish("", queue, [envelope], mandatory=True)
+            self._sent.add(correlation_id)
+            left = max(0.0, timeout - (time.monotonic() - started))
+            props, body = future.result(left)
+        except FutureTimeout:
+            raise RequestTimeout(
+                f"no reply from queue {queue!r} within {timeout:g}s; is a responder running?"
+            ) from None
+        finally:
+            self._waiting.pop(correlation_id, None)
+            self._sent.discard(correlation_id)
+        headers = props.headers or {}
+        if ERROR_TYPE in headers:
+            raise RemoteError(_text(headers.get(ERROR_TYPE)), _text(headers.get(ERROR_MESSAGE)))
+        return decode(body, response_type)
+
+    def _ensure_consuming(self) -> None:
+        if self._consuming:
+            return
+        with self._lock:
+            if self._consuming:
+                return
+
+            def op(_connection: SelectConnection, future: Future[None]) -> None:
+                self._waiter = future
+                if not self._hooked:  # one reply consumer per channel, ever
+                    self._hooked = True
+                    self._client._publisher.add_channel_hook(self._consume)
+
+            self._client._link.call(
+                op, self._client.settings.connect_timeout, what="start the RPC reply consumer"
+            )
+            self._consuming = True
+
+    def _consume(self, channel: Channel) -> None:
+        """IO thread: consume replies on the publishing channel (each time it opens)."""
+
+        def consuming(_frame: object) -> None:
+            if self._waiter is not None:
+                settle(self._waiter)
+
+        channel.basic_consume(REPLY_TO, self._on_reply, auto_ack=True, callback=consuming)
+
+    def _on_reply(
+        self, _channel: Channel, _method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        future = self._waiting.get(props.correlation_id or "")
+        if future is not None:
+            settle(future, (props, body))
+
+    # -- Component ---------------------------------------------------------------------------
+
+    def _link_lost(self, reason: BaseException) -> None:
+        """IO thread: replies to requests already sent can no longer arrive; fail them now."""
+        for correlation_id in list(self._sent):
+            future = self._waiting.get(correlation_id)
+            if future is not None:
+                settle(
+                    future,
+                    exc=ConnectionFailed(
+                        "the connection was lost while waiting for a reply; the request may "
+                        "have been processed (retry it if it is idempotent)"
+                    ),
+                )
+
+    def restore(self) -> None:
+        """Nothing: the publishing channel's hook consumes again."""
+
+
+def reply_step(
+    client: Client, queue: str, handler: Callable[[Any, Context], object]
+) -> Callable[[Incoming, Any, Context, GiveUp | None], None]:
+    """What a responder does with a request instead of the usual ack/retry/dead-letter."""
+    publisher = client._publisher
+    service = client.settings.service
+
+    def step(incoming: Incoming, message: Any, ctx: Context, failure: GiveUp | None) -> None:
+        error: tuple[str, str] | None = None
+        result: object = None
+        if failure is not None:
+            error = (failure.error_type, failure.error_message)
+        else:
+            try:
+                result = handler(message, ctx)
+            except Exception as exc:
+                log.warning("mqkit: responder for %r raised %r", queue, exc, exc_info=exc)
+                error = (type(exc).__name__, str(exc))
+            else:
+                if not isinstance(result, BaseModel):
+                    error = (
+                        "TypeError",
+                        f"responder for {queue!r} returned {type(result).__name__}; "
+                        "return a pydantic model",
+                    )
+        if not incoming.reply_to:
+            log.warning(
+                "mqkit: request %s on %r has no reply_to; dropping the reply", ctx.message_id, queue
+            )
+            return
+        if error is not None:
+            envelope = error_envelope(error, service=service, correlation_id=ctx.correlation_id)
+        else:
+            assert isinstance(result, BaseModel)
+            envelope = encode(result, service=service, correlation_id=ctx.correlation_id)
+        try:
+            publisher.publish("", incoming.reply_to, [envelope], mandatory=False)
+        except MqkitError as exc:
+            log.error("mqkit: could not reply to request %s on %r: %s", ctx.message_id, queue, exc)
+
+    return step
+
+
+def error_envelope(error: tuple[str, str], *, service: str, correlation_id: str | None) -> Envelope:
+    """A reply that says the responder failed (headers for mqkit, a JSON body for others)."""
+    error_type, message = error
+    return Envelope(
+        body=json.dumps({"error_type": error_type, "error_message": message}).encode(),
+        message_id=uuid.uuid4().hex,
+        type="mqkit.error",
+        app_id=service,
+        timestamp=int(time.time()),
+        headers={ERROR_TYPE: error_type, ERROR_MESSAGE: message[:4000]},
+        correlation_id=correlation_id,
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
