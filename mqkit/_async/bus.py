@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
-from mqkit.delivery import Decoder, registry_decoder, typed_decoder
 from mqkit.errors import ConfigError
 from mqkit.messages import Event, encode
-from mqkit.retry import DEFAULT_POLICY, RetryPolicy
-from mqkit.topology import Binding, Entity, Exchange, Queue, consumer_topology, dlq_name
+from mqkit.retry import RetryPolicy
+from mqkit.subscriptions import plan_subscription
+from mqkit.topology import Exchange
 
 from .consumer import AsyncConsumer, Handler
 
@@ -159,63 +158,38 @@ class AsyncEventBus:
         prefetch: int | None,
         concurrency: int,
     ) -> None:
-        decoder: Decoder
-        if isinstance(target, str):
-            key, decoder, message_type = target, registry_decoder, None
-        elif isinstance(target, type) and issubclass(target, Event):
-            key, decoder, message_type = target.event_type, typed_decoder(target), target
-        else:
-            raise ConfigError(
-                f"subscribe expects an Event subclass or a topic pattern, got {target!r}"
-            )
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
-        policy = retry or DEFAULT_POLICY
-        default_type = self._link.settings.queue_type
-        dlq: str | None = None
-        if broadcast:
-            name = queue or f"{self._service}.{key}.{uuid.uuid4().hex[:8]}"
-            work = Queue(name, type="classic", durable=False, exclusive=True, auto_delete=True)
-            dlq = dlq_name(f"{self._service}.{key}") if queue is None else dlq_name(queue)
-            policy = RetryPolicy(
-                max_attempts=1,
-                delays=(),
-                immediate=policy.immediate,
-                retry_on=policy.retry_on,
-                give_up_on=policy.give_up_on,
-            )
-            topology: list[Entity] = [Queue(dlq, type="classic"), work]
-        else:
-            if queue is None and key in self._keys:
-                raise ConfigError(
-                    f"this bus already subscribes to {key!r}; pass queue= to subscribe again "
-                    "with a queue of its own"
-                )
-            name = queue or f"{self._service}.{key}"
-            work = Queue(name)
-            topology = list(
-                consumer_topology(
-                    work,
-                    policy,
-                    default_type=default_type,
-                    delivery_limit=self._link.settings.delivery_limit,
-                )
-            )
+        settings = self._link.settings
+        plan = plan_subscription(
+            target,
+            service=self._service,
+            exchange=self._exchange,
+            broadcast=broadcast,
+            queue=queue,
+            retry=retry,
+            default_type=settings.queue_type,
+            delivery_limit=settings.delivery_limit,
+        )
         if queue is None and not broadcast:
-            self._keys.add(key)
-        topology = [self._exchange, *topology, Binding(self._exchange.name, name, key)]
+            if plan.key in self._keys:
+                raise ConfigError(
+                    f"this bus already subscribes to {plan.key!r}; pass queue= to subscribe "
+                    "a second handler with its own queue"
+                )
+            self._keys.add(plan.key)
         consumer: AsyncConsumer[Any] = AsyncConsumer(
             self._link,
-            work,
-            message_type,
+            plan.queue,
+            plan.message_type,
             handler,
             prefetch=prefetch or self._prefetch,
             concurrency=concurrency,
-            policy=policy,
-            service=self._link.settings.service,
-            topology=topology,
-            decoder=decoder,
-            dlq=dlq,
+            policy=plan.policy,
+            service=settings.service,
+            topology=plan.entities,
+            decoder=plan.decoder,
+            dlq=plan.dlq,
         )
         self._consumers.append(consumer)
         if self._on_consumer is not None:

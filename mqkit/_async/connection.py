@@ -28,7 +28,6 @@ import aiormq
 import aiormq.abc
 import aiormq.exceptions as amqp
 from aio_pika.connection import make_url
-from pamqp import constants as pamqp_constants
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from mqkit.errors import (
@@ -53,13 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("mqkit")
-
-# pamqp refuses names RabbitMQ accepts (any UTF-8 up to 255 bytes), "*" among them, which a
-# pattern subscription's queue carries ("billing.orders.*"). The sync twin (pika) declares such
-# names, so the async one must be able to consume them: accept what the broker accepts.
-_BROKER_NAMES = re.compile(r"[^\x00]*")
-pamqp_constants.DOMAIN_REGEX["queue-name"] = _BROKER_NAMES
-pamqp_constants.DOMAIN_REGEX["exchange-name"] = _BROKER_NAMES
 
 RECONNECT_MAX_DELAY = 5.0
 RPC_TIMEOUT = 30.0

@@ -8,19 +8,17 @@ retries are in-process only and its give-ups go to a durable DLQ the service's i
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mqkit._sync.consumer import Consumer
 from mqkit.context import Context
-from mqkit.delivery import Decoder, registry_decoder, typed_decoder
 from mqkit.errors import ConfigError
 from mqkit.messages import Event, encode
-from mqkit.retry import DEFAULT_POLICY, RetryPolicy
-from mqkit.topology import Binding, Entity, Exchange, Queue, consumer_topology, dlq_name
+from mqkit.retry import RetryPolicy
+from mqkit.subscriptions import plan_subscription
+from mqkit.topology import Exchange
 
 if TYPE_CHECKING:
     from mqkit._sync.client import Client
@@ -134,57 +132,36 @@ class EventBus:
                 return fn
 
             return decorate
-        decoder: Decoder
-        if isinstance(target, str):
-            key, decoder = target, registry_decoder
-        elif isinstance(target, type) and issubclass(target, Event):
-            key, decoder = target.event_type, typed_decoder(target)
-        else:
-            raise ConfigError(
-                f"subscribe() takes an mqkit.Event subclass or a topic pattern, got {target!r}"
-            )
         settings = self._client.settings
-        policy = retry or DEFAULT_POLICY
-        dlq: str | None = None
-        temporary: list[Entity] = []
+        plan = plan_subscription(
+            target,
+            service=self._service,
+            exchange=Exchange(self._exchange),
+            broadcast=broadcast,
+            queue=queue,
+            retry=retry,
+            default_type=settings.queue_type,
+            delivery_limit=settings.delivery_limit,
+        )
         with self._lock:
             if queue is None and not broadcast:
-                if key in self._keys:
+                if plan.key in self._keys:
                     raise ConfigError(
-                        f"this bus already subscribes to {key!r}; pass queue= to subscribe "
-                        "a second handler with its own queue"
+                        f"this bus already subscribes to {plan.key!r}; pass queue= to "
+                        "subscribe a second handler with its own queue"
                     )
-                self._keys.add(key)
-        if broadcast:
-            name = queue or f"{self._service}.{key}.{uuid.uuid4().hex[:8]}"
-            dlq = dlq_name(f"{self._service}.{key}")
-            work = Queue(name, type="classic", durable=False, exclusive=True, auto_delete=True)
-            binding = Binding(self._exchange, name, key)
-            declare: list[Entity] = [Queue(dlq, type="classic"), work, binding]
-            temporary = [work, binding]
-            policy = dataclasses.replace(policy, max_attempts=1)  # no retry queues: in-process
-        else:
-            name = queue or f"{self._service}.{key}"
-            declare = [
-                *consumer_topology(
-                    Queue(name),
-                    policy,
-                    default_type=settings.queue_type,
-                    delivery_limit=settings.delivery_limit,
-                ),
-                Binding(self._exchange, name, key),
-            ]
+                self._keys.add(plan.key)
         consumer: Consumer[Any] = Consumer(
             self._client,
-            name,
-            decoder,
+            plan.queue.name,
+            plan.decoder,
             _as_handler(handler),
-            policy=policy,
-            declare=[Exchange(self._exchange), *declare],
+            policy=plan.policy,
+            declare=plan.entities,
             prefetch=prefetch,
             concurrency=concurrency,
-            dlq=dlq,
-            temporary=temporary,
+            dlq=plan.dlq,
+            temporary=plan.temporary,
             service=self._service,
         )
         with self._lock:

@@ -1,0 +1,117 @@
+"""What an event-bus subscription declares and how it consumes, as plain data.
+
+Both buses (``_sync/bus.py``, ``_async/bus.py``) ask :func:`plan_subscription` and only do
+the I/O, so a sync and an async instance of one service derive the same queue, bindings and
+dead-letter queue, and compete on the same queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from dataclasses import dataclass
+
+from mqkit.delivery import Decoder, registry_decoder, typed_decoder
+from mqkit.errors import ConfigError
+from mqkit.messages import Event
+from mqkit.retry import DEFAULT_POLICY, RetryPolicy
+from mqkit.topology import Binding, Entity, Exchange, Queue, QueueType, consumer_topology, dlq_name
+
+__all__ = ["Subscription", "plan_subscription", "subscription_queue_name"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def subscription_queue_name(service: str, key: str) -> str:
+    """The durable queue of ``service``'s subscription to ``key`` (an event type or pattern).
+
+    Topic wildcards become words (``orders.*`` → ``orders._star_``, ``#`` → ``_hash_``) and
+    other characters AMQP clients refuse in names become ``_``, so every client can name it.
+    """
+    safe = key.replace("*", "_star_").replace("#", "_hash_")
+    return f"{service}.{_UNSAFE.sub('_', safe)}"
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A planned subscription: what to declare and how to consume.
+
+    ``temporary`` lists the entities that go away with the connection (a broadcast
+    subscriber's exclusive queue and its binding): re-declared after a reconnect while the
+    subscription runs, forgotten once it stops.
+    """
+
+    key: str
+    queue: Queue
+    decoder: Decoder
+    message_type: type[Event] | None
+    policy: RetryPolicy
+    dlq: str
+    entities: tuple[Entity, ...]
+    temporary: tuple[Entity, ...] = ()
+
+
+def plan_subscription(
+    target: type[Event] | str,
+    *,
+    service: str,
+    exchange: Exchange,
+    broadcast: bool = False,
+    queue: str | None = None,
+    retry: RetryPolicy | None = None,
+    default_type: QueueType,
+    delivery_limit: int,
+) -> Subscription:
+    """Plan a subscription of ``service`` to ``target`` on ``exchange``.
+
+    ``target`` is an :class:`~mqkit.Event` subclass (bound by its ``event_type``, decoded as
+    that class) or a topic pattern (decoded by the ``type`` property through the registry, so
+    an unknown type is dead-lettered with the reason).
+
+    One durable queue per (service, subscription): the service's instances compete on it.
+    ``broadcast=True`` gives each instance its own exclusive, auto-delete queue instead;
+    such a queue cannot have retry queues (they would route back to a queue that may be
+    gone), so only the policy's in-process ``immediate`` retries apply, and give-ups go to a
+    durable DLQ the instances share.
+    """
+    decoder: Decoder
+    message_type: type[Event] | None
+    if isinstance(target, str):
+        key, decoder, message_type = target, registry_decoder, None
+    elif isinstance(target, type) and issubclass(target, Event):
+        key, decoder, message_type = target.event_type, typed_decoder(target), target
+    else:
+        raise ConfigError(
+            f"subscribe() takes an mqkit.Event subclass or a topic pattern, got {target!r}"
+        )
+    policy = retry or DEFAULT_POLICY
+    shared = queue or subscription_queue_name(service, key)
+    if broadcast:
+        name = f"{shared}.{uuid.uuid4().hex[:8]}"
+        work = Queue(name, type="classic", durable=False, exclusive=True, auto_delete=True)
+        binding = Binding(exchange.name, name, key)
+        dlq = dlq_name(shared)
+        return Subscription(
+            key=key,
+            queue=work,
+            decoder=decoder,
+            message_type=message_type,
+            policy=dataclasses.replace(policy, max_attempts=1),
+            dlq=dlq,
+            entities=(exchange, Queue(dlq, type="classic"), work, binding),
+            temporary=(work, binding),
+        )
+    work = Queue(shared)
+    queues = consumer_topology(
+        work, policy, default_type=default_type, delivery_limit=delivery_limit
+    )
+    return Subscription(
+        key=key,
+        queue=work,
+        decoder=decoder,
+        message_type=message_type,
+        policy=policy,
+        dlq=dlq_name(shared),
+        entities=(exchange, *queues, Binding(exchange.name, shared, key)),
+    )
