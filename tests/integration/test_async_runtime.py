@@ -612,7 +612,7 @@ async def test_pattern_and_broadcast_subscriptions(client_for, names, raw) -> No
                 exchange=exchange,
                 properties=json_props(type="asyncrt.orders.nobody", message_id="u-1"),
             )
-            dlq = f"{service}.asyncrt.orders.*.dlq"
+            dlq = f"{service}.asyncrt.orders._star_.dlq"
             await eventually(lambda: raw.count(dlq) == 1, what="the unknown event dead-lettered")
             with pytest.raises(mqkit.PublishUnroutable):
                 await bus_one.publish(

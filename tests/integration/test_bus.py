@@ -1,7 +1,7 @@
 """EventBus: one queue per (service, subscription), patterns, broadcast, retries.
 
-Recorders are passed as ``recorder.__call__``: the harness makes functions and bound methods
-(not callable objects) ``async def`` for AsyncClient.
+Event types start with "bus-": the registry maps a type to one class per process, and the
+examples define their own "orders.placed".
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from conftest import wait_until
 import mqkit
 
 
-class OrderPlaced(mqkit.Event, event_type="orders.placed"):
+class OrderPlaced(mqkit.Event, event_type="bus-orders.placed"):
     order_id: str
 
 
-class OrderCancelled(mqkit.Event, event_type="orders.cancelled"):
+class OrderCancelled(mqkit.Event, event_type="bus-orders.cancelled"):
     order_id: str
     reason: str
 
@@ -55,15 +55,15 @@ def test_every_service_gets_each_event_once(rt, names, collector, raw):
         for got in received.values():
             assert got.settle(0.5) == 20
         # One durable queue per (service, subscription), shared by the instances.
-        assert raw.exists(f"{billing}.orders.placed")
-        assert raw.exists(f"{shipping}.orders.placed")
+        assert raw.exists(f"{billing}.bus-orders.placed")
+        assert raw.exists(f"{shipping}.bus-orders.placed")
     for got in received.values():
         assert sorted(e.order_id for e in got.messages) == sorted(str(i) for i in range(20))
         assert sorted(c.message_id for c in got.contexts) == sorted(ids)
         ctx = got.contexts[0]
         assert ctx.exchange == exchange
-        assert ctx.routing_key == "orders.placed"
-        assert ctx.event_type == "orders.placed"
+        assert ctx.routing_key == "bus-orders.placed"
+        assert ctx.event_type == "bus-orders.placed"
 
 
 def test_pattern_subscription_decodes_by_type(rt, names, collector):
@@ -71,7 +71,7 @@ def test_pattern_subscription_decodes_by_type(rt, names, collector):
     received = collector()
     with rt.client(service=names.service()) as client:
         bus = client.event_bus(exchange=exchange)
-        bus.subscribe("orders.*", received.__call__)
+        bus.subscribe("bus-orders.*", received.__call__)
         with bus:
             bus.publish(OrderPlaced(order_id="1"))
             bus.publish(StockMoved(sku="s-1"))  # does not match the pattern
@@ -83,8 +83,8 @@ def test_pattern_subscription_decodes_by_type(rt, names, collector):
         OrderPlaced: OrderPlaced(order_id="1"),
         OrderCancelled: OrderCancelled(order_id="2", reason="changed mind"),
     }
-    assert {c.event_type for c in received.contexts} == {"orders.placed", "orders.cancelled"}
-    assert {c.routing_key for c in received.contexts} == {"orders.placed", "orders.cancelled"}
+    assert {c.event_type for c in received.contexts} == {"bus-orders.placed", "bus-orders.cancelled"}
+    assert {c.routing_key for c in received.contexts} == {"bus-orders.placed", "bus-orders.cancelled"}
 
 
 def test_broadcast_gives_every_instance_a_copy(rt, names, collector):
@@ -224,7 +224,7 @@ def test_retry_policy_per_subscription(rt, names, collector, raw):
             queue=failing_queue,
             retry=mqkit.RetryPolicy(max_attempts=2, delays=(0.1,)),
         )
-        bus.subscribe("orders.#", audit.__call__, queue=audit_queue)
+        bus.subscribe("bus-orders.#", audit.__call__, queue=audit_queue)
         with bus:
             message_id = bus.publish(OrderPlaced(order_id="7"))
             wait_until(lambda: raw.count(f"{failing_queue}.dlq") == 1, timeout=10, what="DLQ")
@@ -236,7 +236,7 @@ def test_retry_policy_per_subscription(rt, names, collector, raw):
     assert int(props.headers["x-mqkit-attempts"]) == 2
     assert text(props.headers["x-mqkit-error-type"]) == "RuntimeError"
     assert text(props.headers["x-mqkit-original-exchange"]) == exchange
-    assert text(props.headers["x-mqkit-original-routing-key"]) == "orders.placed"
+    assert text(props.headers["x-mqkit-original-routing-key"]) == "bus-orders.placed"
 
 
 def test_subscribing_twice_to_the_same_key_needs_a_queue(rt, names, collector):
