@@ -16,7 +16,16 @@ from mqkit.delivery import Decoder, registry_decoder, typed_decoder
 from mqkit.errors import ConfigError
 from mqkit.messages import Event
 from mqkit.retry import DEFAULT_POLICY, RetryPolicy
-from mqkit.topology import Binding, Entity, Exchange, Queue, QueueType, consumer_topology, dlq_name
+from mqkit.topology import (
+    Binding,
+    Entity,
+    Exchange,
+    Queue,
+    QueueType,
+    consumer_topology,
+    dead_letter_queue,
+    dlq_name,
+)
 
 __all__ = ["Subscription", "plan_subscription", "subscription_queue_name"]
 
@@ -99,7 +108,7 @@ def plan_subscription(
             message_type=message_type,
             policy=dataclasses.replace(policy, max_attempts=1),
             dlq=dlq,
-            entities=(exchange, Queue(dlq, type="classic"), work, binding),
+            entities=(exchange, dead_letter_queue(dlq, default_type), work, binding),
             temporary=(work, binding),
         )
     work = Queue(shared)

@@ -10,12 +10,12 @@ For a work queue ``orders`` with the default policy the derived topology is::
     orders.retry.1000ms    TTL 1 s, dead-letters back to orders      (one queue per delay tier:
     orders.retry.10000ms   TTL 10 s, dead-letters back to orders      never a per-message TTL in
                                                                       a shared queue)
-    orders.dlq             dead letters, with the reason in x-mqkit-* headers (classic: see below)
+    orders.dlq             dead letters, with the reason in x-mqkit-* headers (same type)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import KW_ONLY
 from typing import Any, Literal
 
@@ -29,7 +29,9 @@ __all__ = [
     "Binding",
     "Exchange",
     "Queue",
+    "check_entities",
     "consumer_topology",
+    "dead_letter_queue",
     "dlq_name",
     "queue_arguments",
     "retry_queue_name",
@@ -103,6 +105,13 @@ class Binding:
 Entity = Queue | Exchange | Binding
 
 
+def check_entities(entities: Iterable[object]) -> None:
+    """Raise :class:`ConfigError` for anything ``declare()`` cannot declare."""
+    for entity in entities:
+        if not isinstance(entity, (Queue, Exchange, Binding)):
+            raise ConfigError(f"declare expects Queue, Exchange or Binding, got {entity!r}")
+
+
 def dlq_name(queue: str) -> str:
     """The dead-letter queue of ``queue``."""
     return f"{queue}.dlq"
@@ -111,6 +120,21 @@ def dlq_name(queue: str) -> str:
 def retry_queue_name(queue: str, delay: float) -> str:
     """The retry queue that holds messages of ``queue`` for ``delay`` seconds."""
     return f"{queue}.retry.{round(delay * 1000)}ms"
+
+
+# Peeking at a DLQ returns its messages, and a quorum queue counts each return against its
+# delivery limit (20 by default on RabbitMQ 4), which would drop a dead letter someone merely
+# looked at. A DLQ gets a limit nobody reaches instead. (A classic DLQ would have no limit,
+# but it lives on one node: in a cluster, losing that node would stop every consumer that
+# dead-letters into it.)
+DLQ_DELIVERY_LIMIT = 1_000_000
+
+
+def dead_letter_queue(name: str, kind: QueueType) -> Queue:
+    """The dead-letter queue ``name``, of the work queue's type ``kind``."""
+    if kind == "quorum":
+        return Queue(name, type="quorum", arguments={"x-delivery-limit": DLQ_DELIVERY_LIMIT})
+    return Queue(name, type="classic")
 
 
 def queue_arguments(queue: Queue, default_type: QueueType) -> dict[str, Any]:
@@ -135,10 +159,7 @@ def consumer_topology(
     """
     kind = queue_arguments(queue, default_type)["x-queue-type"]
     own: dict[str, Any] = dict(queue.arguments)
-    # The DLQ is classic: peeking returns messages to it, and a quorum queue counts each
-    # return against its delivery limit (20 by default on RabbitMQ 4), which would
-    # eventually drop a dead letter someone merely looked at.
-    dlq = Queue(dlq_name(queue.name), type="classic")
+    dlq = dead_letter_queue(dlq_name(queue.name), kind)
     retries = [
         Queue(
             retry_queue_name(queue.name, delay),

@@ -9,6 +9,7 @@ import pytest
 from mqkit.errors import ConfigError
 from mqkit.retry import RetryPolicy
 from mqkit.topology import (
+    DLQ_DELIVERY_LIMIT,
     Binding,
     Exchange,
     Queue,
@@ -115,7 +116,11 @@ def test_consumer_topology_quorum_default_policy() -> None:
     queues_ = by_name(queues)
 
     dlq = queues_["orders.dlq"]
-    assert queue_arguments(dlq, "quorum")["x-queue-type"] == "classic"
+    # Same type as the work queue (it must survive the loss of a cluster node), with a delivery
+    # limit nobody reaches: peeking returns messages, and that must never drop one.
+    dlq_args = queue_arguments(dlq, "quorum")
+    assert dlq_args["x-queue-type"] == "quorum"
+    assert dlq_args["x-delivery-limit"] == DLQ_DELIVERY_LIMIT
     assert dlq.durable
 
     retry = queues_["orders.retry.1000ms"]
