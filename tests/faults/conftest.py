@@ -24,8 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -430,17 +429,6 @@ def run_stream(runtime: str, ledger: Ledger, **kw: Any) -> None:
         asyncio.run(stream_async(ledger, **kw))
 
 
-def run_on(runtime: str, body: Callable[[], Awaitable[None]] | Callable[[], None]) -> None:
-    """Run a test body that is ``async def`` (async runtime) or plain (sync runtime)."""
-    result = body()
-    if inspect.isawaitable(result):
-        asyncio.run(_await(result))
-
-
-async def _await(awaitable: Awaitable[None]) -> None:
-    await awaitable
-
-
 # -- fixtures ------------------------------------------------------------------------------
 
 
@@ -484,10 +472,3 @@ def rabbit_cluster() -> Iterator[RabbitCluster]:
     with cluster:
         print(f"\n[3-node cluster started in {time.monotonic() - started:.1f}s]")
         yield cluster
-
-
-@contextmanager
-def timed() -> Iterator[Callable[[], float]]:
-    """``with timed() as elapsed: ...; elapsed()`` — seconds since the block began."""
-    start = time.monotonic()
-    yield lambda: time.monotonic() - start
