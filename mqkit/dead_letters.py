@@ -26,20 +26,26 @@ header gives the reason and queue instead, and :class:`DeadLetter` reads that.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from mqkit.messages import Incoming
+from mqkit.errors import MqkitError, PublishError
+from mqkit.messages import Envelope, Incoming
 from mqkit.retry import ATTEMPT_HEADER, GiveUp
 
 __all__ = [
     "DEAD_LETTER_HEADERS",
+    "RETURN_WAIT",
     "DeadLetter",
+    "Replay",
     "dead_letter_headers",
     "replay_headers",
     "retry_headers",
+    "scan_bound",
 ]
 
 ERROR_TYPE = "x-mqkit-error-type"
@@ -214,3 +220,111 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+# -------------------------------------------------------------------------- the DLQ tools
+
+
+# A quorum DLQ takes back the letters a scan returns (nack, or closing the channel)
+# asynchronously: a count right after the scan can miss them, and a replay bounded by that
+# count would skip them. So a scan waits, at most this long, until they are counted again.
+RETURN_WAIT = 2.0
+
+
+def scan_bound(count: int, limit: int | None) -> int:
+    """How many messages a DLQ scan may take: the count at the start (messages a scan
+    returns must not be seen again), and at most ``limit``."""
+    return count if limit is None else max(0, min(count, limit))
+
+
+class Replay:
+    """The decisions and bookkeeping of one :meth:`DeadLetterQueue.replay` of ``queue``'s DLQ
+    ``dlq``; the shells only get, publish and ack.
+
+    ``count`` is how many dead letters the DLQ held at the start: the scan stops there, since
+    a dead letter that is looked at and left goes back to the queue and must not be seen
+    again. While not :attr:`finished`: get one (unacked) and make it a :meth:`letter`; if
+    :meth:`wants` it, publish :meth:`envelope` to the default exchange with routing key
+    :meth:`target` (mandatory, confirmed), then ack it and call :meth:`replayed`; if that
+    publish fails, call :meth:`failed` and leave it. At the end :meth:`result` returns how
+    many were replayed, or raises what failed.
+    """
+
+    def __init__(
+        self,
+        queue: str,
+        dlq: str,
+        *,
+        count: int,
+        limit: int | None = None,
+        error_type: str | None = None,
+        message_id: str | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.dlq = dlq
+        self.limit = limit
+        self.error_type = error_type
+        self.message_id = message_id
+        self.progress = progress
+        self.count = count
+        self.seen = 0
+        self.done = 0
+        self.failures: list[tuple[str, MqkitError]] = []
+
+    @property
+    def finished(self) -> bool:
+        """Whether the scan is over: ``count`` looked at, or ``limit`` replayed."""
+        return self.seen >= self.count or (self.limit is not None and self.done >= self.limit)
+
+    def letter(self, incoming: Incoming) -> DeadLetter:
+        """The dead letter of a delivery got from the DLQ (counted as looked at)."""
+        self.seen += 1
+        return DeadLetter.from_incoming(incoming, dlq=self.dlq)
+
+    def wants(self, letter: DeadLetter) -> bool:
+        """Whether ``letter`` matches the ``error_type`` / ``message_id`` filters."""
+        if self.error_type is not None and letter.error_type != self.error_type:
+            return False
+        return self.message_id is None or letter.message_id == self.message_id
+
+    def target(self, letter: DeadLetter) -> str:
+        """The queue to send ``letter`` back to: its original queue, else this DLQ's queue."""
+        return letter.original_queue or self.queue
+
+    def envelope(self, letter: DeadLetter) -> Envelope:
+        """``letter`` as it was published: the failure headers and attempt count go."""
+        incoming = letter.incoming
+        return dataclasses.replace(
+            incoming.republished({}), headers=replay_headers(incoming.headers)
+        )
+
+    @property
+    def left(self) -> int:
+        """How many dead letters the DLQ holds again once the scan returned what it left
+        (at least; new ones may have come)."""
+        return self.count - self.done
+
+    def replayed(self) -> None:
+        """One more was replayed (confirmed, then acked): count it, report progress."""
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done)
+
+    def failed(self, letter: DeadLetter, exc: MqkitError) -> None:
+        """Re-publishing ``letter`` failed; it stays in the DLQ."""
+        self.failures.append((letter.message_id or "?", exc))
+
+    def result(self) -> int:
+        """How many were replayed; raises the failure (one), or a :class:`PublishError`
+        listing the dead letters that stay (several)."""
+        if not self.failures:
+            return self.done
+        if len(self.failures) == 1:
+            raise self.failures[0][1]
+        summary = "; ".join(sorted({str(exc) for _, exc in self.failures})[:3])
+        raise PublishError(
+            f"{len(self.failures)} dead letter(s) of {self.dlq!r} could not be replayed and "
+            f"stay in the DLQ ({self.done} replayed): {summary}",
+            unconfirmed=[message_id for message_id, _ in self.failures],
+        )

@@ -104,6 +104,12 @@ class RetryPolicy:
         """Whether an in-process immediate retry applies to ``exc``."""
         return _retryable(self, exc) and not isinstance(exc, Retry)
 
+    def immediate_delay(self, retry: int) -> float:
+        """Seconds to wait before quick in-process retry number ``retry`` (1-based): none
+        before the first, then 0.05 s, doubling, at most 1 s (a transient error often needs
+        a moment, but a handler must not sit on its message long)."""
+        return 0.0 if retry <= 1 else min(1.0, 0.05 * 2 ** (retry - 2))
+
 
 DEFAULT_POLICY = RetryPolicy()
 

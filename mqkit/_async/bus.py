@@ -13,10 +13,10 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
-from mqkit.errors import ConfigError
-from mqkit.messages import Event, encode
+from mqkit.consumers import plan_subscriber
+from mqkit.messages import Event
+from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
-from mqkit.subscriptions import plan_subscription
 from mqkit.topology import Exchange
 
 from .consumer import AsyncConsumer, Handler
@@ -48,14 +48,11 @@ class AsyncEventBus:
         *,
         service: str,
         exchange: str,
-        prefetch: int,
-        on_consumer: Callable[[AsyncConsumer[Any]], None] | None = None,
     ) -> None:
         self._link = link
         self._service = service
         self._exchange = Exchange(exchange, type="topic", durable=True)
-        self._prefetch = prefetch
-        self._on_consumer = on_consumer
+        self._target = PublishTarget(Event, exchange, owner="EventBus")
         self._consumers: list[AsyncConsumer[Any]] = []
         self._keys: set[str] = set()
         self._started = False
@@ -76,7 +73,8 @@ class AsyncEventBus:
 
     @property
     def consumers(self) -> tuple[AsyncConsumer[Any], ...]:
-        """One consumer per subscription."""
+        """One consumer per subscription, in the order subscribed (to check on them: each
+        one's ``started``, ``attached``, ``queue``)."""
         return tuple(self._consumers)
 
     @overload
@@ -158,42 +156,20 @@ class AsyncEventBus:
         prefetch: int | None,
         concurrency: int,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
-        settings = self._link.settings
-        plan = plan_subscription(
+        plan = plan_subscriber(
             target,
+            settings=self._link.settings,
             service=self._service,
             exchange=self._exchange,
+            subscribed=self._keys,
             broadcast=broadcast,
             queue=queue,
             retry=retry,
-            default_type=settings.queue_type,
-            delivery_limit=settings.delivery_limit,
-        )
-        if queue is None and not broadcast:
-            if plan.key in self._keys:
-                raise ConfigError(
-                    f"this bus already subscribes to {plan.key!r}; pass queue= to subscribe "
-                    "a second handler with its own queue"
-                )
-            self._keys.add(plan.key)
-        consumer: AsyncConsumer[Any] = AsyncConsumer(
-            self._link,
-            plan.queue,
-            plan.message_type,
-            handler,
-            prefetch=prefetch or self._prefetch,
+            prefetch=prefetch,
             concurrency=concurrency,
-            policy=plan.policy,
-            service=settings.service,
-            topology=plan.entities,
-            decoder=plan.decoder,
-            dlq=plan.dlq,
         )
+        consumer: AsyncConsumer[Any] = AsyncConsumer(self._link, plan, handler)
         self._consumers.append(consumer)
-        if self._on_consumer is not None:
-            self._on_consumer(consumer)
         if self._started:
             # Subscribing on a running bus: start the new subscription in the background.
             task = asyncio.get_running_loop().create_task(consumer.start())
@@ -214,21 +190,17 @@ class AsyncEventBus:
         No subscriber is fine, unless ``mandatory=True`` (then
         :class:`~mqkit.PublishUnroutable`).
         """
-        if not isinstance(event, Event):
-            raise TypeError(f"AsyncEventBus.publish expected an Event, got {type(event).__name__}")
-        await self._link.declare([self._exchange])
-        envelope = encode(
-            event,
-            service=self._link.settings.service,
+        [(envelope, key)] = self._target.prepare(
+            [event],
+            service=self._service,
+            routing_key=routing_key,
             headers=headers,
             message_id=message_id,
             correlation_id=correlation_id,
         )
+        await self._link.declare([self._exchange])
         await self._link.publishing.publish(
-            envelope,
-            exchange=self._exchange.name,
-            routing_key=routing_key if routing_key is not None else type(event).event_type,
-            mandatory=mandatory,
+            envelope, exchange=self._exchange.name, routing_key=key, mandatory=mandatory
         )
         return envelope.message_id
 
@@ -253,7 +225,8 @@ class AsyncEventBus:
 
     @property
     def started(self) -> bool:
-        """Whether the bus is started."""
+        """Whether :meth:`start` ran and :meth:`stop` did not (subscriptions added meanwhile
+        start at once)."""
         return self._started
 
     async def __aenter__(self) -> AsyncEventBus:

@@ -20,18 +20,20 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from mqkit.errors import ConfigError
+from mqkit import explain
+from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.health import Health
-from mqkit.retry import DEFAULT_POLICY, RetryPolicy
+from mqkit.publishing import plan_producer
+from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
-from mqkit.topology import Binding, Entity, Exchange, Queue, consumer_topology
+from mqkit.topology import Entity, Exchange, Queue, check_entities
 
 from .bus import AsyncEventBus
 from .connection import Link
 from .consumer import AsyncConsumer
 from .dead_letters import AsyncDeadLetterQueue
 from .producer import AsyncProducer
-from .rpc import Requester, request_decoder, responder_handler
+from .rpc import Requester, reply_step
 
 __all__ = ["AsyncClient"]
 
@@ -54,7 +56,7 @@ class AsyncClient:
         self._settings = (settings or Settings()).merged(**overrides)
         self._id = uuid.uuid4().hex[:8]
         self._link = Link(self._settings, name=f"mqkit async {self._settings.service} {self._id}")
-        self._requester = Requester(self._link, self._settings.service)
+        self._requester = Requester(self._link)
         self._consumers: list[AsyncConsumer[Any]] = []
         self._buses: list[AsyncEventBus] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,9 +84,11 @@ class AsyncClient:
     # ----------------------------------------------------------------- lifecycle
 
     async def connect(self) -> None:
-        """Connect (idempotent). Raises :class:`~mqkit.ConnectionFailed`."""
+        """Connect now (idempotent); ``async with`` does it too. Raises
+        :class:`~mqkit.ConnectionFailed` within ``connect_timeout``. Unlike :class:`Client`,
+        an ``AsyncClient`` must be connected before it is used."""
         if self._closed:
-            raise ConfigError("this AsyncClient is closed; create a new one")
+            raise explain.closed("connect")
         self._loop = asyncio.get_running_loop()
         await self._link.open()
 
@@ -108,9 +112,7 @@ class AsyncClient:
     async def declare(self, *entities: Entity) -> None:
         """Declare queues, exchanges and bindings (idempotent, cached). Raises
         :class:`~mqkit.TopologyError` when one exists with other arguments."""
-        for entity in entities:
-            if not isinstance(entity, (Queue, Exchange, Binding)):
-                raise ConfigError(f"declare expects Queue, Exchange or Binding, got {entity!r}")
+        check_entities(entities)
         await self._link.declare(entities)
 
     # ----------------------------------------------------------------- factories
@@ -126,45 +128,18 @@ class AsyncClient:
         """A producer of ``message_type`` to a ``queue`` (declared with the arguments its
         consumer will use) or to an ``exchange`` (an :class:`~mqkit.Exchange` is declared; a
         name is used as is). Exactly one of ``queue`` / ``exchange``."""
-        if (queue is None) == (exchange is None):
-            raise ConfigError("producer needs exactly one of queue= or exchange=")
-        if not (isinstance(message_type, type) and issubclass(message_type, BaseModel)):
-            raise ConfigError(f"producer expects a pydantic model class, got {message_type!r}")
-        if queue is not None:
-            work = queue if isinstance(queue, Queue) else Queue(queue)
-            # A queue this client declared itself is used as it is: re-declaring it with the
-            # consumer's arguments would conflict with what the user chose.
-            if not any(isinstance(e, Queue) and e.name == work.name for e in self.topology):
-                await self._link.declare(
-                    consumer_topology(
-                        work,
-                        None,
-                        default_type=self._settings.queue_type,
-                        delivery_limit=self._settings.delivery_limit,
-                    )
-                )
-            return AsyncProducer(
-                self._link,
-                message_type,
-                service=self._settings.service,
-                exchange="",
-                routing_key=None,
-                queue=work.name,
-            )
-        assert exchange is not None
-        if isinstance(exchange, Exchange):
-            await self._link.declare([exchange])
-            name = exchange.name
-        else:
-            name = exchange
-        return AsyncProducer(
-            self._link,
+        target, entities = plan_producer(
             message_type,
-            service=self._settings.service,
-            exchange=name,
+            queue=queue,
+            exchange=exchange,
             routing_key=routing_key,
-            queue=None,
+            default_type=self._settings.queue_type,
+            delivery_limit=self._settings.delivery_limit,
+            declared=self.topology,
         )
+        if entities:
+            await self._link.declare(entities)
+        return AsyncProducer(self._link, target)
 
     def consumer(
         self,
@@ -178,33 +153,15 @@ class AsyncClient:
     ) -> AsyncConsumer[T]:
         """A consumer (not started) running ``async def handler(message, ctx)`` for each
         message of ``queue``; ``retry`` defaults to ``RetryPolicy()``."""
-        if concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
-        if prefetch is not None and prefetch < 1:
-            raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
-        if not (isinstance(message_type, type) and issubclass(message_type, BaseModel)):
-            raise ConfigError(f"consumer expects a pydantic model class, got {message_type!r}")
-        work = queue if isinstance(queue, Queue) else Queue(queue)
-        policy = retry or DEFAULT_POLICY
-        topology = consumer_topology(
-            work,
-            policy,
-            default_type=self._settings.queue_type,
-            delivery_limit=self._settings.delivery_limit,
-        )
-        consumer: AsyncConsumer[T] = AsyncConsumer(
-            self._link,
-            work,
+        plan = plan_consumer(
+            queue,
             message_type,
-            handler,
-            prefetch=prefetch or self._settings.prefetch,
+            settings=self._settings,
+            prefetch=prefetch,
             concurrency=concurrency,
-            policy=policy,
-            service=self._settings.service,
-            topology=topology,
+            retry=retry,
         )
-        self._consumers.append(consumer)
-        return consumer
+        return self._made_consumer(AsyncConsumer(self._link, plan, handler))
 
     def event_bus(
         self, *, service: str | None = None, exchange: str | None = None
@@ -215,7 +172,6 @@ class AsyncClient:
             self._link,
             service=service or self._settings.service,
             exchange=exchange or self._settings.events_exchange,
-            prefetch=self._settings.prefetch,
         )
         self._buses.append(bus)
         return bus
@@ -244,26 +200,11 @@ class AsyncClient:
         """A consumer (not started) whose ``async def handler(request, ctx)`` return value is
         the reply. Errors are sent back to the caller (as :class:`~mqkit.RemoteError`), not
         retried."""
-        work = queue if isinstance(queue, Queue) else Queue(queue)
-        policy = RetryPolicy(max_attempts=1, delays=())
-        topology = consumer_topology(
-            work,
-            policy,
-            default_type=self._settings.queue_type,
-            delivery_limit=self._settings.delivery_limit,
-        )
-        consumer: AsyncConsumer[T] = AsyncConsumer(
-            self._link,
-            work,
-            request_type,
-            responder_handler(self._link, work.name, self._settings.service, handler),
-            prefetch=self._settings.prefetch,
-            concurrency=1,
-            policy=policy,
-            service=self._settings.service,
-            topology=topology,
-            decoder=request_decoder(request_type),
-        )
+        plan = plan_responder(queue, request_type, settings=self._settings)
+        reply = reply_step(self._link, plan.queue, handler)
+        return self._made_consumer(AsyncConsumer(self._link, plan, handler, reply=reply))
+
+    def _made_consumer(self, consumer: AsyncConsumer[T]) -> AsyncConsumer[T]:
         self._consumers.append(consumer)
         return consumer
 

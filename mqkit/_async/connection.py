@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 import time
 from collections.abc import Iterable, Sequence
@@ -30,13 +29,9 @@ import aiormq.exceptions as amqp
 from aio_pika.connection import make_url
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from mqkit.errors import (
-    ConnectionFailed,
-    MqkitError,
-    PublishNacked,
-    PublishUnroutable,
-    TopologyError,
-)
+from mqkit import explain
+from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.messages import Incoming, to_datetime
 from mqkit.settings import Settings, mask_url
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
 
@@ -46,7 +41,9 @@ __all__ = [
     "RPC_ERRORS",
     "Link",
     "Restorable",
+    "connect_error",
     "describe",
+    "incoming_of",
     "reply_text",
     "translate",
 ]
@@ -72,9 +69,12 @@ RPC_ERRORS: tuple[type[BaseException], ...] = (amqp.AMQPError, asyncio.TimeoutEr
 
 
 class Restorable(Protocol):
-    """Something attached to the broker that must attach again after a reconnect."""
+    """Something attached to the broker that must attach again after a reconnect.
 
-    async def restore(self) -> None:
+    ``_restore`` is private: the link calls it, users never do.
+    """
+
+    async def _restore(self) -> None:
         """Attach again on the (new) connection; idempotent."""
 
     @property
@@ -104,92 +104,88 @@ def reply_text(exc: BaseException) -> str:
     return mask_url(" ".join(args) or str(exc))
 
 
-def _entity_text(entity: Entity) -> str:
-    if isinstance(entity, Queue):
-        return f"queue {entity.name!r}"
-    if isinstance(entity, Exchange):
-        return f"exchange {entity.name!r}"
-    return f"binding {entity.exchange!r} -> {entity.queue!r} ({entity.routing_key!r})"
+def translate(exc: BaseException, *, what: str, missing: str | None = None) -> MqkitError:
+    """Turn an aio-pika/aiormq exception into the mqkit error for ``what`` was being done
+    (e.g. "declare queue 'orders'"); ``missing``: the advice when the broker says NOT_FOUND.
 
-
-_CURRENT_TYPE = re.compile(r"x-queue-type'.*current is (?:the value )?'?(?P<kind>[a-z]+)'?", re.I)
-
-
-def translate(exc: BaseException, *, what: str, entity: Entity | None = None) -> MqkitError:
-    """Turn an aio-pika/aiormq exception into the mqkit error for ``what`` was being done.
-
-    This is the one place the async shell maps client errors; callers ``raise ... from exc``.
+    This is the one place the async shell maps client errors (the words come from
+    :mod:`mqkit.explain`); callers ``raise ... from exc``.
     """
-    text = reply_text(exc)
-    subject = _entity_text(entity) if entity is not None else what
+    if isinstance(exc, MqkitError):
+        return exc
     if isinstance(exc, amqp.PublishError):  # a mandatory publish came back (basic.return)
-        return PublishUnroutable(
-            f"{what}: the broker returned it as unroutable ({text}); "
-            "declare a queue (or a binding) for that routing key first"
-        )
+        returned: Any = exc.message.delivery if exc.message is not None else None
+        reply = f"{returned.reply_code} {returned.reply_text}" if returned else reply_text(exc)
+        return explain.unroutable(what, reply)
     if isinstance(exc, amqp.DeliveryError):
-        return PublishNacked(
-            f"{what}: the broker nacked it (for example a full queue with "
-            "overflow=reject-publish); retry later"
-        )
-    if isinstance(exc, amqp.ChannelPreconditionFailed):
-        hint = "delete it, or declare it with the arguments it has"
-        match = _CURRENT_TYPE.search(text)
-        if match and match.group("kind") in ("classic", "quorum"):
-            hint = f"delete it, or declare it as it is (queue_type={match.group('kind')!r})"
-        if "inequivalent" in text:
-            return TopologyError(f"{subject} already exists with other arguments ({text}); {hint}")
-        return TopologyError(f"{subject}: precondition failed ({text})")
-    if isinstance(exc, amqp.ChannelLockedResource):
-        return TopologyError(
-            f"{subject} is exclusive to another connection ({text}); use "
-            "another name, or stop the service holding it"
-        )
-    if isinstance(exc, amqp.ChannelNotFoundEntity):
-        return TopologyError(f"{subject}: not found ({text}); declare it first")
-    if isinstance(exc, amqp.ChannelAccessRefused):
-        return TopologyError(
-            f"{subject}: access refused ({text}); check the user's permissions "
-            "and that the name does not start with 'amq.'"
-        )
+        return explain.nacked(what)
     if isinstance(exc, amqp.AMQPChannelError):
-        return TopologyError(f"{subject}: the broker closed the channel ({text})")
+        code, text = _reply(exc)
+        return explain.broker_refused(code, text, what=what, missing=missing)
     if isinstance(exc, asyncio.TimeoutError):
-        return ConnectionFailed(f"{what}: the broker did not answer in time; retry shortly")
-    return ConnectionFailed(
-        f"{what}: the connection to the broker failed ({describe(exc)}); "
-        "mqkit reconnects in the background, retry shortly"
-    )
+        return explain.no_answer(what)
+    return explain.link_lost(what, describe(exc))
 
 
-def _is_auth_error(exc: BaseException) -> bool:
-    return isinstance(exc, (amqp.ProbableAuthenticationError, amqp.AuthenticationError))
+_CODES: tuple[tuple[type[amqp.AMQPChannelError], int], ...] = (
+    (amqp.ChannelPreconditionFailed, explain.PRECONDITION_FAILED),
+    (amqp.ChannelNotFoundEntity, explain.NOT_FOUND),
+    (amqp.ChannelLockedResource, explain.RESOURCE_LOCKED),
+    (amqp.ChannelAccessRefused, explain.ACCESS_REFUSED),
+)
 
 
-def _is_vhost_error(exc: BaseException) -> bool:
+def _reply(exc: amqp.AMQPChannelError) -> tuple[int | None, str]:
+    """The reply code and text of a channel the broker closed (aiormq raises one class per
+    known code, with the text as its argument; others as ``ChannelClosed(code, text)``)."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, reply_text(exc)
+    if len(exc.args) == 2 and isinstance(exc.args[0], int):
+        return exc.args[0], mask_url(str(exc.args[1]))
+    return None, reply_text(exc)
+
+
+def connect_error(url: str, exc: BaseException) -> ConnectionFailed | None:
+    """The error for a connection attempt to ``url`` that failed with ``exc`` in a way
+    another attempt cannot fix (wrong credentials, unknown vhost); ``None`` otherwise.
+    The connecting half of :func:`translate`."""
+    if isinstance(exc, (amqp.ProbableAuthenticationError, amqp.AuthenticationError)):
+        return explain.wrong_credentials(url, describe(exc))
     text = reply_text(exc)
     if isinstance(exc, amqp.InvalidFrameError):
         # aiormq reports the broker's Connection.Close in answer to Connection.Open (unknown
         # vhost, or no permission on it) as an unexpected frame.
-        return "Connection.OpenOk" in text and "Connection.Close" in text
-    return isinstance(exc, amqp.ConnectionClosed) and "vhost" in text.lower()
-
-
-def _connect_error(url: str, exc: BaseException) -> ConnectionFailed:
-    masked = mask_url(url)
-    if _is_auth_error(exc):
-        return ConnectionFailed(
-            f"cannot connect to {masked}: wrong username or password ({describe(exc)}); "
-            "check the credentials in the URL (MQKIT_URL)"
-        )
-    vhost = urlsplit(url).path[1:] or "/"
-    return ConnectionFailed(
-        f"cannot connect to {masked}: virtual host {vhost!r} does not exist or this user may "
-        f"not use it ({describe(exc)}); create it (rabbitmqctl add_vhost) or fix the URL's path"
-    )
+        vhost = "Connection.OpenOk" in text and "Connection.Close" in text
+    else:
+        vhost = isinstance(exc, amqp.ConnectionClosed) and "vhost" in text.lower()
+    return explain.unknown_vhost(url, describe(exc)) if vhost else None
 
 
 # --------------------------------------------------------------------------- wire helpers
+
+
+def incoming_of(message: aiormq.abc.DeliveredMessage) -> Incoming:
+    """A delivery (basic.deliver or basic.get-ok) as the core sees it."""
+    props = message.header.properties
+    delivery: Any = message.delivery
+    return Incoming(
+        body=message.body,
+        delivery_tag=delivery.delivery_tag,
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        type=props.message_type,
+        app_id=props.app_id,
+        content_type=props.content_type,
+        timestamp=to_datetime(props.timestamp),
+        headers=props.headers or {},
+        priority=props.priority,
+        expiration=props.expiration,
+        redelivered=bool(delivery.redelivered),
+        exchange=delivery.exchange or "",
+        routing_key=delivery.routing_key or "",
+    )
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -264,6 +260,11 @@ class Link:
         """The started consumers."""
         return tuple(self._restorables)
 
+    def forget(self, entities: Iterable[Entity]) -> None:
+        """Stop re-declaring ``entities`` (temporary ones that went away with a consumer)."""
+        for entity in entities:
+            self._topology.pop(entity, None)
+
     def register(self, item: Restorable) -> None:
         """Restore ``item`` after every reconnect (until :meth:`unregister`)."""
         self._restorables[item] = None
@@ -297,12 +298,10 @@ class Link:
                 with attempt:
                     connection, url = await self._connect_any(urls, deadline, tried, last)
         except _Unreachable:
-            hosts = ", ".join(dict.fromkeys(mask_url(u) for u in (tried or urls)))
-            cause = describe(last[-1]) if last else "no attempt finished in time"
-            raise ConnectionFailed(
-                f"cannot connect to {hosts} within {self.settings.connect_timeout:g}s "
-                f"(last error: {cause}); is RabbitMQ running and reachable from here?"
-            ) from (last[-1] if last else None)
+            cause = describe(last[-1]) if last else None
+            error = explain.unreachable(tried or urls, self.settings.connect_timeout, cause)
+            self.last_error = str(error)
+            raise error from (last[-1] if last else None)
         self._install(connection, url)
         self._opened = True
         self._ready.set()
@@ -330,8 +329,9 @@ class Link:
                 raise
             except Exception as exc:
                 last.append(exc)
-                if _is_auth_error(exc) or _is_vhost_error(exc):
-                    raise _connect_error(url, exc) from exc
+                fatal = connect_error(url, exc)
+                if fatal is not None:
+                    raise fatal from exc
                 log.debug("mqkit: cannot connect to %s: %s", mask_url(url), describe(exc))
         raise _Unreachable()
 
@@ -401,17 +401,13 @@ class Link:
             try:
                 await self._declare_entity(entity)
             except Exception as exc:  # keep going: one bad entity must not block the rest
-                log.error(
-                    "mqkit: could not re-declare %s after reconnecting: %s",
-                    _entity_text(entity),
-                    describe(exc),
-                )
+                log.error("mqkit: could not re-declare after reconnecting: %s", exc)
         self.reconnects += 1
         self._ready.set()
         log.warning("mqkit: reconnected to %s (reconnect #%d)", self.url, self.reconnects)
         for item in list(self._restorables):
             try:
-                await item.restore()
+                await item._restore()
             except Exception as exc:
                 log.error("mqkit: could not restore %r after reconnecting: %s", item, describe(exc))
 
@@ -450,7 +446,7 @@ class Link:
     def require_open(self, what: str) -> None:
         """Raise ConnectionFailed unless the link was opened and not closed."""
         if self._closing:
-            raise ConnectionFailed(f"{what}: the client is closed; open a new one")
+            raise explain.closed(what)
         if not self._opened:
             raise ConnectionFailed(
                 f"{what}: the client is not connected; use `async with AsyncClient(...)` "
@@ -461,28 +457,22 @@ class Link:
         self, *, confirms: bool = False, timeout: float | None = None
     ) -> aio_pika.abc.AbstractChannel:
         """A new aio-pika channel (waiting up to ``timeout`` for the link)."""
-        self.require_open("opening a channel")
+        self.require_open("open a channel")
         wait = self.settings.connect_timeout if timeout is None else timeout
         if not await self.wait_ready(wait):
-            raise ConnectionFailed(
-                f"no connection to the broker ({self.last_error or 'not connected'}) after "
-                f"waiting {wait:g}s; mqkit keeps reconnecting in the background"
-            )
+            raise explain.not_connected("open a channel", wait, self.last_error)
         return await self._open_channel(confirms)
 
     async def _open_channel(self, confirms: bool) -> aio_pika.abc.AbstractChannel:
         """A channel on the current connection, ready or not (topology replay uses it)."""
         connection = self._connection
         if connection is None:
-            raise ConnectionFailed(
-                f"the connection to the broker was lost ({self.last_error}); mqkit is "
-                "reconnecting in the background, retry shortly"
-            )
+            raise explain.link_lost("open a channel", self.last_error or "connection closed")
         try:
             channel = connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
             await asyncio.wait_for(channel.initialize(), RPC_TIMEOUT)
         except AMQP_ERRORS as exc:
-            raise translate(exc, what="opening a channel") from exc
+            raise translate(exc, what="open a channel") from exc
         return channel
 
     async def underlay(self, *, confirms: bool = False) -> aiormq.abc.AbstractChannel:
@@ -497,11 +487,10 @@ class Link:
         todo = [e for e in entities if force or e not in self._topology]
         if not todo:
             return
-        self.require_open("declaring topology")
+        self.require_open("declare topology")
         if not await self.wait_ready(self.settings.connect_timeout):
-            raise ConnectionFailed(
-                f"declaring topology: no connection to the broker ({self.last_error}) after "
-                f"{self.settings.connect_timeout:g}s; mqkit keeps reconnecting in the background"
+            raise explain.not_connected(
+                "declare topology", self.settings.connect_timeout, self.last_error
             )
         async with self._declare_lock:
             for entity in todo:
@@ -511,7 +500,7 @@ class Link:
                 self._topology[entity] = None
 
     async def _declare_entity(self, entity: Entity) -> None:
-        what = f"declaring {_entity_text(entity)}"
+        what = explain.declaring(entity)
         channel = self._declarer
         if channel is None or channel.is_closed:
             opened = await self._open_channel(confirms=False)
@@ -544,4 +533,4 @@ class Link:
                 )
         except RPC_ERRORS as exc:
             self._declarer = None  # a channel error closed it; the next declare opens another
-            raise translate(exc, what=what, entity=entity) from exc
+            raise translate(exc, what=what) from exc

@@ -15,21 +15,21 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aio_pika.abc
 import aiormq.abc
 from pydantic import BaseModel
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
+from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
-from mqkit.delivery import Decoder, follow_up, format_traceback, prepare, typed_decoder
+from mqkit.delivery import follow_up, format_traceback, prepare
 from mqkit.errors import MqkitError
-from mqkit.messages import Incoming, to_datetime
-from mqkit.retry import GiveUp, Outcome, Reject, RetryLater, RetryPolicy, decide
-from mqkit.topology import Entity, Queue, dlq_name
+from mqkit.messages import Incoming
+from mqkit.retry import GiveUp, Outcome, Reject, RetryLater, decide
 
 from .acks import Acks
 from .connection import (
@@ -37,18 +37,21 @@ from .connection import (
     RPC_ERRORS,
     RPC_TIMEOUT,
     describe,
+    incoming_of,
     translate,
 )
 
 if TYPE_CHECKING:
     from .connection import Link
 
-__all__ = ["AsyncConsumer", "Handler"]
+__all__ = ["AsyncConsumer", "Handler", "ReplyStep"]
 
 log = logging.getLogger("mqkit")
 
 T = TypeVar("T", bound=BaseModel)
 Handler = Callable[[T, Context], Awaitable[Any]]
+# Instead of running the handler, a responder runs this (it replies and never raises).
+ReplyStep = Callable[[Incoming, Any, Context, "GiveUp | None"], Awaitable[None]]
 
 ACK_DELAY = 0.05  # seconds a finished delivery may wait for its (batched) ack
 
@@ -77,40 +80,25 @@ class AsyncConsumer(Generic[T]):
     through retry queues), then dead-lettered to ``f"{queue}.dlq"``. Raise
     :class:`~mqkit.Reject`: dead-lettered at once. A body that does not decode is dead-lettered
     at once; the consumer keeps running whatever the handler does.
+
+    Made by :meth:`AsyncClient.consumer`, :meth:`AsyncClient.responder` and
+    :meth:`AsyncEventBus.subscribe`; the constructor's arguments are internal.
     """
 
     def __init__(
         self,
         link: Link,
-        queue: Queue,
-        message_type: type[T] | None,
+        plan: ConsumerPlan,
         handler: Handler[T],
         *,
-        prefetch: int,
-        concurrency: int,
-        policy: RetryPolicy,
-        service: str,
-        topology: Sequence[Entity],
-        decoder: Decoder | None = None,
-        dlq: str | None = None,
+        reply: ReplyStep | None = None,
     ) -> None:
         self._link = link
-        self._queue = queue
-        self._message_type = message_type
+        self._plan = plan
         self._handler = as_async(handler)
-        self._concurrency = concurrency
-        self._prefetch = max(prefetch, concurrency)
-        self._batch = max(1, self._prefetch // 4)
-        self._idle_flush = max(1, self._prefetch // 2)
-        self._policy = policy
-        self._service = service
-        self._topology = tuple(topology)
-        if decoder is None:
-            assert message_type is not None
-            decoder = typed_decoder(message_type)
-        self._decoder = decoder
-        self._dlq = dlq
-        self._dead_letter_queue = dlq or dlq_name(queue.name)
+        self._reply = reply
+        self._batch = max(1, plan.prefetch // 4)
+        self._idle_flush = max(1, plan.prefetch // 2)
 
         self._session: Acks | None = None
         self._ready: deque[tuple[Acks, aiormq.abc.DeliveredMessage]] = deque()
@@ -126,23 +114,25 @@ class AsyncConsumer(Generic[T]):
         self._stopping = False
 
     def __repr__(self) -> str:
-        return f"<AsyncConsumer queue={self._queue.name!r} started={self._started}>"
+        return f"<AsyncConsumer queue={self._plan.queue!r} started={self._started}>"
 
     # ----------------------------------------------------------------- properties
 
     @property
     def queue(self) -> str:
         """The queue's name."""
-        return self._queue.name
+        return self._plan.queue
 
     @property
     def started(self) -> bool:
-        """Whether :meth:`start` ran and :meth:`stop` did not."""
+        """Whether :meth:`start` ran and :meth:`stop` did not (:meth:`AsyncClient.run` starts
+        only the consumers that are not started)."""
         return self._started
 
     @property
     def attached(self) -> bool:
-        """Whether the broker is delivering to this consumer right now."""
+        """Whether the broker is delivering to this consumer right now (``False`` while the
+        client reconnects; a readiness probe wants it ``True``, see ``health()``)."""
         return self._session is not None and self._session.alive
 
     # ----------------------------------------------------------------- lifecycle
@@ -152,11 +142,12 @@ class AsyncConsumer(Generic[T]):
         confirmed. Starting a started consumer does nothing."""
         if self._started:
             return
-        await self._link.declare(self._topology)
+        await self._link.declare(self._plan.entities)
         self._stopping = False
         self._stopped.clear()
         self._workers = [
-            asyncio.get_running_loop().create_task(self._work()) for _ in range(self._concurrency)
+            asyncio.get_running_loop().create_task(self._work())
+            for _ in range(self._plan.concurrency)
         ]
         try:
             await self._attach()
@@ -170,9 +161,9 @@ class AsyncConsumer(Generic[T]):
         self._link.register(self)
         log.info(
             "mqkit: consuming %r (prefetch %d, concurrency %d)",
-            self._queue.name,
-            self._prefetch,
-            self._concurrency,
+            self._plan.queue,
+            self._plan.prefetch,
+            self._plan.concurrency,
         )
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -190,7 +181,7 @@ class AsyncConsumer(Generic[T]):
         await self.start()
         await self._stopped.wait()
 
-    async def restore(self) -> None:
+    async def _restore(self) -> None:
         """Attach again after the link reconnected (idempotent)."""
         if self._started and not self._stopping:
             await self._attach()
@@ -208,17 +199,17 @@ class AsyncConsumer(Generic[T]):
         async with self._attach_lock:
             if self._stopping or (self._session is not None and self._session.alive):
                 return
-            what = f"consuming from queue {self._queue.name!r}"
+            what = f"consume from queue {self._plan.queue!r}"
             channel = await self._link.channel()
             session: Acks | None = None
             try:
-                await channel.set_qos(prefetch_count=self._prefetch, timeout=RPC_TIMEOUT)
+                await channel.set_qos(prefetch_count=self._plan.prefetch, timeout=RPC_TIMEOUT)
                 underlay = await channel.get_underlay_channel()
                 session = Acks(channel, underlay)
                 channel.close_callbacks.add(partial(self._on_closed, session))
                 underlay.on_consumer_cancel_callbacks.add(partial(self._on_cancelled, session))
                 await underlay.basic_consume(
-                    self._queue.name,
+                    self._plan.queue,
                     partial(self._on_delivery, session),
                     consumer_tag=session.tag,
                     timeout=RPC_TIMEOUT,
@@ -238,7 +229,7 @@ class AsyncConsumer(Generic[T]):
             return
         log.warning(
             "mqkit: consumer of %r lost its channel (%s); re-attaching",
-            self._queue.name,
+            self._plan.queue,
             describe(exc),
         )
         self._schedule_reattach()
@@ -249,7 +240,7 @@ class AsyncConsumer(Generic[T]):
         if not session.alive or self._stopping:
             return
         log.warning(
-            "mqkit: the broker cancelled the consumer of %r; re-attaching", self._queue.name
+            "mqkit: the broker cancelled the consumer of %r; re-attaching", self._plan.queue
         )
         session.alive = False
         if self._session is session:
@@ -267,13 +258,13 @@ class AsyncConsumer(Generic[T]):
             if not await self._link.wait_ready(RECONNECT_MAX_DELAY):
                 continue
             try:
-                await self._link.declare(self._topology, force=True)
+                await self._link.declare(self._plan.entities, force=True)
                 await self._attach()
-                log.warning("mqkit: consumer of %r re-attached", self._queue.name)
+                log.warning("mqkit: consumer of %r re-attached", self._plan.queue)
                 return
             except MqkitError as exc:
                 log.warning(
-                    "mqkit: cannot re-attach the consumer of %r yet: %s", self._queue.name, exc
+                    "mqkit: cannot re-attach the consumer of %r yet: %s", self._plan.queue, exc
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
@@ -321,51 +312,36 @@ class AsyncConsumer(Generic[T]):
                 await self._handle(session, message)
             except Exception:  # a bug here must not kill the worker
                 log.exception(
-                    "mqkit: unexpected error handling a message from %r", self._queue.name
+                    "mqkit: unexpected error handling a message from %r", self._plan.queue
                 )
 
     async def _handle(self, session: Acks, message: aiormq.abc.DeliveredMessage) -> None:
-        delivery: Any = message.delivery
-        props = message.header.properties
-        tag: int = delivery.delivery_tag
-        incoming = Incoming(
-            body=message.body,
-            delivery_tag=tag,
-            message_id=props.message_id,
-            correlation_id=props.correlation_id,
-            reply_to=props.reply_to,
-            type=props.message_type,
-            app_id=props.app_id,
-            content_type=props.content_type,
-            timestamp=to_datetime(props.timestamp),
-            headers=props.headers or {},
-            priority=props.priority,
-            expiration=props.expiration,
-            redelivered=bool(delivery.redelivered),
-            exchange=delivery.exchange or "",
-            routing_key=delivery.routing_key or "",
-        )
-        value, ctx, failure = prepare(incoming, queue=self._queue.name, decoder=self._decoder)
+        incoming = incoming_of(message)
+        tag = incoming.delivery_tag
+        plan = self._plan
+        value, ctx, failure = prepare(incoming, queue=plan.queue, decoder=plan.decoder)
+        if self._reply is not None:
+            await self._reply(incoming, value, ctx, failure)
+            await self._finish(session, tag)
+            return
         outcome: Outcome
         if failure is None:
             exc = await self._call(value, ctx)
             if exc is None:
                 await self._finish(session, tag)
                 return
-            outcome = decide(exc, ctx.attempt, self._policy, format_traceback(exc))
+            outcome = decide(exc, ctx.attempt, plan.policy, format_traceback(exc))
             self._log_failure(ctx, exc, outcome)
         else:
             outcome = failure
             log.warning(
                 "mqkit: message %s on %r cannot be decoded (%s); dead-lettering it to %r",
                 ctx.message_id,
-                self._queue.name,
+                plan.queue,
                 failure.error_message,
-                self._dead_letter_queue,
+                plan.dlq,
             )
-        copy = follow_up(
-            incoming, outcome, queue=self._queue.name, service=self._service, dlq=self._dlq
-        )
+        copy = follow_up(incoming, outcome, queue=plan.queue, service=plan.service, dlq=plan.dlq)
         if copy is not None:
             try:
                 await self._link.publishing.publish(
@@ -377,7 +353,7 @@ class AsyncConsumer(Generic[T]):
                     ctx.message_id,
                     copy.routing_key,
                     exc,
-                    self._queue.name,
+                    plan.queue,
                 )
                 await session.nack(tag)
                 return
@@ -385,22 +361,14 @@ class AsyncConsumer(Generic[T]):
 
     async def _call(self, value: Any, ctx: Context) -> Exception | None:
         """Run the handler (with the policy's quick in-process retries); its exception."""
+        policy = self._plan.policy
         try:
-            await self._handler(value, ctx)
-            return None
-        except Exception as exc:
-            policy = self._policy
-            if not policy.immediate or not policy.retries_immediately(exc):
-                return exc
-            log.info(
-                "mqkit: handler failed for message %s (%s); retrying in process",
-                ctx.message_id,
-                describe(exc),
-            )
-        try:
+            if not policy.immediate:
+                await self._handler(value, ctx)
+                return None
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(policy.immediate),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
+                stop=stop_after_attempt(policy.immediate + 1),
+                wait=lambda state: policy.immediate_delay(state.attempt_number),
                 retry=retry_if_exception(policy.retries_immediately),
                 reraise=True,
             ):
@@ -428,7 +396,7 @@ class AsyncConsumer(Generic[T]):
         task.add_done_callback(self._background.discard)
 
     def _log_failure(self, ctx: Context, exc: BaseException, outcome: Outcome) -> None:
-        where = f"message {ctx.message_id} on {self._queue.name!r} (attempt {ctx.attempt})"
+        where = f"message {ctx.message_id} on {self._plan.queue!r} (attempt {ctx.attempt})"
         if isinstance(outcome, RetryLater):
             log.warning(
                 "mqkit: handler failed for %s: %s; retrying in %gs",
@@ -444,7 +412,7 @@ class AsyncConsumer(Generic[T]):
                 "mqkit: handler failed for %s: %s; dead-lettering it to %r",
                 where,
                 describe(exc),
-                self._dead_letter_queue,
+                self._plan.dlq,
                 exc_info=None if isinstance(exc, Reject) else exc,
             )
 
@@ -473,7 +441,7 @@ class AsyncConsumer(Generic[T]):
                         "mqkit: %d handler(s) of %r did not finish within %gs; their "
                         "messages go back to the queue",
                         len(pending),
-                        self._queue.name,
+                        self._plan.queue,
                         timeout,
                     )
                     for task in pending:
@@ -489,12 +457,14 @@ class AsyncConsumer(Generic[T]):
                 await _close_quietly(session.owner)
             self._ready.clear()
         finally:
+            if self._plan.temporary:
+                self._link.forget(self._plan.temporary)
             self._session = None
             self._workers = []
             self._started = False
             self._stopper = None
             self._stopped.set()
-        log.info("mqkit: stopped consuming %r", self._queue.name)
+        log.info("mqkit: stopped consuming %r", self._plan.queue)
 
 
 async def _close_quietly(channel: aio_pika.abc.AbstractChannel) -> None:

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 import aiormq.abc
-import aiormq.exceptions as amqp
 from pamqp import commands as spec
 
-from mqkit.dead_letters import DeadLetter, replay_headers
-from mqkit.errors import MqkitError, TopologyError
-from mqkit.messages import Incoming, to_datetime
+from mqkit import explain
+from mqkit.dead_letters import RETURN_WAIT, DeadLetter, Replay, scan_bound
+from mqkit.errors import MqkitError
 from mqkit.topology import dlq_name
 
-from .connection import RPC_ERRORS, RPC_TIMEOUT, describe, translate
+from .connection import RPC_ERRORS, RPC_TIMEOUT, describe, incoming_of, translate
 
 if TYPE_CHECKING:
     from .connection import Link
@@ -28,29 +27,6 @@ __all__ = ["AsyncDeadLetterQueue"]
 log = logging.getLogger("mqkit")
 
 _ERRORS = RPC_ERRORS
-
-
-def incoming_of(message: aiormq.abc.DeliveredMessage) -> Incoming:
-    """An :class:`Incoming` for a basic.get result."""
-    props = message.header.properties
-    delivery: Any = message.delivery
-    return Incoming(
-        body=message.body,
-        delivery_tag=delivery.delivery_tag,
-        message_id=props.message_id,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        type=props.message_type,
-        app_id=props.app_id,
-        content_type=props.content_type,
-        timestamp=to_datetime(props.timestamp),
-        headers=props.headers or {},
-        priority=props.priority,
-        expiration=props.expiration,
-        redelivered=bool(delivery.redelivered),
-        exchange=delivery.exchange or "",
-        routing_key=delivery.routing_key or "",
-    )
 
 
 class AsyncDeadLetterQueue:
@@ -68,24 +44,22 @@ class AsyncDeadLetterQueue:
 
     @property
     def queue(self) -> str:
-        """The work queue these dead letters came from."""
+        """The work queue these dead letters came from (and where :meth:`replay` sends one
+        whose ``original_queue`` is not known)."""
         return self._queue
 
     @property
     def name(self) -> str:
-        """The dead-letter queue's own name."""
+        """The dead-letter queue's own name, ``f"{queue}.dlq"`` (to inspect or alert on it
+        with other tools)."""
         return self._name
 
     async def _channel(self) -> aiormq.abc.AbstractChannel:
         return await self._link.underlay()
 
-    def _error(self, exc: BaseException, what: str) -> MqkitError:
-        if isinstance(exc, amqp.ChannelNotFoundEntity):
-            return TopologyError(
-                f"dead-letter queue {self._name!r} does not exist; it is declared when a "
-                f"consumer of {self._queue!r} starts"
-            )
-        return translate(exc, what=f"{what} {self._name!r}")
+    def _error(self, exc: BaseException, action: str) -> MqkitError:
+        what = explain.on_dead_letters(action, self._name)
+        return translate(exc, what=what, missing=explain.missing_dlq(self._queue))
 
     async def count(self) -> int:
         """How many dead letters are waiting."""
@@ -93,57 +67,46 @@ class AsyncDeadLetterQueue:
         try:
             ok = await channel.queue_declare(self._name, passive=True, timeout=RPC_TIMEOUT)
         except _ERRORS as exc:
-            raise self._error(exc, "counting") from exc
+            raise self._error(exc, "count") from exc
         finally:
             await _close(channel)
         return int(ok.message_count or 0)
 
-    async def _take(
-        self, channel: aiormq.abc.AbstractChannel, limit: int | None
-    ) -> list[tuple[int, Incoming]]:
-        """basic.get (unacked) up to ``limit`` messages, bounded by the count at the start."""
-        ok = await channel.queue_declare(self._name, passive=True, timeout=RPC_TIMEOUT)
-        bound = int(ok.message_count or 0)
-        if limit is not None:
-            bound = min(bound, limit)
-        taken: list[tuple[int, Incoming]] = []
-        while len(taken) < bound:
-            message = await channel.basic_get(self._name, no_ack=False, timeout=RPC_TIMEOUT)
-            if isinstance(message.delivery, spec.Basic.GetEmpty):
-                break
-            incoming = incoming_of(message)
-            taken.append((incoming.delivery_tag, incoming))
-        return taken
-
     async def peek(self, limit: int = 10) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first; nothing is removed."""
-        channel = await self._channel()
-        try:
-            taken = await self._take(channel, limit)
-            if taken:
-                await channel.basic_nack(taken[-1][0], multiple=True, requeue=True)
-        except _ERRORS as exc:
-            raise self._error(exc, "peeking at") from exc
-        finally:
-            await _close(channel)
-        return [DeadLetter.from_incoming(incoming, dlq=self._name) for _, incoming in taken]
+        return await self._read(limit)
 
     async def export(self, fp: IO[str], limit: int | None = None) -> int:
         """Write dead letters to ``fp`` as JSON lines (``DeadLetter.to_json()``); nothing is
         removed. Returns how many were written."""
+        letters = await self._read(limit)
+        for letter in letters:
+            fp.write(json.dumps(letter.to_json(), ensure_ascii=False) + "\n")
+        return len(letters)
+
+    async def _read(self, limit: int | None) -> list[DeadLetter]:
+        """basic.get (unacked) up to ``limit`` dead letters, bounded by the count at the
+        start, then return them all to the DLQ, in order."""
         channel = await self._channel()
+        letters: list[DeadLetter] = []
         try:
-            taken = await self._take(channel, limit)
-            for _, incoming in taken:
-                letter = DeadLetter.from_incoming(incoming, dlq=self._name)
-                fp.write(json.dumps(letter.to_json(), ensure_ascii=False) + "\n")
-            if taken:
-                await channel.basic_nack(taken[-1][0], multiple=True, requeue=True)
+            ok = await channel.queue_declare(self._name, passive=True, timeout=RPC_TIMEOUT)
+            count = int(ok.message_count or 0)
+            for _ in range(scan_bound(count, limit)):
+                message = await channel.basic_get(self._name, no_ack=False, timeout=RPC_TIMEOUT)
+                if isinstance(message.delivery, spec.Basic.GetEmpty):
+                    break
+                letters.append(DeadLetter.from_incoming(incoming_of(message), dlq=self._name))
+            if letters:
+                last = letters[-1].incoming.delivery_tag
+                await channel.basic_nack(last, multiple=True, requeue=True)
         except _ERRORS as exc:
-            raise self._error(exc, "exporting") from exc
+            raise self._error(exc, "read") from exc
         finally:
             await _close(channel)
-        return len(taken)
+        if letters:
+            await self._returned(count)
+        return letters
 
     async def replay(
         self,
@@ -162,50 +125,51 @@ class AsyncDeadLetterQueue:
         dead letter stays and the error is raised after the others were tried.
         """
         channel = await self._channel()
-        replayed = 0
-        failure: MqkitError | None = None
         held: list[int] = []  # looked at, not replayed: returned at the end, in order
         try:
             ok = await channel.queue_declare(self._name, passive=True, timeout=RPC_TIMEOUT)
-            for _ in range(int(ok.message_count or 0)):
-                if limit is not None and replayed >= limit:
-                    break
+            replay = Replay(
+                self._queue,
+                self._name,
+                count=int(ok.message_count or 0),
+                limit=limit,
+                error_type=error_type,
+                message_id=message_id,
+                progress=progress,
+            )
+            while not replay.finished:
                 message = await channel.basic_get(self._name, no_ack=False, timeout=RPC_TIMEOUT)
                 if isinstance(message.delivery, spec.Basic.GetEmpty):
                     break
-                incoming = incoming_of(message)
-                letter = DeadLetter.from_incoming(incoming, dlq=self._name)
-                if (error_type is not None and letter.error_type != error_type) or (
-                    message_id is not None and letter.message_id != message_id
-                ):
-                    held.append(incoming.delivery_tag)
+                letter = replay.letter(incoming_of(message))
+                tag = letter.incoming.delivery_tag
+                if not replay.wants(letter):
+                    held.append(tag)
                     continue
-                envelope = dataclasses.replace(
-                    incoming.republished({}), headers=replay_headers(incoming.headers)
-                )
-                target = letter.original_queue or self._queue
                 try:
-                    await self._link.publishing.publish(envelope, exchange="", routing_key=target)
-                except MqkitError as exc:
-                    log.error(
-                        "mqkit: could not replay %s to %r: %s", letter.message_id, target, exc
+                    await self._link.publishing.publish(
+                        replay.envelope(letter), exchange="", routing_key=replay.target(letter)
                     )
-                    failure = failure or exc
-                    held.append(incoming.delivery_tag)
+                except MqkitError as exc:
+                    replay.failed(letter, exc)
+                    held.append(tag)
                     continue
-                await channel.basic_ack(incoming.delivery_tag)
-                replayed += 1
-                if progress is not None:
-                    progress(replayed)
+                await channel.basic_ack(tag)
+                replay.replayed()
             for tag in held:
                 await channel.basic_nack(tag, requeue=True)
         except _ERRORS as exc:
-            raise self._error(exc, "replaying") from exc
+            raise self._error(exc, "replay") from exc
         finally:
             await _close(channel)
-        if failure is not None:
-            raise failure
-        return replayed
+        await self._returned(replay.left)
+        return replay.result()
+
+    async def _returned(self, expected: int) -> None:
+        """Wait (at most RETURN_WAIT) until the DLQ counts ``expected`` letters again."""
+        deadline = time.monotonic() + RETURN_WAIT
+        while await self.count() < expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def purge(self) -> int:
         """Delete every dead letter; how many there were."""
@@ -213,7 +177,7 @@ class AsyncDeadLetterQueue:
         try:
             ok = await channel.queue_purge(self._name, timeout=RPC_TIMEOUT)
         except _ERRORS as exc:
-            raise self._error(exc, "purging") from exc
+            raise self._error(exc, "purge") from exc
         finally:
             await _close(channel)
         return int(ok.message_count or 0)

@@ -25,7 +25,8 @@ from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
-from mqkit.errors import ConnectionFailed, PublishError, PublishTimeout
+from mqkit import explain
+from mqkit.errors import ConnectionFailed, MqkitError, PublishError, PublishTimeout
 from mqkit.messages import Envelope
 
 from .connection import AMQP_ERRORS, describe, reply_text, translate
@@ -80,9 +81,10 @@ class Publisher:
                 return current
             self._link.require_open("publishing")
             if not await self._link.wait_ready(timeout):
-                raise PublishTimeout(
-                    f"no connection to the broker ({self._link.last_error or 'not connected'}) "
-                    f"within {self._link.settings.confirm_timeout:g}s; the message was not sent"
+                raise explain.confirm_timeout(
+                    "publish",
+                    self._link.settings.confirm_timeout,
+                    self._link.last_error or "not connected",
                 )
             self._channel = await self._link.underlay(confirms=True)
             return self._channel
@@ -106,22 +108,21 @@ class Publisher:
         budget = self._link.settings.confirm_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         props = properties(envelope)
-        what = f"publishing message {envelope.message_id} to {_target(exchange, routing_key)}"
+        what = explain.publishing(envelope.message_id, exchange, routing_key)
+        unconfirmed = [envelope.message_id]
         self._link.require_open(what)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PublishTimeout(
-                    f"{what}: no confirm within {budget:g}s "
-                    f"({self._link.last_error or 'the broker did not answer'}); it may or may not "
-                    "have been stored",
-                    unconfirmed=[envelope.message_id],
+                raise explain.confirm_timeout(
+                    what, budget, self._link.last_error, unconfirmed=unconfirmed
                 )
             try:
                 ch = channel or await self.channel(left)
-            except PublishTimeout as exc:
-                exc.unconfirmed = [envelope.message_id]
-                raise
+            except PublishTimeout:
+                raise explain.confirm_timeout(
+                    what, budget, self._link.last_error, unconfirmed=unconfirmed
+                ) from None
             except ConnectionFailed:
                 if self._link.closed:
                     raise
@@ -141,22 +142,19 @@ class Publisher:
             except asyncio.CancelledError:
                 if _really_cancelled():
                     raise
-                error: BaseException = ConnectionFailed("the channel closed")
+                lost: BaseException = ConnectionFailed("the channel closed")
             except asyncio.TimeoutError:
-                raise PublishTimeout(
-                    f"{what}: no confirm within {budget:g}s; it may or may not have been stored",
-                    unconfirmed=[envelope.message_id],
-                ) from None
+                raise explain.confirm_timeout(what, budget, unconfirmed=unconfirmed) from None
             except AMQP_ERRORS as exc:
                 if _broker_refused(exc, exchange):
                     mapped = translate(exc, what=what)
                     if isinstance(mapped, PublishError):
-                        mapped.unconfirmed = [envelope.message_id]
+                        mapped.unconfirmed = unconfirmed
                     raise mapped from exc
-                error = exc
+                lost = exc
             if channel is not None:
-                raise translate(error, what=what) from error
-            log.debug("mqkit: %s: %s; will send it again", what, describe(error))
+                raise translate(lost, what=what) from lost
+            log.debug("mqkit: %s: %s; will send it again", what, describe(lost))
             await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
 
     async def publish_many(
@@ -183,9 +181,8 @@ class Publisher:
                 left = deadline - time.monotonic()
                 if left <= 0 or not await self._link.wait_ready(left):
                     for index in todo:
-                        failures[index] = PublishTimeout(
-                            f"no connection to the broker within {budget:g}s "
-                            f"({self._link.last_error or 'link lost'})"
+                        failures[index] = explain.confirm_timeout(
+                            _what(jobs[index]), budget, self._link.last_error or "link lost"
                         )
                     break
             try:
@@ -223,29 +220,10 @@ class Publisher:
         budget = self._link.settings.confirm_timeout
         loop = asyncio.get_running_loop()
         lost: list[int] = []
-        inflight: deque[tuple[int, asyncio.Task[Any]]] = deque()
-
-        def settle(index: int, task: asyncio.Task[Any]) -> None:
-            if task.cancelled():
-                failures[index] = asyncio.TimeoutError()
-                return
-            exc = task.exception()
-            if exc is None:
-                return
-            if _broker_refused(exc, jobs[index][1]):
-                failures[index] = exc
-            else:
-                lost.append(index)
+        inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
 
         async def drain(count: int) -> None:
-            batch = [inflight.popleft() for _ in range(min(count, len(inflight)))]
-            _, pending = await asyncio.wait([t for _, t in batch], timeout=budget)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-            for index, task in batch:
-                settle(index, task)
+            await _drain(inflight, count, budget, jobs, failures, lost)
 
         try:
             for position, index in enumerate(todo):
@@ -268,8 +246,8 @@ class Publisher:
                 inflight.append((index, task))
             await drain(len(inflight))
         finally:
-            for _, task in inflight:  # only when cancelled: do not leave publishes behind
-                task.cancel()
+            for _, pending in inflight:  # only when cancelled: do not leave publishes behind
+                pending.cancel()
         return sorted(lost)
 
     async def _pipeline(
@@ -287,21 +265,7 @@ class Publisher:
         inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
 
         async def drain(count: int) -> None:
-            batch = [inflight.popleft() for _ in range(min(count, len(inflight)))]
-            _, pending = await asyncio.wait([f for _, f in batch], timeout=budget)
-            for future in pending:
-                future.cancel()
-            for index, future in batch:
-                if future.cancelled():
-                    failures[index] = asyncio.TimeoutError()
-                    continue
-                exc = future.exception()
-                if exc is None:
-                    continue
-                if _broker_refused(exc, jobs[index][1]):
-                    failures[index] = exc
-                else:
-                    lost.append(index)
+            await _drain(inflight, count, budget, jobs, failures, lost)
 
         position = 0
         while position < len(todo):
@@ -319,6 +283,35 @@ class Publisher:
             position += len(chunk)
         await drain(len(inflight))
         return sorted(lost)
+
+
+async def _drain(
+    inflight: deque[tuple[int, asyncio.Future[Any]]],
+    count: int,
+    budget: float,
+    jobs: Sequence[tuple[Envelope, str, str]],
+    failures: dict[int, BaseException],
+    lost: list[int],
+) -> None:
+    """Wait (up to ``budget`` seconds) for the oldest ``count`` confirms in flight: a refusal
+    goes to ``failures``, a publish the link lost to ``lost``, no confirm is a timeout."""
+    batch = [inflight.popleft() for _ in range(min(count, len(inflight)))]
+    _, pending = await asyncio.wait([future for _, future in batch], timeout=budget)
+    for future in pending:
+        future.cancel()
+    if pending:
+        await asyncio.wait(pending)  # a cancelled publish task still has to unwind
+    for index, future in batch:
+        if future.cancelled():
+            failures[index] = asyncio.TimeoutError()
+            continue
+        exc = future.exception()
+        if exc is None:
+            continue
+        if _broker_refused(exc, jobs[index][1]):
+            failures[index] = exc
+        else:
+            lost.append(index)
 
 
 _PIPELINE_ATTRS = (
@@ -392,10 +385,9 @@ async def _send_batch(
     return sent
 
 
-def _target(exchange: str, routing_key: str) -> str:
-    if exchange:
-        return f"exchange {exchange!r} (routing key {routing_key!r})"
-    return f"queue {routing_key!r}"
+def _what(job: tuple[Envelope, str, str]) -> str:
+    envelope, exchange, routing_key = job
+    return explain.publishing(envelope.message_id, exchange, routing_key)
 
 
 def _really_cancelled() -> bool:
@@ -421,27 +413,13 @@ def _broker_refused(exc: BaseException, exchange: str) -> bool:
 
 def _many_error(
     jobs: Sequence[tuple[Envelope, str, str]], failures: dict[int, BaseException], budget: float
-) -> PublishError:
-    ids = [jobs[i][0].message_id for i in sorted(failures)]
-    kinds: set[type[PublishError]] = set()
-    for index, exc in failures.items():
-        if isinstance(exc, PublishError):
-            kinds.add(type(exc))
-        elif isinstance(exc, asyncio.TimeoutError):
-            kinds.add(PublishTimeout)
+) -> MqkitError:
+    errors: list[MqkitError] = []
+    for index in sorted(failures):
+        exc = failures[index]
+        if isinstance(exc, asyncio.TimeoutError):
+            errors.append(explain.confirm_timeout(_what(jobs[index]), budget))
         else:
-            mapped = translate(exc, what="publish")
-            kinds.add(type(mapped) if isinstance(mapped, PublishError) else PublishError)
-            failures[index] = mapped
-    cls: type[PublishError] = kinds.pop() if len(kinds) == 1 else PublishError
-    first = failures[min(failures)]
-    detail = (
-        str(first)
-        if not isinstance(first, asyncio.TimeoutError)
-        else (f"no confirm within {budget:g}s")
-    )
-    return cls(
-        f"{len(ids)} of {len(jobs)} messages were not confirmed (first: {detail}); "
-        "see .unconfirmed for their ids",
-        unconfirmed=ids,
-    )
+            errors.append(translate(exc, what=_what(jobs[index])))
+    ids = [jobs[i][0].message_id for i in sorted(failures)]
+    return explain.many_failed(errors, total=len(jobs), unconfirmed=ids)

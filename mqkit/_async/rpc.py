@@ -1,5 +1,6 @@
-"""RPC over RabbitMQ's direct reply-to: :class:`Requester` (one per client) and the handler
-wrapper behind :meth:`AsyncClient.responder`.
+"""RPC over RabbitMQ's direct reply-to: :class:`Requester` (one per client) and the reply
+step behind :meth:`AsyncClient.responder`. What to send and what a reply means is decided
+in :mod:`mqkit.rpc`; this module does the I/O.
 
 Requests are published (mandatory, confirmed) on the client's publishing channel with
 ``reply_to="amq.rabbitmq.reply-to"``; replies come back on that same channel to a no-ack
@@ -18,31 +19,30 @@ import aiormq.abc
 from pydantic import BaseModel
 
 from mqkit.context import Context
-from mqkit.dead_letters import ERROR_MESSAGE, ERROR_TYPE
-from mqkit.errors import DecodeError, RemoteError, RequestTimeout
-from mqkit.messages import Envelope, decode, encode
+from mqkit.errors import MqkitError
+from mqkit.messages import Incoming
+from mqkit.retry import GiveUp
+from mqkit.rpc import REPLY_TO, answer, read_reply, request_envelope, request_timeout
 
 from .connection import RPC_ERRORS, RPC_TIMEOUT, translate
 from .consumer import as_async
 
 if TYPE_CHECKING:
     from .connection import Link
-    from .consumer import Handler
+    from .consumer import Handler, ReplyStep
 
-__all__ = ["REPLY_TO", "Requester", "Undecodable", "responder_handler"]
+__all__ = ["Requester", "reply_step"]
 
 log = logging.getLogger("mqkit")
 
-REPLY_TO = "amq.rabbitmq.reply-to"
 R = TypeVar("R", bound=BaseModel)
 
 
 class Requester:
     """Sends requests and routes replies back to their callers."""
 
-    def __init__(self, link: Link, service: str) -> None:
+    def __init__(self, link: Link) -> None:
         self._link = link
-        self._service = service
         self._waiting: dict[str, asyncio.Future[aiormq.abc.DeliveredMessage]] = {}
         self._consuming_on: aiormq.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
@@ -75,12 +75,10 @@ class Requester:
         self, queue: str, message: BaseModel, response_type: type[R], timeout: float
     ) -> R:
         """Send ``message`` to ``queue`` and wait up to ``timeout`` for the typed reply."""
-        if not isinstance(message, BaseModel):
-            raise TypeError(f"request expected a pydantic model, got {type(message).__name__}")
         deadline = time.monotonic() + timeout
         correlation_id = uuid.uuid4().hex
-        envelope = encode(
-            message, service=self._service, correlation_id=correlation_id, reply_to=REPLY_TO
+        envelope = request_envelope(
+            message, service=self._link.settings.service, correlation_id=correlation_id
         )
         future: asyncio.Future[aiormq.abc.DeliveredMessage] = (
             asyncio.get_running_loop().create_future()
@@ -102,97 +100,38 @@ class Requester:
             try:
                 reply = await asyncio.wait_for(future, max(0.001, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                raise RequestTimeout(
-                    f"no reply from queue {queue!r} within {timeout:g}s; is a responder running?"
-                ) from None
+                raise request_timeout(queue, timeout) from None
         finally:
             self._waiting.pop(correlation_id, None)
-        headers = reply.header.properties.headers or {}
-        if ERROR_TYPE in headers:
-            raise RemoteError(_text(headers.get(ERROR_TYPE)), _text(headers.get(ERROR_MESSAGE)))
-        return decode(reply.body, response_type)
+        return read_reply(reply.header.properties.headers, reply.body, response_type)
 
 
-class Undecodable(BaseModel):
-    """Stands in for a request body that does not decode: the responder answers with the
-    error instead of dead-lettering (an RPC caller is waiting)."""
-
-    error: str
-
-
-def request_decoder(request_type: type[BaseModel]) -> Any:
-    """A decoder that turns a bad body into :class:`Undecodable` instead of raising."""
-
-    def _decode(body: bytes, _type: str | None) -> BaseModel:
-        try:
-            return decode(body, request_type)
-        except DecodeError as exc:
-            return Undecodable(error=str(exc))
-
-    return _decode
-
-
-def responder_handler(link: Link, queue: str, service: str, handler: Handler[Any]) -> Handler[Any]:
-    """Wrap a responder's handler: publish its return value (or the error) to the caller."""
+def reply_step(link: Link, queue: str, handler: Handler[Any]) -> ReplyStep:
+    """What a responder does with a request instead of the usual ack/retry/dead-letter: run
+    the handler and publish :func:`mqkit.rpc.answer`'s reply (never raises)."""
     handler = as_async(handler)
+    service = link.settings.service
 
-    async def respond(request: Any, ctx: Context) -> None:
-        error: tuple[str, str] | None = None
-        result: Any = None
-        if isinstance(request, Undecodable):
-            error = ("DecodeError", request.error)
-        else:
+    async def step(incoming: Incoming, message: Any, ctx: Context, failure: GiveUp | None) -> None:
+        outcome: GiveUp | Exception | None = failure
+        result: object = None
+        if failure is None:
             try:
-                result = await handler(request, ctx)
+                result = await handler(message, ctx)
             except Exception as exc:
-                log.warning("mqkit: responder for %r raised %s: %s", queue, type(exc).__name__, exc)
-                error = (type(exc).__name__, str(exc))
-            else:
-                if not isinstance(result, BaseModel):
-                    error = (
-                        "TypeError",
-                        f"responder for {queue!r} returned {type(result).__name__}; "
-                        "return a pydantic model",
-                    )
-        if not ctx.reply_to:
+                log.warning("mqkit: responder for %r raised %r", queue, exc, exc_info=exc)
+                outcome = exc
+        reply = answer(queue, incoming, service=service, result=result, failure=outcome)
+        if reply is None:
             log.warning(
-                "mqkit: request %s on %r has no reply_to; the reply is dropped",
-                ctx.message_id,
-                queue,
+                "mqkit: request %s on %r has no reply_to; dropping the reply", ctx.message_id, queue
             )
             return
-        if error is None:
-            envelope = encode(result, service=service, correlation_id=ctx.correlation_id)
-        else:
-            envelope = _error_envelope(error, service=service, correlation_id=ctx.correlation_id)
         try:
             await link.publishing.publish(
-                envelope, exchange="", routing_key=ctx.reply_to, mandatory=False
+                reply.envelope, exchange="", routing_key=reply.reply_to, mandatory=False
             )
-        except Exception as exc:  # the caller times out; an RPC request is not retried
-            log.warning(
-                "mqkit: could not reply to request %s on %r: %s", ctx.message_id, queue, exc
-            )
+        except MqkitError as exc:  # the caller times out; an RPC request is not retried
+            log.error("mqkit: could not reply to request %s on %r: %s", ctx.message_id, queue, exc)
 
-    return respond
-
-
-def _error_envelope(
-    error: tuple[str, str], *, service: str, correlation_id: str | None
-) -> Envelope:
-    error_type, error_message = error
-    return Envelope(
-        body=b"{}",
-        message_id=uuid.uuid4().hex,
-        type="mqkit.RemoteError",
-        app_id=service,
-        timestamp=int(time.time()),
-        headers={ERROR_TYPE: error_type, ERROR_MESSAGE: error_message[:4000]},
-        correlation_id=correlation_id,
-    )
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return "" if value is None else str(value)
+    return step

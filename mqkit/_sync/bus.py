@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mqkit._sync.consumer import Consumer
+from mqkit.consumers import plan_subscriber
 from mqkit.context import Context
-from mqkit.errors import ConfigError
-from mqkit.messages import Event, encode
+from mqkit.messages import Event
+from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
-from mqkit.subscriptions import plan_subscription
 from mqkit.topology import Exchange
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class EventBus:
         self._client = client
         self._service = service
         self._exchange = exchange
+        self._target = PublishTarget(Event, exchange, owner="EventBus")
         self._subscriptions: list[Consumer[Any]] = []
         self._keys: set[str] = set()
         self._lock = threading.Lock()
@@ -68,14 +69,16 @@ class EventBus:
         return self._exchange
 
     @property
-    def consumers(self) -> list[Consumer[Any]]:
-        """One consumer per subscription."""
+    def consumers(self) -> tuple[Consumer[Any], ...]:
+        """One consumer per subscription, in the order subscribed (to check on them: each
+        one's ``started``, ``attached``, ``queue``)."""
         with self._lock:
-            return list(self._subscriptions)
+            return tuple(self._subscriptions)
 
     @property
     def started(self) -> bool:
-        """Whether the bus is started."""
+        """Whether :meth:`start` ran and :meth:`stop` did not (subscriptions added meanwhile
+        start at once)."""
         return self._running
 
     @overload
@@ -132,38 +135,20 @@ class EventBus:
                 return fn
 
             return decorate
-        settings = self._client.settings
-        plan = plan_subscription(
-            target,
-            service=self._service,
-            exchange=Exchange(self._exchange),
-            broadcast=broadcast,
-            queue=queue,
-            retry=retry,
-            default_type=settings.queue_type,
-            delivery_limit=settings.delivery_limit,
-        )
         with self._lock:
-            if queue is None and not broadcast:
-                if plan.key in self._keys:
-                    raise ConfigError(
-                        f"this bus already subscribes to {plan.key!r}; pass queue= to "
-                        "subscribe a second handler with its own queue"
-                    )
-                self._keys.add(plan.key)
-        consumer: Consumer[Any] = Consumer(
-            self._client,
-            plan.queue.name,
-            plan.decoder,
-            _as_handler(handler),
-            policy=plan.policy,
-            declare=plan.entities,
-            prefetch=prefetch,
-            concurrency=concurrency,
-            dlq=plan.dlq,
-            temporary=plan.temporary,
-            service=self._service,
-        )
+            plan = plan_subscriber(
+                target,
+                settings=self._client.settings,
+                service=self._service,
+                exchange=Exchange(self._exchange),
+                subscribed=self._keys,
+                broadcast=broadcast,
+                queue=queue,
+                retry=retry,
+                prefetch=prefetch,
+                concurrency=concurrency,
+            )
+        consumer: Consumer[Any] = Consumer(self._client, plan, _as_handler(handler))
         with self._lock:
             self._subscriptions.append(consumer)
             running = self._running
@@ -186,18 +171,16 @@ class EventBus:
         No subscriber is fine, unless ``mandatory=True`` (then
         :class:`~mqkit.PublishUnroutable`).
         """
-        if not isinstance(event, Event):
-            raise TypeError(f"EventBus.publish expected an mqkit.Event, got {type(event).__name__}")
-        envelope = encode(
-            event,
+        [(envelope, key)] = self._target.prepare(
+            [event],
             service=self._service,
+            routing_key=routing_key,
             headers=headers,
             message_id=message_id,
             correlation_id=correlation_id,
         )
         client = self._client
         client._ensure_open()
-        key = routing_key or event.event_type
         return client._publisher.publish(self._exchange, key, [envelope], mandatory=mandatory)[0]
 
     def start(self) -> None:

@@ -75,9 +75,11 @@ class ChannelHandle:
         what: str,
         timeout: float | None = None,
         wait_ready: bool = True,
+        missing: str | None = None,
     ) -> T:
         """Run ``op(channel, future)`` on the IO thread; return what it settles ``future``
-        with. pika errors come back translated (a conflicting declare: TopologyError)."""
+        with. pika errors come back translated (a conflicting declare: TopologyError;
+        ``missing``: the advice when the broker says NOT_FOUND)."""
         settings = self._link.settings
         limit = timeout or max(settings.connect_timeout, settings.confirm_timeout)
         with self._lock:
@@ -89,9 +91,9 @@ class ChannelHandle:
                     wait_ready=wait_ready,
                 )
             except (pex.AMQPError, LinkDown) as exc:
-                raise translate(exc, what=what) from exc
+                raise translate(exc, what=what, missing=missing) from exc
 
-    def get(self, queue: str, *, what: str) -> Got | None:
+    def get(self, queue: str, *, what: str, missing: str | None = None) -> Got | None:
         """``basic.get`` without auto-ack: a message (held until acked or the channel closes)
         or ``None`` when the queue is empty."""
 
@@ -104,7 +106,7 @@ class ChannelHandle:
 
             channel.basic_get(queue, got, auto_ack=False)
 
-        return self.run(op, what=what)
+        return self.run(op, what=what, missing=missing)
 
     def ack(self, delivery_tag: int, *, what: str) -> None:
         """Acknowledge a message got on this channel."""

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from mqkit import explain
 from mqkit._sync.bus import EventBus
 from mqkit._sync.connection import Link
 from mqkit._sync.consumer import Consumer
@@ -19,13 +20,13 @@ from mqkit._sync.declarer import Declarer
 from mqkit._sync.producer import Producer
 from mqkit._sync.publisher import Publisher
 from mqkit._sync.rpc import Requester, reply_step
+from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.context import Context
-from mqkit.delivery import typed_decoder
-from mqkit.errors import ConfigError, ConnectionFailed
 from mqkit.health import Health
-from mqkit.retry import DEFAULT_POLICY, RetryPolicy
+from mqkit.publishing import plan_producer
+from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
-from mqkit.topology import Entity, Exchange, Queue, consumer_topology
+from mqkit.topology import Entity, Exchange, Queue, check_entities
 
 __all__ = ["Client"]
 
@@ -103,7 +104,7 @@ class Client:
             return
         with self._lock:
             if self._link.closed:
-                raise ConnectionFailed("this mqkit client is closed; create a new one")
+                raise explain.closed("connect")
             if not self._opened:
                 self._link.open()
                 self._opened = True
@@ -184,6 +185,7 @@ class Client:
     def declare(self, *entities: Entity) -> None:
         """Declare queues, exchanges and bindings (idempotent; cached). A queue's ``type=None``
         takes ``settings.queue_type``. Conflicting arguments raise TopologyError."""
+        check_entities(entities)
         self._ensure_open()
         self._declarer.declare(*entities)
 
@@ -197,35 +199,18 @@ class Client:
     ) -> Producer[T]:
         """A :class:`Producer` for ``message_type``, to a queue (declared, with its DLQ) or
         an exchange (an :class:`Exchange` is declared; a name is used as it is)."""
-        if (queue is None) == (exchange is None):
-            raise ConfigError("producer() needs exactly one of queue= or exchange=")
-        _check_model(message_type, "producer")
-        if queue is not None:
-            if routing_key is not None:
-                raise ConfigError(
-                    "producer(queue=...) publishes to that queue; routing_key applies to "
-                    "exchange producers only"
-                )
-            work = queue if isinstance(queue, Queue) else Queue(queue)
-            # A queue this client declared itself is used as it is: declaring it again with
-            # the consumer's arguments would conflict with what the user chose.
-            if not any(isinstance(e, Queue) and e.name == work.name for e in self.topology):
-                self.declare(
-                    *consumer_topology(
-                        work,
-                        None,
-                        default_type=self._settings.queue_type,
-                        delivery_limit=self._settings.delivery_limit,
-                    )
-                )
-            return Producer(self, message_type, exchange="", routing_key=None, queue=work.name)
-        if isinstance(exchange, Exchange):
-            self.declare(exchange)
-            name = exchange.name
-        else:
-            assert exchange is not None
-            name = exchange
-        return Producer(self, message_type, exchange=name, routing_key=routing_key)
+        target, entities = plan_producer(
+            message_type,
+            queue=queue,
+            exchange=exchange,
+            routing_key=routing_key,
+            default_type=self._settings.queue_type,
+            delivery_limit=self._settings.delivery_limit,
+            declared=self.topology,
+        )
+        if entities:
+            self.declare(*entities)
+        return Producer(self, target)
 
     # -- consuming -------------------------------------------------------------------------------
 
@@ -240,28 +225,15 @@ class Client:
         retry: RetryPolicy | None = None,
     ) -> Consumer[T]:
         """A :class:`Consumer` (not started) running ``handler(message, ctx)`` per message."""
-        _check_model(message_type, "consumer")
-        work = queue if isinstance(queue, Queue) else Queue(queue)
-        policy = retry or DEFAULT_POLICY
-        declare = consumer_topology(
-            work,
-            policy,
-            default_type=self._settings.queue_type,
-            delivery_limit=self._settings.delivery_limit,
-        )
-        consumer: Consumer[T] = Consumer(
-            self,
-            work.name,
-            typed_decoder(message_type),
-            handler,
-            policy=policy,
-            declare=declare,
+        plan = plan_consumer(
+            queue,
+            message_type,
+            settings=self._settings,
             prefetch=prefetch,
             concurrency=concurrency,
+            retry=retry,
         )
-        with self._lock:
-            self._made.append(consumer)
-        return consumer
+        return self._made_consumer(Consumer(self, plan, handler))
 
     def event_bus(self, *, service: str | None = None, exchange: str | None = None) -> EventBus:
         """An :class:`EventBus` on the topic exchange ``exchange`` (default
@@ -291,24 +263,11 @@ class Client:
         handler: Callable[[T, Context], BaseModel],
     ) -> Consumer[T]:
         """A :class:`Consumer` (not started) whose handler's return value is the reply."""
-        _check_model(request_type, "responder")
-        work = queue if isinstance(queue, Queue) else Queue(queue)
-        policy = RetryPolicy(max_attempts=1)  # requests are not retried
-        declare = consumer_topology(
-            work,
-            policy,
-            default_type=self._settings.queue_type,
-            delivery_limit=self._settings.delivery_limit,
-        )
-        consumer: Consumer[T] = Consumer(
-            self,
-            work.name,
-            typed_decoder(request_type),
-            handler,
-            policy=policy,
-            declare=declare,
-            reply=reply_step(self, work.name, handler),
-        )
+        plan = plan_responder(queue, request_type, settings=self._settings)
+        reply = reply_step(self, plan.queue, handler)
+        return self._made_consumer(Consumer(self, plan, handler, reply=reply))
+
+    def _made_consumer(self, consumer: Consumer[T]) -> Consumer[T]:
         with self._lock:
             self._made.append(consumer)
         return consumer
@@ -316,8 +275,3 @@ class Client:
     def dead_letters(self, queue: str | Queue) -> DeadLetterQueue:
         """The :class:`DeadLetterQueue` of ``queue`` (its DLQ is ``f"{queue}.dlq"``)."""
         return DeadLetterQueue(self, queue.name if isinstance(queue, Queue) else queue)
-
-
-def _check_model(message_type: object, what: str) -> None:
-    if not (isinstance(message_type, type) and issubclass(message_type, BaseModel)):
-        raise ConfigError(f"{what} expects a pydantic model class, got {message_type!r}")

@@ -11,7 +11,7 @@ so the ioloop keeps heartbeats going however long they take.
 Connecting tries each URL of ``settings.all_urls`` in order, with tenacity back-off, within
 ``connect_timeout``. After a loss, a supervisor thread does the same without a deadline (back-off
 capped at 5 s, never giving up while the client is open), then asks every attached
-:class:`Component` to ``restore`` itself (topology, publisher channel, consumers) by issuing
+:class:`Component` to restore itself (topology, publisher channel, consumers) by issuing
 operations to the IO thread. pika exceptions become mqkit errors in :func:`translate`, the one
 place that does it.
 """
@@ -35,11 +35,12 @@ import tenacity
 from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 
+from mqkit import explain
 from mqkit._sync.io_thread import IOThread, settle
-from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
+from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.settings import Settings, mask_url
 
-__all__ = ["Component", "Link", "LinkDown", "translate"]
+__all__ = ["Component", "Link", "LinkDown", "connect_error", "translate"]
 
 log = logging.getLogger("mqkit")
 
@@ -57,18 +58,23 @@ class LinkDown(MqkitError):
 class _Fatal(Exception):
     """Internal: a connection error that retrying cannot fix (credentials, vhost)."""
 
+    def __init__(self, error: ConnectionFailed) -> None:
+        super().__init__(str(error))
+        self.error = error
+
 
 class Component(Protocol):
     """Something that keeps state on the connection and must survive a reconnect.
 
     ``_link_lost`` runs on the IO thread as soon as the connection is gone (channels are dead:
-    forget them, requeue what was in flight). ``restore`` runs on the supervisor thread after
+    forget them, requeue what was in flight). ``_restore`` runs on the supervisor thread after
     a new connection is up, and may block on :meth:`Link.call` to re-create its channels.
+    Both are private: the link calls them, users never do.
     """
 
     def _link_lost(self, reason: BaseException) -> None: ...
 
-    def restore(self) -> None: ...
+    def _restore(self) -> None: ...
 
 
 class Link:
@@ -177,7 +183,7 @@ class Link:
         """Run ``fn`` on the IO thread soon (errors are logged, never raised there)."""
         io = self._io
         if io is None or (self._closed.is_set() and self._close_done is not None):
-            raise ConnectionFailed("the mqkit client is closed; open a new one")
+            raise explain.closed("use the connection")
         io.submit(fn)
 
     def call(
@@ -215,21 +221,15 @@ class Link:
         try:
             return future.result(max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            raise ConnectionFailed(
-                f"{what}: no answer from the broker within {timeout:g}s; is it overloaded "
-                "or unreachable?"
-            ) from None
+            raise explain.no_answer(what, timeout) from None
         except LinkDown as exc:
             raise self.down_error(what, timeout) from exc
 
     def down_error(self, what: str, timeout: float) -> ConnectionFailed:
         """The error for an operation that found no connection within ``timeout``."""
         if self._closed.is_set():
-            return ConnectionFailed(f"{what}: the mqkit client is closed")
-        cause = f" (last error: {self.last_error})" if self.last_error else ""
-        return ConnectionFailed(
-            f"{what}: not connected to the broker{cause}; still reconnecting after {timeout:g}s"
-        )
+            return explain.closed(what)
+        return explain.not_connected(what, timeout, self.last_error)
 
     def open_channel(
         self,
@@ -256,7 +256,7 @@ class Link:
         def one_round() -> None:
             for url in urls:
                 if self._closed.is_set():
-                    raise _Fatal("the client was closed")
+                    raise _Fatal(explain.closed("connect"))
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
@@ -290,21 +290,15 @@ class Link:
         try:
             retrying(one_round)
         except _Fatal as exc:
-            cause: BaseException = exc.__cause__ or exc
-            self.last_error = str(exc)
-            if self._closed.is_set():
-                raise ConnectionFailed("the mqkit client was closed while connecting") from None
-            raise ConnectionFailed(str(exc)) from cause
+            self.last_error = str(exc.error)
+            raise exc.error from exc.__cause__
         except ConnectionError:
-            hosts = ", ".join(_host(url) for url in urls)
             last_cause = last[-1] if last else None
-            message = (
-                f"could not connect to {hosts} within {self.settings.connect_timeout:g}s"
-                f"{f': {_describe(last_cause)}' if last_cause else ''}; is the broker running "
-                "and reachable?"
+            error = explain.unreachable(
+                urls, self.settings.connect_timeout, _describe(last_cause) if last_cause else None
             )
-            self.last_error = mask_url(message)
-            raise ConnectionFailed(mask_url(message)) from last_cause
+            self.last_error = str(error)
+            raise error from last_cause
 
     def _sleep(self, seconds: float) -> None:
         self._closed.wait(seconds)  # closing the client interrupts the back-off
@@ -353,18 +347,11 @@ class Link:
 
             self.submit(abort)
             raise ConnectionError(f"no answer within {timeout:g}s") from None
-        except (pex.ProbableAuthenticationError, pex.ConnectionClosedByBroker) as exc:
-            if isinstance(exc, pex.ProbableAuthenticationError) or exc.reply_code == 403:
-                raise _Fatal(
-                    f"{mask_url(url)} refused the login: wrong username or password"
-                ) from exc
+        except pex.AMQPConnectionError as exc:
+            fatal = connect_error(url, exc)
+            if fatal is not None:
+                raise _Fatal(fatal) from exc
             raise
-        except pex.ProbableAccessDeniedError as exc:
-            vhost = urlsplit(url).path.lstrip("/") or "/"
-            raise _Fatal(
-                f"{mask_url(url)}: virtual host {vhost!r} does not exist or the user may not "
-                f"use it ({_describe(exc)}); create it or fix the URL"
-            ) from exc
 
     def _parameters(self, url: str, timeout: float) -> pika.URLParameters:
         params = pika.URLParameters(url)
@@ -466,12 +453,7 @@ class Link:
         with self._lock:
             components = list(self._components)
         for component in components:
-            component.restore()
-
-
-def _host(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
+            component._restore()
 
 
 def _describe(exc: BaseException | None) -> str:
@@ -487,47 +469,29 @@ def _describe(exc: BaseException | None) -> str:
     return mask_url(match.group(1) if match else text)
 
 
-_INEQUIVALENT = re.compile(
-    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)' "
-    r"in vhost '[^']*': received (?P<received>.+) but current is (?P<current>.+)$"
-)
-
-
-def translate(exc: BaseException, *, what: str) -> MqkitError:
+def translate(exc: BaseException, *, what: str, missing: str | None = None) -> MqkitError:
     """The mqkit error for a pika exception raised while doing ``what`` (e.g. "declare queue
-    'orders'"). The one place where pika's errors are turned into mqkit's."""
+    'orders'"). The one place where pika's errors are turned into mqkit's; the words come
+    from :mod:`mqkit.explain`. ``missing``: the advice when the broker says NOT_FOUND."""
     if isinstance(exc, MqkitError) and not isinstance(exc, LinkDown):
         return exc
     if isinstance(exc, pex.ChannelClosedByBroker):
-        text = exc.reply_text
-        if exc.reply_code == 406:
-            return TopologyError(_precondition(text, what))
-        if exc.reply_code == 404:
-            return TopologyError(f"{what}: {text}; declare it first")
-        if exc.reply_code == 405:
-            return TopologyError(
-                f"{what}: {text}; an exclusive queue belongs to the connection that declared it"
-            )
-        if exc.reply_code == 403:
-            return TopologyError(f"{what}: {text}; grant the user permission or use another name")
-        return TopologyError(f"{what}: the broker closed the channel ({exc.reply_code} {text})")
+        return explain.broker_refused(exc.reply_code, exc.reply_text, what=what, missing=missing)
     if isinstance(exc, pex.ProbableAuthenticationError):
         return ConnectionFailed(f"{what}: wrong username or password")
     if isinstance(exc, LinkDown | pex.AMQPConnectionError | pex.ChannelWrongStateError):
-        return ConnectionFailed(f"{what}: the connection to the broker was lost ({exc})")
+        return explain.link_lost(what, _describe(exc))
     return ConnectionFailed(f"{what}: {_describe(exc)}")
 
 
-def _precondition(text: str, what: str) -> str:
-    match = _INEQUIVALENT.search(text)
-    if match is None:
-        return f"{what}: {text}"
-    kind, name, arg = match["kind"], match["name"], match["arg"]
-    current = match["current"].strip()
-    detail = f"inequivalent arg {arg!r}: received {match['received']} but current is {current}"
-    advice = "delete it, or declare it as it is"
-    if arg == "x-queue-type":
-        value = re.search(r"'([^']*)'\s*$", current)
-        existing = value.group(1) if value else "classic"  # no x-queue-type means classic
-        advice += f" (queue_type={existing!r})"
-    return f"{kind} {name!r} already exists with other arguments ({detail}); {advice}"
+def connect_error(url: str, exc: BaseException) -> ConnectionFailed | None:
+    """The error for a connection attempt to ``url`` that failed with ``exc`` in a way
+    another attempt cannot fix (wrong credentials, unknown vhost); ``None`` otherwise.
+    The connecting half of :func:`translate`."""
+    if isinstance(exc, pex.ProbableAuthenticationError) or (
+        isinstance(exc, pex.ConnectionClosedByBroker) and exc.reply_code == 403
+    ):
+        return explain.wrong_credentials(url, _describe(exc))
+    if isinstance(exc, pex.ProbableAccessDeniedError):
+        return explain.unknown_vhost(url, _describe(exc))
+    return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -35,12 +35,12 @@ from mqkit._sync.acks import Acks
 from mqkit._sync.channel import to_incoming
 from mqkit._sync.connection import LinkDown, translate
 from mqkit._sync.io_thread import settle
+from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
-from mqkit.delivery import Decoder, follow_up, format_traceback, prepare
-from mqkit.errors import ConfigError, ConnectionFailed, MqkitError
+from mqkit.delivery import follow_up, format_traceback, prepare
+from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.messages import Incoming
-from mqkit.retry import Ack, GiveUp, Outcome, Reject, Retry, RetryLater, RetryPolicy, decide
-from mqkit.topology import Entity
+from mqkit.retry import Ack, GiveUp, Outcome, Reject, Retry, RetryLater, decide
 
 if TYPE_CHECKING:
     from mqkit._sync.client import Client
@@ -80,37 +80,18 @@ class Consumer(Generic[T]):
     def __init__(
         self,
         client: Client,
-        queue: str,
-        decoder: Decoder,
+        plan: ConsumerPlan,
         handler: Callable[[T, Context], object],
         *,
-        policy: RetryPolicy,
-        declare: Sequence[Entity],
-        prefetch: int | None = None,
-        concurrency: int = 1,
-        dlq: str | None = None,
         reply: ReplyStep | None = None,
-        temporary: Sequence[Entity] = (),
-        service: str | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
-        if prefetch is not None and not 1 <= prefetch <= 65535:
-            raise ConfigError(f"prefetch must be between 1 and 65535, got {prefetch}")
         self._client = client
         self._link = client._link
         self._publisher = client._publisher
-        self._queue = queue
-        self._decoder = decoder
+        self._plan = plan
+        self._queue = plan.queue
         self._handler = handler
-        self._policy = policy
-        self._declare = list(declare)
-        self._temporary = list(temporary)
-        self._prefetch = max(prefetch or client.settings.prefetch, concurrency)
-        self._concurrency = concurrency
-        self._dlq = dlq
         self._reply = reply
-        self._service = service or client.settings.service
         self._lifecycle = threading.Lock()
         self._running = False
         self._stopped = threading.Event()
@@ -124,7 +105,7 @@ class Consumer(Generic[T]):
         self._reattaching = False
 
     def __repr__(self) -> str:
-        return f"Consumer(queue={self._queue!r}, concurrency={self._concurrency})"
+        return f"Consumer(queue={self._queue!r}, concurrency={self._plan.concurrency})"
 
     @property
     def queue(self) -> str:
@@ -133,12 +114,14 @@ class Consumer(Generic[T]):
 
     @property
     def started(self) -> bool:
-        """Whether :meth:`start` ran and :meth:`stop` did not."""
+        """Whether :meth:`start` ran and :meth:`stop` did not (:meth:`Client.run` starts
+        only the consumers that are not started)."""
         return self._running
 
     @property
     def attached(self) -> bool:
-        """Whether the broker is delivering to this consumer right now."""
+        """Whether the broker is delivering to this consumer right now (``False`` while the
+        client reconnects; a readiness probe wants it ``True``, see ``health()``)."""
         return self._attached
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -150,7 +133,7 @@ class Consumer(Generic[T]):
             if self._running:
                 return
             self._client._ensure_open()
-            self._client._declarer.declare(*self._declare)
+            self._client._declarer.declare(*self._plan.entities)
             self._stopping = False
             self._stopped.clear()
             # A fresh queue: a worker stuck past an earlier stop() keeps the old one.
@@ -159,7 +142,7 @@ class Consumer(Generic[T]):
                 threading.Thread(
                     target=self._work_loop, name=f"mqkit-{self._queue}-{n}", daemon=True
                 )
-                for n in range(self._concurrency)
+                for n in range(self._plan.concurrency)
             ]
             for worker in self._workers:
                 worker.start()
@@ -204,8 +187,8 @@ class Consumer(Generic[T]):
             self._link.detach(self)
             self._attached = False
             self._client._consumer_stopped(self)
-            if self._temporary:
-                self._client._declarer.forget(*self._temporary)
+            if self._plan.temporary:
+                self._client._declarer.forget(*self._plan.temporary)
             self._stopped.set()
 
     def run(self) -> None:
@@ -267,7 +250,9 @@ class Consumer(Generic[T]):
                 return
             self._acks.channel = channel
             channel.add_on_cancel_callback(self._on_broker_cancel)
-            channel.basic_qos(prefetch_count=self._prefetch, callback=lambda _f: consume(channel))
+            channel.basic_qos(
+                prefetch_count=self._plan.prefetch, callback=lambda _f: consume(channel)
+            )
 
         def consume(channel: Channel) -> None:
             if channel is self._acks.channel:
@@ -332,7 +317,7 @@ class Consumer(Generic[T]):
                 if self._stopping or self._attached:
                     return
                 try:
-                    self._client._declarer.declare(*self._declare, again=True)
+                    self._client._declarer.declare(*self._plan.entities, again=True)
                     self._call_attach(wait_ready=True)
                     log.warning("mqkit: consumer of %r re-attached", self._queue)
                     return
@@ -368,7 +353,8 @@ class Consumer(Generic[T]):
 
     def _process(self, method: Basic.Deliver, props: BasicProperties, body: bytes) -> bool:
         incoming = to_incoming(method, props, body)
-        message, ctx, failure = prepare(incoming, queue=self._queue, decoder=self._decoder)
+        plan = self._plan
+        message, ctx, failure = prepare(incoming, queue=plan.queue, decoder=plan.decoder)
         if self._reply is not None:
             self._reply(incoming, message, ctx, failure)
             return _ACK
@@ -380,7 +366,7 @@ class Consumer(Generic[T]):
                 self._queue,
                 failure.error_message,
             )
-        copy = follow_up(incoming, outcome, queue=self._queue, service=self._service, dlq=self._dlq)
+        copy = follow_up(incoming, outcome, queue=plan.queue, service=plan.service, dlq=plan.dlq)
         if copy is None:
             return _ACK
         try:
@@ -397,11 +383,12 @@ class Consumer(Generic[T]):
         return _ACK
 
     def _run_handler(self, message: Any, ctx: Context) -> Outcome:
-        policy = self._policy
+        policy = self._plan.policy
         try:
             if policy.immediate:
                 retrying = tenacity.Retrying(
                     stop=tenacity.stop_after_attempt(policy.immediate + 1),
+                    wait=lambda state: policy.immediate_delay(state.attempt_number),
                     retry=tenacity.retry_if_exception(policy.retries_immediately),
                     reraise=True,
                 )
@@ -479,7 +466,7 @@ class Consumer(Generic[T]):
         """IO thread: the channel died with the connection; in-progress work is stale."""
         self._reset()
 
-    def restore(self) -> None:
+    def _restore(self) -> None:
         """Subscribe again on the new connection."""
         if self._stopping:
             return

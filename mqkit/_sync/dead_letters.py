@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import IO, TYPE_CHECKING, Any
 
 from pika.channel import Channel
 
+from mqkit import explain
 from mqkit._sync.channel import ChannelHandle, to_incoming
 from mqkit._sync.io_thread import settle
-from mqkit.dead_letters import DeadLetter, replay_headers
-from mqkit.errors import MqkitError, PublishError
+from mqkit.dead_letters import RETURN_WAIT, DeadLetter, Replay, scan_bound
+from mqkit.errors import MqkitError
 from mqkit.topology import dlq_name
 
 if TYPE_CHECKING:
@@ -42,12 +43,14 @@ class DeadLetterQueue:
 
     @property
     def queue(self) -> str:
-        """The work queue these dead letters came from."""
+        """The work queue these dead letters came from (and where :meth:`replay` sends one
+        whose ``original_queue`` is not known)."""
         return self._queue
 
     @property
     def name(self) -> str:
-        """The dead-letter queue's own name."""
+        """The dead-letter queue's own name, ``f"{queue}.dlq"`` (to inspect or alert on it
+        with other tools)."""
         return self._dlq
 
     def count(self) -> int:
@@ -60,7 +63,7 @@ class DeadLetterQueue:
                 callback=lambda frame: settle(future, frame.method.message_count),
             )
 
-        return self._handle().run(op, what=f"count dead letters in {self._dlq!r}")
+        return self._run(op, "count")
 
     def peek(self, limit: int = 10) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first; nothing is removed."""
@@ -83,7 +86,7 @@ class DeadLetterQueue:
                 self._dlq, callback=lambda frame: settle(future, frame.method.message_count)
             )
 
-        return self._handle().run(op, what=f"purge {self._dlq!r}")
+        return self._run(op, "purge")
 
     def replay(
         self,
@@ -100,64 +103,65 @@ class DeadLetterQueue:
         is removed. A re-publish that fails leaves the dead letter in place, and the error is
         raised after the scan. ``progress(done)`` is called after each replay.
         """
-        total = self.count()
+        replay = Replay(
+            self._queue,
+            self._dlq,
+            count=self.count(),
+            limit=limit,
+            error_type=error_type,
+            message_id=message_id,
+            progress=progress,
+        )
         handle = ChannelHandle(self._client._link, reopen=False)
         publisher = self._client._publisher
-        replayed = 0
-        failures: list[tuple[str, MqkitError]] = []
-        what = f"replay dead letters of {self._dlq!r}"
+        what, missing = (
+            explain.on_dead_letters("replay", self._dlq),
+            explain.missing_dlq(self._queue),
+        )
         try:
-            # Bounded by the count at the start: messages we skip stay unacked on our channel,
-            # so the scan never sees one twice.
-            for _ in range(total):
-                if limit is not None and replayed >= limit:
-                    break
-                got = handle.get(self._dlq, what=what)
+            # Messages we skip stay unacked on our channel until it closes (in order).
+            while not replay.finished:
+                got = handle.get(self._dlq, what=what, missing=missing)
                 if got is None:
                     break
-                incoming = to_incoming(*got)
-                letter = DeadLetter.from_incoming(incoming, dlq=self._dlq)
-                if (error_type is not None and letter.error_type != error_type) or (
-                    message_id is not None and letter.message_id != message_id
-                ):
+                letter = replay.letter(to_incoming(*got))
+                if not replay.wants(letter):
                     continue
-                envelope = dataclasses.replace(
-                    incoming.republished({}), headers=replay_headers(incoming.headers)
-                )
                 try:
-                    publisher.publish("", letter.original_queue, [envelope], mandatory=True)
+                    publisher.publish("", replay.target(letter), [replay.envelope(letter)])
                 except MqkitError as exc:
-                    failures.append((letter.message_id or "?", exc))
+                    replay.failed(letter, exc)
                     continue
-                handle.ack(incoming.delivery_tag, what=what)
-                replayed += 1
-                if progress is not None:
-                    progress(replayed)
+                handle.ack(letter.incoming.delivery_tag, what=what)
+                replay.replayed()
         finally:
             handle.close()
-        if failures:
-            if len(failures) == 1:
-                raise failures[0][1]
-            summary = "; ".join(sorted({str(exc) for _, exc in failures})[:3])
-            raise PublishError(
-                f"{len(failures)} dead letter(s) of {self._dlq!r} could not be replayed and "
-                f"stay in the DLQ ({replayed} replayed): {summary}",
-                unconfirmed=[mid for mid, _ in failures],
-            )
-        return replayed
+        self._returned(replay.left)
+        return replay.result()
 
-    def _handle(self) -> ChannelHandle:
+    def _run(self, op: Callable[[Channel, Future[int]], None], action: str) -> int:
+        """Run ``op`` on the client's control channel."""
         self._client._ensure_open()
-        return self._client._declarer.handle
+        what = explain.on_dead_letters(action, self._dlq)
+        return self._client._declarer.handle.run(
+            op, what=what, missing=explain.missing_dlq(self._queue)
+        )
+
+    def _returned(self, expected: int) -> None:
+        """Wait (at most RETURN_WAIT) until the DLQ counts ``expected`` letters again."""
+        deadline = time.monotonic() + RETURN_WAIT
+        while self.count() < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _scan(self, limit: int | None, each: Callable[[DeadLetter], Any]) -> list[DeadLetter]:
-        total = self.count()
-        bound = total if limit is None else min(total, limit)
+        count = self.count()
+        bound = scan_bound(count, limit)
         handle = ChannelHandle(self._client._link, reopen=False)
+        what = explain.on_dead_letters("read", self._dlq)
         letters: list[DeadLetter] = []
         try:
             for _ in range(bound):
-                got = handle.get(self._dlq, what=f"read dead letters of {self._dlq!r}")
+                got = handle.get(self._dlq, what=what, missing=explain.missing_dlq(self._queue))
                 if got is None:
                     break
                 letter = DeadLetter.from_incoming(to_incoming(*got), dlq=self._dlq)
@@ -165,4 +169,6 @@ class DeadLetterQueue:
                 letters.append(letter)
         finally:
             handle.close()  # unacked: everything goes back, in order
+        if letters:
+            self._returned(count)
         return letters

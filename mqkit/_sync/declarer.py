@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
+from mqkit import explain
 from mqkit._sync.channel import ChannelHandle
 from mqkit._sync.connection import Link
 from mqkit._sync.io_thread import settle
@@ -22,21 +23,9 @@ from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.settings import Settings
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
 
-__all__ = ["Declarer", "describe"]
+__all__ = ["Declarer"]
 
 log = logging.getLogger("mqkit")
-
-
-def describe(entity: Entity) -> str:
-    """What declaring ``entity`` means, for error messages."""
-    if isinstance(entity, Queue):
-        return f"declare queue {entity.name!r}"
-    if isinstance(entity, Exchange):
-        return f"declare exchange {entity.name!r}"
-    return (
-        f"bind queue {entity.queue!r} to exchange {entity.exchange!r} "
-        f"with routing key {entity.routing_key!r}"
-    )
 
 
 class Declarer:
@@ -107,14 +96,14 @@ class Declarer:
             else:  # pragma: no cover - guarded by the type
                 raise TypeError(f"cannot declare {entity!r}")
 
-        self._handle.run(op, what=describe(entity), wait_ready=wait_ready)
+        self._handle.run(op, what=explain.declaring(entity), wait_ready=wait_ready)
 
     # -- Component ---------------------------------------------------------------------------
 
     def _link_lost(self, reason: BaseException) -> None:
         """Nothing to do: the control channel is reopened on next use."""
 
-    def restore(self) -> None:
+    def _restore(self) -> None:
         """Declare everything again on the new connection (a conflict is logged, not fatal)."""
         for entity in self.topology:
             try:

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from mqkit.errors import ConfigError
-from mqkit.messages import Envelope, Event, encode
+from mqkit.publishing import PublishTarget
 
 if TYPE_CHECKING:
     from mqkit._sync.client import Client
@@ -39,33 +38,17 @@ class Producer(Generic[T]):
     ```
     """
 
-    def __init__(
-        self,
-        client: Client,
-        message_type: type[T],
-        *,
-        exchange: str,
-        routing_key: str | None,
-        queue: str | None = None,
-    ) -> None:
+    def __init__(self, client: Client, target: PublishTarget[T]) -> None:
         self._client = client
-        self._type = message_type
-        self._exchange = exchange
-        self._routing_key = routing_key
-        self._queue = queue
+        self._target = target
 
     def __repr__(self) -> str:
-        target = (
-            f"queue={self._queue!r}"
-            if self._queue is not None
-            else (f"exchange={self._exchange!r}")
-        )
-        return f"Producer[{self._type.__name__}]({target})"
+        return f"Producer[{self._target.message_type.__name__}]({self._target.describe()})"
 
     @property
     def message_type(self) -> type[T]:
         """The type of message this producer publishes."""
-        return self._type
+        return self._target.message_type
 
     def publish(
         self,
@@ -79,10 +62,15 @@ class Producer(Generic[T]):
         expiration: float | None = None,
     ) -> str:
         """Publish one message (``expiration`` in seconds); return its id once confirmed."""
-        envelope = self._encode(message, headers, message_id, correlation_id, priority, expiration)
-        key = self._key(message, routing_key)
-        self._client._ensure_open()
-        return self._client._publisher.publish(self._exchange, key, [envelope])[0]
+        return self.publish_many(
+            [message],
+            routing_key=routing_key,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            priority=priority,
+            expiration=expiration,
+        )[0]
 
     def publish_many(
         self,
@@ -102,55 +90,21 @@ class Producer(Generic[T]):
         failures are of one kind) whose ``unconfirmed`` lists the ids not confirmed;
         re-publishing those is safe.
         """
-        envelopes: list[Envelope] = []
-        keys: list[str] = []
-        for message in messages:
-            envelopes.append(
-                self._encode(message, headers, message_id, correlation_id, priority, expiration)
-            )
-            keys.append(self._key(message, routing_key))
-        if not envelopes:
-            return []
-        self._client._ensure_open()
-        first = keys[0] if keys else ""
-        return self._client._publisher.publish(self._exchange, first, envelopes, routing_keys=keys)
-
-    def _encode(
-        self,
-        message: T,
-        headers: Mapping[str, Any] | None,
-        message_id: str | None,
-        correlation_id: str | None,
-        priority: int | None,
-        expiration: float | None,
-    ) -> Envelope:
-        if not isinstance(message, self._type):
-            raise TypeError(
-                f"Producer[{self._type.__name__}].publish expected {self._type.__name__}, "
-                f"got {type(message).__name__}"
-            )
-        return encode(
-            message,
+        prepared = self._target.prepare(
+            messages,
             service=self._client.settings.service,
+            routing_key=routing_key,
             headers=headers,
             message_id=message_id,
             correlation_id=correlation_id,
             priority=priority,
             expiration=expiration,
         )
-
-    def _key(self, message: BaseModel, routing_key: str | None) -> str:
-        if self._queue is not None:
-            if routing_key is not None and routing_key != self._queue:
-                raise ConfigError(
-                    f"this producer publishes to queue {self._queue!r}; routing_key does not "
-                    "apply (use client.producer(..., exchange=...) to route by key)"
-                )
-            return self._queue
-        if routing_key is not None:
-            return routing_key
-        if self._routing_key is not None:
-            return self._routing_key
-        if isinstance(message, Event):
-            return message.event_type
-        return ""
+        if not prepared:
+            return []
+        self._client._ensure_open()
+        envelopes = [envelope for envelope, _ in prepared]
+        keys = [key for _, key in prepared]
+        return self._client._publisher.publish(
+            self._target.exchange, keys[0], envelopes, routing_keys=keys
+        )

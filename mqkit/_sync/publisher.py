@@ -29,17 +29,10 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from mqkit import explain
 from mqkit._sync.connection import Link, translate
 from mqkit._sync.io_thread import settle
-from mqkit.errors import (
-    ConnectionFailed,
-    MqkitError,
-    PublishError,
-    PublishNacked,
-    PublishTimeout,
-    PublishUnroutable,
-    TopologyError,
-)
+from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.messages import Envelope
 
 __all__ = ["WINDOW", "Batch", "Publisher", "properties"]
@@ -207,27 +200,15 @@ class Publisher:
         unconfirmed = batch.unconfirmed()
         if timed_out:
             pending = len(unconfirmed) - len(errors)
-            errors.append(
-                PublishTimeout(
-                    f"no confirm from the broker within {self._confirm_timeout:g}s for "
-                    f"{pending} message(s) to exchange {exchange!r} (routing key "
-                    f"{routing_key!r}); the broker may be unreachable or blocked",
-                    unconfirmed=unconfirmed,
-                )
+            what = (
+                explain.publishing(unconfirmed[-1], exchange, routing_key)
+                if len(batch.ids) == 1
+                else f"publish {pending} message(s) to {explain.target(exchange, routing_key)}"
             )
-        kinds = {type(error) for error in errors}
-        if len(batch.ids) == 1 or kinds == {TopologyError}:
-            error = errors[0]
-            if isinstance(error, PublishError):
-                error.unconfirmed = unconfirmed
-            return error
-        kind = kinds.pop() if len(kinds) == 1 else PublishError
-        cls = kind if issubclass(kind, PublishError) else PublishError
-        summary = "; ".join(sorted({str(error) for error in errors})[:3])
-        return cls(
-            f"{len(unconfirmed)} of {len(batch.ids)} messages were not confirmed: {summary}",
-            unconfirmed=unconfirmed,
-        )
+            errors.append(
+                explain.confirm_timeout(what, self._confirm_timeout, self._link.last_error)
+            )
+        return explain.many_failed(errors, total=len(batch.ids), unconfirmed=unconfirmed)
 
     # -- IO thread -------------------------------------------------------------------------
 
@@ -258,7 +239,7 @@ class Publisher:
                 waiting.appendleft(message)  # the channel is closing: its close handler reopens
                 return
             except Exception as exc:
-                message.batch.settle(message.index, translate(exc, what="publish"))
+                message.batch.settle(message.index, translate(exc, what=_what(message)))
                 continue
             message.tag = self._next_tag
             self._next_tag += 1
@@ -289,22 +270,9 @@ class Publisher:
         message.settled = True
         error: MqkitError | None = None
         if nacked:
-            error = PublishNacked(
-                f"the broker nacked message {message.properties.message_id} to exchange "
-                f"{message.exchange!r} (routing key {message.routing_key!r}); a queue may be "
-                "full (overflow=reject-publish) or the broker is short of resources"
-            )
+            error = explain.nacked(_what(message))
         elif message.returned is not None:
-            target = (
-                f"queue {message.routing_key!r}"
-                if message.exchange == ""
-                else (f"exchange {message.exchange!r} with routing key {message.routing_key!r}")
-            )
-            error = PublishUnroutable(
-                f"message {message.properties.message_id} to {target} was returned "
-                f"({message.returned}): no queue is bound for it; declare the queue or "
-                "binding first"
-            )
+            error = explain.unroutable(_what(message), message.returned)
         message.batch.settle(message.index, error)
 
     def _on_return(
@@ -339,8 +307,7 @@ class Publisher:
                 continue
             if missing is None or message.exchange == missing["name"]:
                 message.settled = True
-                what = f"publish to exchange {message.exchange!r}"
-                message.batch.settle(message.index, translate(reason, what=what))
+                message.batch.settle(message.index, translate(reason, what=_what(message)))
         self._requeue_inflight()
         self._waiting = deque(m for m in self._waiting if not m.settled)
         self._reopen()
@@ -416,7 +383,7 @@ class Publisher:
         else:
             self._requeue_inflight()
 
-    def restore(self) -> None:
+    def _restore(self) -> None:
         """Open the confirm channel on the new connection, then send what is waiting."""
         self._link.call(
             self._open,
@@ -424,3 +391,9 @@ class Publisher:
             what="open the publishing channel",
             wait_ready=False,
         )
+
+
+def _what(message: _Message) -> str:
+    return explain.publishing(
+        message.properties.message_id or "?", message.exchange, message.routing_key
+    )

@@ -6,12 +6,12 @@ and matches replies to waiting callers by ``correlation_id``. The responding sid
 consumer whose handler's return value is published to the request's ``reply_to``; if the
 handler raises (or returns something that is not a pydantic model) the reply carries
 ``x-mqkit-error-type`` / ``x-mqkit-error-message`` and the caller gets
-:class:`~mqkit.RemoteError`. Requests are never retried.
+:class:`~mqkit.RemoteError`. Requests are never retried. What to send and what a reply means
+is decided in :mod:`mqkit.rpc`; this module does the I/O.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -28,21 +28,19 @@ from pydantic import BaseModel
 
 from mqkit._sync.io_thread import settle
 from mqkit.context import Context
-from mqkit.dead_letters import ERROR_MESSAGE, ERROR_TYPE
-from mqkit.errors import ConnectionFailed, MqkitError, RemoteError, RequestTimeout
-from mqkit.messages import Envelope, Incoming, decode, encode
+from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.messages import Incoming
 from mqkit.retry import GiveUp
+from mqkit.rpc import REPLY_TO, answer, read_reply, request_envelope, request_timeout
 
 if TYPE_CHECKING:
     from mqkit._sync.client import Client
 
-__all__ = ["REPLY_TO", "Requester", "reply_step"]
+__all__ = ["Requester", "reply_step"]
 
 log = logging.getLogger("mqkit")
 
 R = TypeVar("R", bound=BaseModel)
-
-REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class Requester:
@@ -61,33 +59,25 @@ class Requester:
         """Publish ``message`` to ``queue`` and wait up to ``timeout`` s for the typed reply."""
         started = time.monotonic()
         client = self._client
+        correlation_id = uuid.uuid4().hex
+        envelope = request_envelope(
+            message, service=client.settings.service, correlation_id=correlation_id
+        )
         client._ensure_open()
         self._ensure_consuming()
-        correlation_id = uuid.uuid4().hex
         future: Future[tuple[BasicProperties, bytes]] = Future()
         self._waiting[correlation_id] = future
         try:
-            envelope = encode(
-                message,
-                service=client.settings.service,
-                correlation_id=correlation_id,
-                reply_to=REPLY_TO,
-            )
             client._publisher.publish("", queue, [envelope], mandatory=True)
             self._sent.add(correlation_id)
             left = max(0.0, timeout - (time.monotonic() - started))
             props, body = future.result(left)
         except FutureTimeout:
-            raise RequestTimeout(
-                f"no reply from queue {queue!r} within {timeout:g}s; is a responder running?"
-            ) from None
+            raise request_timeout(queue, timeout) from None
         finally:
             self._waiting.pop(correlation_id, None)
             self._sent.discard(correlation_id)
-        headers = props.headers or {}
-        if ERROR_TYPE in headers:
-            raise RemoteError(_text(headers.get(ERROR_TYPE)), _text(headers.get(ERROR_MESSAGE)))
-        return decode(body, response_type)
+        return read_reply(props.headers, body, response_type)
 
     def _ensure_consuming(self) -> None:
         if self._consuming:
@@ -138,66 +128,36 @@ class Requester:
                     ),
                 )
 
-    def restore(self) -> None:
+    def _restore(self) -> None:
         """Nothing: the publishing channel's hook consumes again."""
 
 
 def reply_step(
     client: Client, queue: str, handler: Callable[[Any, Context], object]
 ) -> Callable[[Incoming, Any, Context, GiveUp | None], None]:
-    """What a responder does with a request instead of the usual ack/retry/dead-letter."""
+    """What a responder does with a request instead of the usual ack/retry/dead-letter: run
+    the handler and publish :func:`mqkit.rpc.answer`'s reply (never raises)."""
     publisher = client._publisher
     service = client.settings.service
 
     def step(incoming: Incoming, message: Any, ctx: Context, failure: GiveUp | None) -> None:
-        error: tuple[str, str] | None = None
+        outcome: GiveUp | Exception | None = failure
         result: object = None
-        if failure is not None:
-            error = (failure.error_type, failure.error_message)
-        else:
+        if failure is None:
             try:
                 result = handler(message, ctx)
             except Exception as exc:
                 log.warning("mqkit: responder for %r raised %r", queue, exc, exc_info=exc)
-                error = (type(exc).__name__, str(exc))
-            else:
-                if not isinstance(result, BaseModel):
-                    error = (
-                        "TypeError",
-                        f"responder for {queue!r} returned {type(result).__name__}; "
-                        "return a pydantic model",
-                    )
-        if not incoming.reply_to:
+                outcome = exc
+        reply = answer(queue, incoming, service=service, result=result, failure=outcome)
+        if reply is None:
             log.warning(
                 "mqkit: request %s on %r has no reply_to; dropping the reply", ctx.message_id, queue
             )
             return
-        if error is not None:
-            envelope = error_envelope(error, service=service, correlation_id=ctx.correlation_id)
-        else:
-            assert isinstance(result, BaseModel)
-            envelope = encode(result, service=service, correlation_id=ctx.correlation_id)
         try:
-            publisher.publish("", incoming.reply_to, [envelope], mandatory=False)
+            publisher.publish("", reply.reply_to, [reply.envelope], mandatory=False)
         except MqkitError as exc:
             log.error("mqkit: could not reply to request %s on %r: %s", ctx.message_id, queue, exc)
 
     return step
-
-
-def error_envelope(error: tuple[str, str], *, service: str, correlation_id: str | None) -> Envelope:
-    """A reply that says the responder failed (headers for mqkit, a JSON body for others)."""
-    error_type, message = error
-    return Envelope(
-        body=json.dumps({"error_type": error_type, "error_message": message}).encode(),
-        message_id=uuid.uuid4().hex,
-        type="mqkit.error",
-        app_id=service,
-        timestamp=int(time.time()),
-        headers={ERROR_TYPE: error_type, ERROR_MESSAGE: message[:4000]},
-        correlation_id=correlation_id,
-    )
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")

@@ -11,7 +11,6 @@ against every implementation.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import threading
 import time

@@ -83,8 +83,9 @@ def test_pattern_subscription_decodes_by_type(rt, names, collector):
         OrderPlaced: OrderPlaced(order_id="1"),
         OrderCancelled: OrderCancelled(order_id="2", reason="changed mind"),
     }
-    assert {c.event_type for c in received.contexts} == {"bus-orders.placed", "bus-orders.cancelled"}
-    assert {c.routing_key for c in received.contexts} == {"bus-orders.placed", "bus-orders.cancelled"}
+    both = {"bus-orders.placed", "bus-orders.cancelled"}
+    assert {c.event_type for c in received.contexts} == both
+    assert {c.routing_key for c in received.contexts} == both
 
 
 def test_broadcast_gives_every_instance_a_copy(rt, names, collector):

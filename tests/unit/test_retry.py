@@ -197,3 +197,10 @@ def test_attempt_of() -> None:
     assert attempt_of({ATTEMPT_HEADER: 0}) == 1
     assert attempt_of({ATTEMPT_HEADER: -4}) == 1
     assert attempt_of({"x-death": [{"count": 5}]}) == 1  # x-death is not trusted
+
+
+def test_immediate_delay_paces_quick_retries() -> None:
+    policy = RetryPolicy(immediate=8)
+    delays = [policy.immediate_delay(n) for n in range(1, 9)]
+    assert delays[:4] == [0.0, 0.05, 0.1, 0.2]
+    assert max(delays) == 1.0  # capped: a handler must not sit on its message long

@@ -1,0 +1,176 @@
+"""What a consumer declares and how it consumes, as one plain value both shells run.
+
+``client.consumer(...)``, ``client.responder(...)`` and ``bus.subscribe(...)`` ask this
+module for a :class:`ConsumerPlan`, so the two runtimes validate the same arguments, pick the
+same prefetch and declare the same topology. The shells' consumers only do the I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from mqkit.delivery import Decoder, typed_decoder
+from mqkit.errors import ConfigError
+from mqkit.messages import Event
+from mqkit.publishing import check_model
+from mqkit.retry import DEFAULT_POLICY, RetryPolicy
+from mqkit.settings import Settings
+from mqkit.subscriptions import plan_subscription
+from mqkit.topology import Entity, Exchange, Queue, consumer_topology, dlq_name
+
+__all__ = [
+    "RESPONDER_POLICY",
+    "ConsumerPlan",
+    "consumer_options",
+    "plan_consumer",
+    "plan_responder",
+    "plan_subscriber",
+]
+
+# RPC requests are not retried: the caller is waiting, and gets the error instead.
+RESPONDER_POLICY = RetryPolicy(max_attempts=1, delays=())
+
+_MAX_PREFETCH = 65535  # basic.qos prefetch_count is a 16-bit field
+
+
+@dataclass(frozen=True)
+class ConsumerPlan:
+    """A consumer of ``queue``: how to decode, when to retry, what to declare on start.
+
+    ``dlq`` is where give-ups go; ``temporary`` lists what goes away with the connection (a
+    broadcast queue and its binding): re-declared while the consumer runs, forgotten once it
+    stops. ``service`` is named in the dead letters' headers.
+    """
+
+    queue: str
+    decoder: Decoder
+    policy: RetryPolicy
+    entities: tuple[Entity, ...]
+    prefetch: int
+    concurrency: int
+    service: str
+    dlq: str
+    temporary: tuple[Entity, ...] = ()
+
+
+def consumer_options(
+    prefetch: int | None, concurrency: int, *, default_prefetch: int
+) -> tuple[int, int]:
+    """Validated ``(prefetch, concurrency)``: ``concurrency`` at least 1, ``prefetch`` 1 to
+    65535 or ``None`` (``default_prefetch``), and never below ``concurrency`` (a worker with
+    nothing prefetched would idle)."""
+    if concurrency < 1:
+        raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+    if prefetch is not None and not 1 <= prefetch <= _MAX_PREFETCH:
+        raise ConfigError(f"prefetch must be between 1 and {_MAX_PREFETCH}, got {prefetch}")
+    return min(max(prefetch or default_prefetch, concurrency), _MAX_PREFETCH), concurrency
+
+
+def plan_consumer(
+    queue: str | Queue,
+    message_type: type[BaseModel],
+    *,
+    settings: Settings,
+    prefetch: int | None = None,
+    concurrency: int = 1,
+    retry: RetryPolicy | None = None,
+) -> ConsumerPlan:
+    """The plan for ``client.consumer(queue, message_type, handler, ...)``: ``retry`` None is
+    :data:`~mqkit.retry.DEFAULT_POLICY`; the queue gets its retry queues and DLQ."""
+    check_model(message_type, "consumer")
+    return _plan(queue, message_type, retry or DEFAULT_POLICY, settings, prefetch, concurrency)
+
+
+def plan_responder(
+    queue: str | Queue, request_type: type[BaseModel], *, settings: Settings
+) -> ConsumerPlan:
+    """The plan for ``client.responder(queue, request_type, handler)``: one request at a
+    time, never retried (:data:`RESPONDER_POLICY`)."""
+    check_model(request_type, "responder")
+    return _plan(queue, request_type, RESPONDER_POLICY, settings, None, 1)
+
+
+def plan_subscriber(
+    target: type[Event] | str,
+    *,
+    settings: Settings,
+    service: str,
+    exchange: Exchange,
+    subscribed: set[str],
+    broadcast: bool = False,
+    queue: str | None = None,
+    retry: RetryPolicy | None = None,
+    prefetch: int | None = None,
+    concurrency: int = 1,
+) -> ConsumerPlan:
+    """The plan for ``bus.subscribe(target, ...)`` of ``service`` on ``exchange`` (see
+    :func:`mqkit.subscriptions.plan_subscription`).
+
+    ``subscribed`` holds the keys the bus already subscribes to on the queues it names
+    itself; subscribing to one of them again without ``queue=`` would put a second handler on
+    the same queue (each would get half the events), so it is a :class:`ConfigError`. The new
+    key is added to it.
+    """
+    prefetch, concurrency = consumer_options(
+        prefetch, concurrency, default_prefetch=settings.prefetch
+    )
+    subscription = plan_subscription(
+        target,
+        service=service,
+        exchange=exchange,
+        broadcast=broadcast,
+        queue=queue,
+        retry=retry,
+        default_type=settings.queue_type,
+        delivery_limit=settings.delivery_limit,
+    )
+    if queue is None and not broadcast:
+        if subscription.key in subscribed:
+            raise ConfigError(
+                f"this bus already subscribes to {subscription.key!r}; pass queue= to "
+                "subscribe a second handler with its own queue"
+            )
+        subscribed.add(subscription.key)
+    return ConsumerPlan(
+        queue=subscription.queue.name,
+        decoder=subscription.decoder,
+        policy=subscription.policy,
+        entities=subscription.entities,
+        prefetch=prefetch,
+        concurrency=concurrency,
+        service=service,
+        dlq=subscription.dlq,
+        temporary=subscription.temporary,
+    )
+
+
+def _plan(
+    queue: str | Queue,
+    message_type: type[BaseModel],
+    policy: RetryPolicy,
+    settings: Settings,
+    prefetch: int | None,
+    concurrency: int,
+) -> ConsumerPlan:
+    prefetch, concurrency = consumer_options(
+        prefetch, concurrency, default_prefetch=settings.prefetch
+    )
+    work = queue if isinstance(queue, Queue) else Queue(queue)
+    entities = consumer_topology(
+        work,
+        policy,
+        default_type=settings.queue_type,
+        delivery_limit=settings.delivery_limit,
+    )
+    return ConsumerPlan(
+        queue=work.name,
+        decoder=typed_decoder(message_type),
+        policy=policy,
+        entities=tuple(entities),
+        prefetch=prefetch,
+        concurrency=concurrency,
+        service=settings.service,
+        dlq=dlq_name(work.name),
+    )

@@ -1,0 +1,265 @@
+"""What went wrong, in words: the texts of the errors both runtimes raise.
+
+Each shell's ``translate()`` maps its client's exception types (pika's, aiormq's) to one of
+these functions and passes plain values: URLs, a timeout, the cause as text, the broker's
+reply code and reply text. So the words live here once, and a user reads the same message
+whichever runtime they run. Every URL and cause is masked (:func:`mqkit.settings.mask_url`).
+
+```python
+raise explain.unreachable(settings.all_urls, settings.connect_timeout, cause) from exc
+raise explain.broker_refused(404, "NOT_FOUND - no queue 'x'", what="count dead letters") from exc
+```
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from mqkit.errors import (
+    ConnectionFailed,
+    MqkitError,
+    PublishError,
+    PublishNacked,
+    PublishTimeout,
+    PublishUnroutable,
+    TopologyError,
+)
+from mqkit.settings import mask_url
+from mqkit.topology import Binding, Entity, Exchange, Queue
+
+__all__ = [
+    "ACCESS_REFUSED",
+    "NOT_FOUND",
+    "PRECONDITION_FAILED",
+    "RESOURCE_LOCKED",
+    "broker_refused",
+    "closed",
+    "confirm_timeout",
+    "declaring",
+    "link_lost",
+    "many_failed",
+    "missing_dlq",
+    "nacked",
+    "no_answer",
+    "not_connected",
+    "on_dead_letters",
+    "publishing",
+    "target",
+    "unknown_vhost",
+    "unreachable",
+    "unroutable",
+    "wrong_credentials",
+]
+
+# AMQP reply codes of a channel the broker closed.
+ACCESS_REFUSED = 403
+NOT_FOUND = 404
+RESOURCE_LOCKED = 405
+PRECONDITION_FAILED = 406
+
+# -------------------------------------------------------------------------- connecting
+
+
+def unreachable(urls: Sequence[str], timeout: float, cause: str | None) -> ConnectionFailed:
+    """No broker answered at any of ``urls`` within ``timeout`` seconds; ``cause`` is the
+    last attempt's error as text (``None``: no attempt finished in time)."""
+    hosts = ", ".join(dict.fromkeys(mask_url(url) for url in urls))
+    last = mask_url(cause) if cause else "no attempt finished in time"
+    return ConnectionFailed(
+        f"cannot connect to {hosts} within {timeout:g}s (last error: {last}); "
+        "is RabbitMQ running and reachable from here?"
+    )
+
+
+def wrong_credentials(url: str, cause: str) -> ConnectionFailed:
+    """The broker at ``url`` refused the login (not retried: waiting does not fix it)."""
+    return ConnectionFailed(
+        f"cannot connect to {mask_url(url)}: wrong username or password ({mask_url(cause)}); "
+        "check the credentials in the URL (MQKIT_URL)"
+    )
+
+
+def unknown_vhost(url: str, cause: str) -> ConnectionFailed:
+    """The broker at ``url`` has no such virtual host, or the user may not use it."""
+    vhost = urlsplit(url).path[1:] or "/"
+    return ConnectionFailed(
+        f"cannot connect to {mask_url(url)}: virtual host {vhost!r} does not exist or this "
+        f"user may not use it ({mask_url(cause)}); create it (rabbitmqctl add_vhost) or fix "
+        "the URL's path"
+    )
+
+
+def link_lost(what: str, cause: str) -> ConnectionFailed:
+    """The connection (or the channel under it) went away while doing ``what``."""
+    return ConnectionFailed(
+        f"{what}: the connection to the broker was lost ({mask_url(cause)}); mqkit reconnects "
+        "in the background: retry shortly"
+    )
+
+
+def no_answer(what: str, timeout: float | None = None) -> ConnectionFailed:
+    """The broker did not answer ``what`` within ``timeout`` seconds (``None``: in time)."""
+    within = "in time" if timeout is None else f"within {timeout:g}s"
+    return ConnectionFailed(
+        f"{what}: no answer from the broker {within}; is it overloaded or unreachable?"
+    )
+
+
+def not_connected(what: str, timeout: float, last_error: str | None) -> ConnectionFailed:
+    """``what`` waited ``timeout`` seconds for a connection that did not come back."""
+    because = f" (last error: {mask_url(last_error)})" if last_error else ""
+    return ConnectionFailed(
+        f"{what}: not connected to the broker{because} after waiting {timeout:g}s; mqkit "
+        "keeps reconnecting in the background"
+    )
+
+
+def closed(what: str) -> ConnectionFailed:
+    """``what`` was tried on a client that was closed."""
+    return ConnectionFailed(f"{what}: the mqkit client is closed; open a new one")
+
+
+# -------------------------------------------------------------------------- topology
+
+
+def declaring(entity: Entity) -> str:
+    """What declaring ``entity`` means, for error messages ("declare queue 'orders'")."""
+    if isinstance(entity, Queue):
+        return f"declare queue {entity.name!r}"
+    if isinstance(entity, Exchange):
+        return f"declare exchange {entity.name!r}"
+    assert isinstance(entity, Binding)
+    return (
+        f"bind queue {entity.queue!r} to exchange {entity.exchange!r} "
+        f"with routing key {entity.routing_key!r}"
+    )
+
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)' "
+    r"in vhost '[^']*': received (?P<received>.+) but current is (?P<current>.+)$"
+)
+
+
+def broker_refused(
+    reply_code: int | None, reply_text: str, *, what: str, missing: str | None = None
+) -> TopologyError:
+    """The broker closed the channel with ``reply_code`` (``None``: not known) and
+    ``reply_text`` while doing ``what`` (e.g. "declare queue 'orders'"). ``missing``
+    replaces the advice for NOT_FOUND (default: "declare it first")."""
+    text = mask_url(reply_text)
+    if reply_code == PRECONDITION_FAILED:
+        return TopologyError(_precondition(text, what))
+    if reply_code == NOT_FOUND:
+        return TopologyError(f"{what}: not found ({text}); {missing or 'declare it first'}")
+    if reply_code == RESOURCE_LOCKED:
+        return TopologyError(
+            f"{what}: locked ({text}); an exclusive queue belongs to the connection that "
+            "declared it: use another name, or stop the service holding it"
+        )
+    if reply_code == ACCESS_REFUSED:
+        return TopologyError(
+            f"{what}: access refused ({text}); grant the user permission, or use a name "
+            "that does not start with 'amq.'"
+        )
+    code = "" if reply_code is None else f"{reply_code} "
+    return TopologyError(f"{what}: the broker closed the channel ({code}{text})")
+
+
+def _precondition(text: str, what: str) -> str:
+    match = _INEQUIVALENT.search(text)
+    if match is None:
+        return f"{what}: precondition failed ({text})"
+    kind, name, arg = match["kind"], match["name"], match["arg"]
+    current = match["current"].strip()
+    detail = f"inequivalent arg {arg!r}: received {match['received']} but current is {current}"
+    advice = "delete it, or declare it as it is"
+    if arg == "x-queue-type":
+        # "current is 'classic'", "current is the value 'classic' of type 'longstr'"
+        value = re.search(r"'([^']*)'", current)
+        existing = value.group(1) if value else "classic"  # no x-queue-type means classic
+        advice += f" (queue_type={existing!r})"
+    return f"{kind} {name!r} already exists with other arguments ({detail}); {advice}"
+
+
+def on_dead_letters(action: str, dlq: str) -> str:
+    """What a dead-letter tool was doing ("count the dead letters in 'orders.dlq'")."""
+    return f"{action} the dead letters in {dlq!r}"
+
+
+def missing_dlq(queue: str) -> str:
+    """The advice when ``queue``'s DLQ is not there (``missing=`` of :func:`broker_refused`)."""
+    return f"a dead-letter queue does not exist until a consumer of {queue!r} has started"
+
+
+# -------------------------------------------------------------------------- publishing
+
+
+def target(exchange: str, routing_key: str) -> str:
+    """Where a publish goes: "queue 'q'" (the default exchange) or "exchange 'e' (routing
+    key 'k')"."""
+    if exchange:
+        return f"exchange {exchange!r} (routing key {routing_key!r})"
+    return f"queue {routing_key!r}"
+
+
+def publishing(message_id: str, exchange: str, routing_key: str) -> str:
+    """What publishing one message means, for error messages."""
+    return f"publish message {message_id} to {target(exchange, routing_key)}"
+
+
+def unroutable(what: str, reply: str) -> PublishUnroutable:
+    """A mandatory publish came back (basic.return) with ``reply`` ("312 NO_ROUTE")."""
+    return PublishUnroutable(
+        f"{what}: the broker returned it as unroutable ({reply}); no queue is bound for it: "
+        "declare the queue, or a binding for that routing key, first"
+    )
+
+
+def nacked(what: str) -> PublishNacked:
+    """The broker nacked a publish."""
+    return PublishNacked(
+        f"{what}: the broker nacked it; a queue may be full (overflow=reject-publish) or the "
+        "broker is short of resources: retry later"
+    )
+
+
+def confirm_timeout(
+    what: str, timeout: float, cause: str | None = None, *, unconfirmed: Sequence[str] = ()
+) -> PublishTimeout:
+    """No confirm within ``timeout`` seconds for the messages ``unconfirmed`` (``cause``:
+    why, when known, such as the link being down)."""
+    because = mask_url(cause) if cause else "the broker did not answer"
+    return PublishTimeout(
+        f"{what}: no confirm within {timeout:g}s ({because}); it may or may not have been "
+        "stored: publish it again if in doubt",
+        unconfirmed=unconfirmed,
+    )
+
+
+def many_failed(
+    errors: Sequence[MqkitError], *, total: int, unconfirmed: Sequence[str]
+) -> MqkitError:
+    """The one error for a batch of ``total`` publishes of which some failed with ``errors``.
+
+    A single publish raises its own error; so does a batch whose errors are all
+    :class:`TopologyError` (a missing exchange). Otherwise a :class:`PublishError` of the
+    specific subclass when every failure is of one kind, whose ``unconfirmed`` lists the ids.
+    """
+    assert errors, "many_failed() needs at least one error"
+    kinds = {type(error) for error in errors}
+    if total == 1 or kinds == {TopologyError}:
+        first = errors[0]
+        if isinstance(first, PublishError):
+            first.unconfirmed = list(unconfirmed)
+        return first
+    kind = kinds.pop() if len(kinds) == 1 else PublishError
+    cls = kind if issubclass(kind, PublishError) else PublishError
+    summary = "; ".join(sorted({str(error) for error in errors})[:3])
+    return cls(
+        f"{len(unconfirmed)} of {total} messages were not confirmed: {summary}; "
+        "see .unconfirmed for their ids",
+        unconfirmed=unconfirmed,
+    )

@@ -1,0 +1,162 @@
+"""Where a producer publishes and what it sends, as plain values the shells carry out.
+
+Both producers (``_sync/producer.py``, ``_async/producer.py``) and both event buses hold a
+:class:`PublishTarget` and ask it for the routing key and the envelope of each message; the
+shells only hand the envelope to their publisher. :func:`plan_producer` is what
+``client.producer(...)`` decides before any I/O: the target, and what to declare first.
+
+```python
+target, declare = plan_producer(Order, queue="orders", exchange=None, routing_key=None,
+                                default_type="quorum", delivery_limit=20, declared=())
+[(envelope, key)] = target.prepare([order], service="billing")  # TypeError if not an Order
+assert key == "orders"
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from mqkit.errors import ConfigError
+from mqkit.messages import Envelope, Event, encode
+from mqkit.topology import Entity, Exchange, Queue, QueueType, consumer_topology
+
+__all__ = ["PublishTarget", "check_model", "plan_producer"]
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def check_model(message_type: object, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``message_type`` is a pydantic model class
+    (``what``: the factory that was given it, e.g. "producer")."""
+    if not (isinstance(message_type, type) and issubclass(message_type, BaseModel)):
+        raise ConfigError(f"{what} expects a pydantic model class, got {message_type!r}")
+
+
+@dataclass(frozen=True)
+class PublishTarget(Generic[T]):
+    """Where ``T`` messages go: a ``queue`` (the default exchange, routing key = the queue)
+    or an ``exchange`` with an optional default ``routing_key``.
+
+    ``owner`` names the publisher in a ``TypeError`` ("Producer[Order]", "EventBus").
+    """
+
+    message_type: type[T]
+    exchange: str = ""
+    routing_key: str | None = None
+    queue: str | None = None
+    owner: str = ""
+
+    @property
+    def label(self) -> str:
+        """How this publisher is named in messages: ``owner``, else ``Producer[T]``."""
+        return self.owner or f"Producer[{self.message_type.__name__}]"
+
+    def describe(self) -> str:
+        """ "queue='orders'" or "exchange='shop'", for ``repr()``."""
+        if self.queue is not None:
+            return f"queue={self.queue!r}"
+        return f"exchange={self.exchange!r}"
+
+    def route(self, message: BaseModel, routing_key: str | None = None) -> str:
+        """The routing key for ``message``: the queue for a queue producer (a different
+        ``routing_key`` is a :class:`ConfigError`); else ``routing_key``, else the target's,
+        else the :class:`~mqkit.Event`'s ``event_type``, else ``""``."""
+        if self.queue is not None:
+            if routing_key is not None and routing_key != self.queue:
+                raise ConfigError(
+                    f"this producer publishes to queue {self.queue!r}; routing_key does not "
+                    "apply (use client.producer(..., exchange=...) to route by key)"
+                )
+            return self.queue
+        if routing_key is not None:
+            return routing_key
+        if self.routing_key is not None:
+            return self.routing_key
+        if isinstance(message, Event):
+            return type(message).event_type
+        return ""
+
+    def check(self, message: object) -> T:
+        """``message`` if it is a ``T``; else ``TypeError`` ("Producer[Order].publish expected
+        Order, got dict")."""
+        if not isinstance(message, self.message_type):
+            raise TypeError(
+                f"{self.label}.publish expected {self.message_type.__name__}, "
+                f"got {type(message).__name__}"
+            )
+        return message
+
+    def prepare(
+        self,
+        messages: Iterable[object],
+        *,
+        service: str,
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+        expiration: float | None = None,
+    ) -> list[tuple[Envelope, str]]:
+        """Each message's envelope (:func:`mqkit.messages.encode`, ``expiration`` in seconds)
+        and routing key (:meth:`route`). A message that is not a ``T`` raises ``TypeError``
+        (:meth:`check`) before anything is published."""
+        prepared = []
+        for message in map(self.check, messages):
+            envelope = encode(
+                message,
+                service=service,
+                headers=headers,
+                message_id=message_id,
+                correlation_id=correlation_id,
+                priority=priority,
+                expiration=expiration,
+            )
+            prepared.append((envelope, self.route(message, routing_key)))
+        return prepared
+
+
+def plan_producer(
+    message_type: type[T],
+    *,
+    queue: str | Queue | None,
+    exchange: str | Exchange | None,
+    routing_key: str | None,
+    default_type: QueueType,
+    delivery_limit: int,
+    declared: Iterable[Entity],
+) -> tuple[PublishTarget[T], tuple[Entity, ...]]:
+    """What ``client.producer(...)`` makes: the target, and the entities to declare first.
+
+    Exactly one of ``queue`` / ``exchange`` (else :class:`ConfigError`). A ``queue`` gets its
+    DLQ and the work queue with exactly the arguments its consumer will use, unless this
+    client ``declared`` a queue of that name itself (declaring it again with the consumer's
+    arguments would conflict with what the user chose). An :class:`Exchange` is declared; an
+    exchange name is used as it is.
+    """
+    if (queue is None) == (exchange is None):
+        raise ConfigError("producer() needs exactly one of queue= or exchange=")
+    check_model(message_type, "producer")
+    if queue is not None:
+        work = queue if isinstance(queue, Queue) else Queue(queue)
+        if routing_key is not None:
+            raise ConfigError(
+                f"producer(queue={work.name!r}) publishes to that queue; routing_key applies "
+                "to exchange producers only"
+            )
+        target: PublishTarget[T] = PublishTarget(message_type, queue=work.name)
+        if any(isinstance(e, Queue) and e.name == work.name for e in declared):
+            return target, ()
+        entities = consumer_topology(
+            work, None, default_type=default_type, delivery_limit=delivery_limit
+        )
+        return target, tuple(entities)
+    if isinstance(exchange, Exchange):
+        return PublishTarget(message_type, exchange.name, routing_key), (exchange,)
+    assert exchange is not None
+    return PublishTarget(message_type, exchange, routing_key), ()

@@ -1,0 +1,111 @@
+"""What a consumer declares and how it consumes (mqkit.consumers)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from mqkit.consumers import (
+    RESPONDER_POLICY,
+    consumer_options,
+    plan_consumer,
+    plan_responder,
+    plan_subscriber,
+)
+from mqkit.errors import ConfigError, DecodeError
+from mqkit.messages import Event
+from mqkit.retry import DEFAULT_POLICY, RetryPolicy
+from mqkit.settings import Settings
+from mqkit.topology import Binding, Exchange, Queue
+
+SETTINGS = Settings(service="billing", prefetch=32, queue_type="quorum")
+
+
+class Charge(BaseModel):
+    order_id: str
+
+
+class PlanCacheCleared(Event, event_type="consumers.cache.cleared"):
+    key: str
+
+
+def test_consumer_options() -> None:
+    assert consumer_options(None, 1, default_prefetch=64) == (64, 1)
+    assert consumer_options(10, 1, default_prefetch=64) == (10, 1)
+    assert consumer_options(2, 8, default_prefetch=64) == (8, 8)  # never below concurrency
+    for prefetch, concurrency in ((None, 0), (0, 1), (70000, 1)):
+        with pytest.raises(ConfigError):
+            consumer_options(prefetch, concurrency, default_prefetch=64)
+
+
+def test_plan_consumer() -> None:
+    plan = plan_consumer("charges", Charge, settings=SETTINGS, concurrency=4)
+    assert (plan.queue, plan.prefetch, plan.concurrency) == ("charges", 32, 4)
+    assert plan.policy is DEFAULT_POLICY
+    assert (plan.service, plan.dlq, plan.temporary) == ("billing", "charges.dlq", ())
+    names = [entity.name for entity in plan.entities if isinstance(entity, Queue)]
+    assert names[0] == "charges.dlq" and names[-1] == "charges"
+    assert any(".retry." in name for name in names)
+    assert plan.decoder(b'{"order_id": "1"}', None) == Charge(order_id="1")
+    with pytest.raises(DecodeError):
+        plan.decoder(b"{}", None)
+    with pytest.raises(ConfigError, match="consumer expects a pydantic model class"):
+        plan_consumer("charges", dict, settings=SETTINGS)  # type: ignore[arg-type]
+
+
+def test_plan_responder_is_never_retried() -> None:
+    plan = plan_responder(Queue("adder"), Charge, settings=SETTINGS)
+    assert plan.policy is RESPONDER_POLICY and plan.policy.tiers == ()
+    assert plan.concurrency == 1
+    assert [e.name for e in plan.entities] == ["adder.dlq", "adder"]  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="responder expects"):
+        plan_responder("adder", int, settings=SETTINGS)  # type: ignore[arg-type]
+
+
+def test_plan_subscriber_claims_its_key_once() -> None:
+    exchange = Exchange("events")
+    subscribed: set[str] = set()
+    plan = plan_subscriber(
+        PlanCacheCleared, settings=SETTINGS, service="web", exchange=exchange, subscribed=subscribed
+    )
+    assert plan.queue == "web.consumers.cache.cleared"
+    assert plan.service == "web" and plan.dlq == "web.consumers.cache.cleared.dlq"
+    assert Binding("events", plan.queue, "consumers.cache.cleared") in plan.entities
+    assert subscribed == {"consumers.cache.cleared"}
+    with pytest.raises(ConfigError, match="already subscribes"):
+        plan_subscriber(
+            PlanCacheCleared,
+            settings=SETTINGS,
+            service="web",
+            exchange=exchange,
+            subscribed=subscribed,
+        )
+    # With its own queue, or broadcast, a second handler is fine.
+    plan_subscriber(
+        PlanCacheCleared,
+        settings=SETTINGS,
+        service="web",
+        exchange=exchange,
+        subscribed=subscribed,
+        queue="web.audit",
+    )
+    broadcast = plan_subscriber(
+        PlanCacheCleared,
+        settings=SETTINGS,
+        service="web",
+        exchange=exchange,
+        subscribed=subscribed,
+        broadcast=True,
+        retry=RetryPolicy(max_attempts=3, immediate=2),
+    )
+    assert broadcast.temporary and broadcast.policy.max_attempts == 1
+    with pytest.raises(ConfigError, match="concurrency"):
+        plan_subscriber(
+            "consumers.*",
+            settings=SETTINGS,
+            service="web",
+            exchange=exchange,
+            subscribed=subscribed,
+            concurrency=0,
+        )
+    assert "consumers.*" not in subscribed  # a rejected subscription claims nothing
