@@ -1,10 +1,11 @@
 """Acknowledging one consumer channel's deliveries in batches.
 
-Handled deliveries are acked as the contiguous run from the oldest unsettled one, with one
-``basic.ack(multiple=True)`` for a tag that is itself unacked (never covering a delivery still
-in a handler), and the stragglers (finished out of order by concurrent handlers) one by one.
-Delivery tags mean something only on their channel, so an :class:`Acks` lives and dies with
-one channel; reports about a dead channel's deliveries are dropped (the broker redelivers).
+Handled deliveries are acked as :class:`mqkit.acks.AckWindow` decides: the contiguous run
+from the oldest unsettled one with one ``basic.ack(multiple=True)`` for a tag that is itself
+unacked (never covering a delivery still in a handler), and the stragglers (finished out of
+order by concurrent handlers) one by one. Delivery tags mean something only on their
+channel, so an :class:`Acks` lives and dies with one channel; reports about a dead channel's
+deliveries are dropped (the broker redelivers).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import deque
+from collections.abc import Callable
 
 import aio_pika.abc
 import aiormq.abc
+
+from mqkit.acks import AckWindow
 
 from .connection import AMQP_ERRORS, describe
 
@@ -26,11 +29,37 @@ log = logging.getLogger("mqkit")
 _SETTLE_ERRORS = AMQP_ERRORS
 
 
+class _Unsettled:
+    """``Acks.unsettled`` as the consumer uses it: ``append(tag)`` on delivery, ``len()``."""
+
+    __slots__ = ("_window", "append")
+
+    def __init__(self, window: AckWindow) -> None:
+        self._window = window
+        self.append: Callable[[int], None] = window.delivered  # per delivery: no extra frame
+
+    def __len__(self) -> int:
+        return self._window.unsettled()
+
+
+class _Finished:
+    """``Acks.finished`` as the consumer uses it: ``add(tag)`` when handled, ``len()``."""
+
+    __slots__ = ("_window", "add")
+
+    def __init__(self, window: AckWindow) -> None:
+        self._window = window
+        self.add: Callable[[int], None] = window.finished
+
+    def __len__(self) -> int:
+        return self._window.waiting()
+
+
 class Acks:
     """The deliveries of one channel: delivery tags are only meaningful on their channel, so
     everything about acking lives here and dies with the channel."""
 
-    __slots__ = ("alive", "finished", "lock", "owner", "tag", "underlay", "unsettled")
+    __slots__ = ("_window", "alive", "finished", "lock", "owner", "tag", "underlay", "unsettled")
 
     def __init__(
         self, owner: aio_pika.abc.AbstractChannel, underlay: aiormq.abc.AbstractChannel
@@ -39,8 +68,10 @@ class Acks:
         self.underlay = underlay
         self.tag = f"mqkit.{uuid.uuid4().hex[:12]}"
         self.alive = True
-        self.unsettled: deque[int] = deque()  # delivered, not acked/nacked, in tag order
-        self.finished: set[int] = set()  # handled, waiting for their ack
+        self._window = AckWindow()
+        # The consumer records deliveries and finished handlers through these two views.
+        self.unsettled = _Unsettled(self._window)  # delivered, not acked/nacked
+        self.finished = _Finished(self._window)  # handled, waiting for their ack
         # Settling frames must reach the wire in the order they were decided: a multiple ack
         # decided after a nack must not overtake it (it would ack the nacked tag).
         self.lock = asyncio.Lock()
@@ -48,20 +79,10 @@ class Acks:
     async def flush(self, *, everything: bool) -> None:
         """Ack the finished prefix with one ``multiple=True`` ack; with ``everything``, also
         the finished deliveries behind a still-running one, one by one."""
-        if not self.finished:
+        if not self._window.waiting():
             return
         async with self.lock:
-            unsettled, finished = self.unsettled, self.finished
-            last = 0
-            while unsettled and unsettled[0] in finished:
-                last = unsettled.popleft()
-                finished.discard(last)
-            singles: list[int] = []
-            if everything and finished:
-                singles = sorted(finished)
-                finished.clear()
-                for tag in singles:
-                    unsettled.remove(tag)
+            last, singles = self._window.take(everything=everything)
             if not self.alive:
                 return
             try:
@@ -75,11 +96,8 @@ class Acks:
     async def nack(self, tag: int) -> None:
         """Return one delivery to its queue."""
         async with self.lock:
-            try:
-                self.unsettled.remove(tag)
-            except ValueError:
+            if not self._window.returned(tag):
                 return
-            self.finished.discard(tag)
             if self.alive:
                 try:
                     await self.underlay.basic_nack(tag, requeue=True, wait=False)
@@ -89,12 +107,10 @@ class Acks:
     async def requeue_rest(self) -> None:
         """Return every delivery not settled yet (call after the last flush)."""
         async with self.lock:
-            if self.unsettled and self.alive:
+            last = self._window.last_unsettled()
+            if last and self.alive:
                 try:
-                    await self.underlay.basic_nack(
-                        self.unsettled[-1], multiple=True, requeue=True, wait=False
-                    )
+                    await self.underlay.basic_nack(last, multiple=True, requeue=True, wait=False)
                 except _SETTLE_ERRORS as exc:
                     log.debug("mqkit: nack failed: %s", describe(exc))
-            self.unsettled.clear()
-            self.finished.clear()
+            self._window.clear()

@@ -1,11 +1,10 @@
 """Acknowledging a consumer's deliveries in batches, from the IO thread.
 
 Workers report finished deliveries with :meth:`Acks.finish` (any thread, cheap: a queue put
-and, at most once per flush, a wake-up of the IO thread). The IO thread then acks the
-contiguous run from the oldest unacked delivery with one ``basic.ack(multiple=True)`` and the
-stragglers (finished out of order by concurrent handlers) one by one. ``multiple=True`` is
-only ever sent for a tag that is itself still unacked, and never covers a delivery still in a
-handler.
+and, at most once per flush, a wake-up of the IO thread). The IO thread then sends what
+:class:`mqkit.acks.AckWindow` decides: one ``basic.ack(multiple=True)`` for the contiguous
+finished run from the oldest unacked delivery, and the stragglers (finished out of order by
+concurrent handlers) one by one.
 
 Every channel gets a new *generation*: reports about deliveries of an earlier channel are
 dropped (that channel is gone, the broker redelivers its unacked messages).
@@ -14,12 +13,12 @@ dropped (that channel is gone, the broker redelivers its unacked messages).
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
 from pika.channel import Channel
 
+from mqkit.acks import AckWindow
 from mqkit.errors import MqkitError
 
 __all__ = ["Acks"]
@@ -32,8 +31,7 @@ class Acks:
         self._submit = submit  # runs a function on the IO thread
         self.channel: Channel | None = None  # IO thread: the consumer's current channel
         self.generation = 0
-        self._outstanding: deque[int] = deque()  # IO thread: delivered, unacked, tag order
-        self._finished: dict[int, bool] = {}  # IO thread: tag -> True: ack it; False: settled
+        self._window = AckWindow()  # IO thread: the current channel's deliveries
         self._done: SimpleQueue[tuple[int, int, bool]] = SimpleQueue()
         self._flush_pending = False
 
@@ -41,16 +39,15 @@ class Acks:
         """IO thread: no channel any more; what was delivered on it is stale."""
         self.channel = None
         self.generation += 1
-        self._outstanding.clear()
-        self._finished.clear()
+        self._window.clear()
 
     def delivered(self, tag: int) -> None:
         """IO thread: ``tag`` was delivered on the current channel."""
-        self._outstanding.append(tag)
+        self._window.delivered(tag)
 
     def settled(self, tag: int) -> None:
         """IO thread: ``tag`` was nacked directly (a prefetched message returned on stop)."""
-        self._finished[tag] = False
+        self._window.returned(tag)
 
     def finish(self, generation: int, tag: int, ack: bool) -> None:
         """Any thread: a handler is done with ``tag`` (``ack`` False: return it to the queue)."""
@@ -69,7 +66,7 @@ class Acks:
         """IO thread: send the acks (and requeue-nacks) of what finished so far."""
         channel = self.channel
         usable = channel is not None and channel.is_open
-        generation, finished = self.generation, self._finished
+        generation, window = self.generation, self._window
         while True:
             try:
                 item_generation, tag, ack = self._done.get_nowait()
@@ -78,23 +75,15 @@ class Acks:
             if item_generation != generation or not usable:
                 continue
             if ack:
-                finished[tag] = True
-            else:
+                window.finished(tag)
+            elif window.returned(tag):
                 assert channel is not None
                 channel.basic_nack(tag, requeue=True)
-                finished[tag] = False
-        if not usable or not finished:
+        if not usable:
             return
         assert channel is not None
-        outstanding = self._outstanding
-        last = 0
-        while outstanding and outstanding[0] in finished:
-            tag = outstanding.popleft()
-            if finished.pop(tag):
-                last = tag
+        last, singles = window.take(everything=True)
         if last:
             channel.basic_ack(last, multiple=True)
-        for tag, pending in finished.items():  # finished out of order: one by one
-            if pending:
-                channel.basic_ack(tag)
-                finished[tag] = False
+        for tag in singles:  # finished out of order: one by one
+            channel.basic_ack(tag)
