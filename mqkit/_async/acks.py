@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
 
 import aio_pika.abc
 import aiormq.abc
@@ -29,37 +28,11 @@ log = logging.getLogger("mqkit")
 _SETTLE_ERRORS = AMQP_ERRORS
 
 
-class _Unsettled:
-    """``Acks.unsettled`` as the consumer uses it: ``append(tag)`` on delivery, ``len()``."""
-
-    __slots__ = ("_window", "append")
-
-    def __init__(self, window: AckWindow) -> None:
-        self._window = window
-        self.append: Callable[[int], None] = window.delivered  # per delivery: no extra frame
-
-    def __len__(self) -> int:
-        return self._window.unsettled()
-
-
-class _Finished:
-    """``Acks.finished`` as the consumer uses it: ``add(tag)`` when handled, ``len()``."""
-
-    __slots__ = ("_window", "add")
-
-    def __init__(self, window: AckWindow) -> None:
-        self._window = window
-        self.add: Callable[[int], None] = window.finished
-
-    def __len__(self) -> int:
-        return self._window.waiting()
-
-
 class Acks:
     """The deliveries of one channel: delivery tags are only meaningful on their channel, so
     everything about acking lives here and dies with the channel."""
 
-    __slots__ = ("_window", "alive", "finished", "lock", "owner", "tag", "underlay", "unsettled")
+    __slots__ = ("alive", "lock", "owner", "tag", "underlay", "window")
 
     def __init__(
         self, owner: aio_pika.abc.AbstractChannel, underlay: aiormq.abc.AbstractChannel
@@ -68,10 +41,9 @@ class Acks:
         self.underlay = underlay
         self.tag = f"mqkit.{uuid.uuid4().hex[:12]}"
         self.alive = True
-        self._window = AckWindow()
-        # The consumer records deliveries and finished handlers through these two views.
-        self.unsettled = _Unsettled(self._window)  # delivered, not acked/nacked
-        self.finished = _Finished(self._window)  # handled, waiting for their ack
+        # The consumer records deliveries (window.delivered) and finished handlers
+        # (window.finished) here directly: one call per delivery, no frame.
+        self.window = AckWindow()
         # Settling frames must reach the wire in the order they were decided: a multiple ack
         # decided after a nack must not overtake it (it would ack the nacked tag).
         self.lock = asyncio.Lock()
@@ -79,10 +51,10 @@ class Acks:
     async def flush(self, *, everything: bool) -> None:
         """Ack the finished prefix with one ``multiple=True`` ack; with ``everything``, also
         the finished deliveries behind a still-running one, one by one."""
-        if not self._window.waiting():
+        if not self.window.waiting():
             return
         async with self.lock:
-            last, singles = self._window.take(everything=everything)
+            last, singles = self.window.take(everything=everything)
             if not self.alive:
                 return
             try:
@@ -96,7 +68,7 @@ class Acks:
     async def nack(self, tag: int) -> None:
         """Return one delivery to its queue."""
         async with self.lock:
-            if not self._window.returned(tag):
+            if not self.window.returned(tag):
                 return
             if self.alive:
                 try:
@@ -107,10 +79,10 @@ class Acks:
     async def requeue_rest(self) -> None:
         """Return every delivery not settled yet (call after the last flush)."""
         async with self.lock:
-            last = self._window.last_unsettled()
+            last = self.window.last_unsettled()
             if last and self.alive:
                 try:
                     await self.underlay.basic_nack(last, multiple=True, requeue=True, wait=False)
                 except _SETTLE_ERRORS as exc:
                     log.debug("mqkit: nack failed: %s", describe(exc))
-            self._window.clear()
+            self.window.clear()

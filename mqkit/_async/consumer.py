@@ -276,7 +276,7 @@ class AsyncConsumer(Generic[T]):
         if not session.alive:
             return
         delivery: Any = message.delivery  # a Basic.Deliver on a consumer's channel
-        session.unsettled.append(delivery.delivery_tag)
+        session.window.delivered(delivery.delivery_tag)
         self._ready.append((session, message))
         waiters = self._waiters
         while waiters:
@@ -296,8 +296,8 @@ class AsyncConsumer(Generic[T]):
                 session = self._session
                 if (
                     session is not None
-                    and session.finished
-                    and len(session.unsettled) >= self._idle_flush
+                    and session.window.waiting()
+                    and session.window.unsettled() >= self._idle_flush
                 ):
                     await session.flush(everything=True)
                     continue
@@ -379,15 +379,15 @@ class AsyncConsumer(Generic[T]):
         return None
 
     async def _finish(self, session: Acks, tag: int) -> None:
-        session.finished.add(tag)
-        if len(session.finished) >= self._batch:
+        session.window.finished(tag)
+        if session.window.waiting() >= self._batch:
             await session.flush(everything=False)
-        if session.finished and self._timer is None:
+        if session.window.waiting() and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._on_timer, session)
 
     def _on_timer(self, session: Acks) -> None:
         self._timer = None
-        if session.finished and session.alive:
+        if session.window.waiting() and session.alive:
             self._spawn(session.flush(everything=True))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:

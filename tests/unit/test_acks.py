@@ -362,26 +362,26 @@ async def test_async_acks_sends_what_the_window_decides() -> None:
     owner: Any = object()
     acks = Acks(owner, underlay)  # type: ignore[arg-type]
     for tag in range(1, 7):
-        acks.unsettled.append(tag)  # what the consumer does on each delivery
-    assert len(acks.unsettled) == 6
-    assert not acks.finished
+        acks.window.delivered(tag)  # what the consumer does on each delivery
+    assert acks.window.unsettled() == 6
+    assert not acks.window.waiting()
     for tag in (2, 1, 4):
-        acks.finished.add(tag)
-    assert len(acks.finished) == 3
+        acks.window.finished(tag)
+    assert acks.window.waiting() == 3
     await acks.flush(everything=False)
     assert underlay.sent == [("ack", 2, True)]
-    assert len(acks.finished) == 1
+    assert acks.window.waiting() == 1
     await acks.nack(3)
     await acks.nack(3)  # settled already: no second frame
     await acks.flush(everything=True)
     assert underlay.sent[1:] == [("nack", 3, False), ("ack", 4, True)]
-    acks.finished.add(6)
+    acks.window.finished(6)
     await acks.flush(everything=True)
     assert underlay.sent[-1] == ("ack", 6, False)  # 5 still runs
-    assert len(acks.unsettled) == 1
+    assert acks.window.unsettled() == 1
     await acks.requeue_rest()
     assert underlay.sent[-1] == ("nack", 5, True)
-    assert len(acks.unsettled) == 0
+    assert acks.window.unsettled() == 0
     await acks.requeue_rest()
     await acks.flush(everything=True)
     assert len(underlay.sent) == 5
