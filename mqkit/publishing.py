@@ -11,11 +11,15 @@ target, declare = plan_producer(Order, queue="orders", exchange=None, routing_ke
 [(envelope, key)] = target.prepare([order], service="billing")  # TypeError if not an Order
 assert key == "orders"
 ```
+
+After a ``basic.nack`` both publishers replace their channel (:class:`ChannelRenewal`) and
+send the nacked message once more on the new one (:func:`retry_nacked`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -25,7 +29,15 @@ from mqkit.errors import ConfigError
 from mqkit.messages import Envelope, Event, encode
 from mqkit.topology import Entity, Exchange, Queue, QueueType, consumer_topology
 
-__all__ = ["PublishTarget", "check_model", "plan_producer"]
+__all__ = [
+    "NACK_RETRIES",
+    "RENEW_INTERVAL",
+    "ChannelRenewal",
+    "PublishTarget",
+    "check_model",
+    "plan_producer",
+    "retry_nacked",
+]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -160,3 +172,60 @@ def plan_producer(
         return PublishTarget(message_type, exchange.name, routing_key), (exchange,)
     assert exchange is not None
     return PublishTarget(message_type, exchange, routing_key), ()
+
+
+# -- after a nack ----------------------------------------------------------------------------
+#
+# RabbitMQ 3.10 nacks every later publish of a channel to a quorum queue when that channel's
+# first publish to it landed while the queue's leader was down: the channel's queue session
+# keeps asking the dead node and never learns the new leader. A new channel asks afresh. So a
+# nack makes both publishers replace their publishing channel (at most once per
+# RENEW_INTERVAL, so a queue that nacks for good reasons, e.g. a full one with
+# overflow=reject-publish, does not make them open a channel per message), and a nacked
+# publish is sent once more on the new channel before PublishNacked is raised.
+
+NACK_RETRIES = 1  # times a nacked publish is sent again, on a new channel, before it fails
+RENEW_INTERVAL = 1.0  # seconds between two replacements of a publishing channel that nacks
+
+
+def retry_nacked(nacks: int, wait: float, budget: float) -> bool:
+    """Whether a publish the broker has nacked ``nacks`` times is sent again, on a channel
+    that can be opened in ``wait`` seconds, with ``budget`` seconds left to confirm it.
+
+    ```python
+    assert retry_nacked(1, wait=0.0, budget=5.0)      # the first nack: once more
+    assert not retry_nacked(2, wait=0.0, budget=5.0)  # nacked again: PublishNacked
+    assert not retry_nacked(1, wait=1.0, budget=0.5)  # no time left: PublishNacked
+    ```
+    """
+    return nacks <= NACK_RETRIES and wait < budget
+
+
+class ChannelRenewal:
+    """When a publishing channel the broker nacked on may be replaced: at once the first
+    time, then at most once per ``interval`` seconds.
+
+    ```python
+    renewal = ChannelRenewal()
+    assert renewal.wait() == 0.0   # replace it now
+    renewal.renewed()
+    assert renewal.wait() > 0.0    # another nack soon after: wait before replacing again
+    ```
+    """
+
+    def __init__(
+        self, interval: float = RENEW_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: float | None = None
+
+    def wait(self) -> float:
+        """Seconds to wait before the channel may be replaced (0: now)."""
+        if self._last is None:
+            return 0.0
+        return max(0.0, self._last + self.interval - self._clock())
+
+    def renewed(self) -> None:
+        """Record that the channel was replaced just now."""
+        self._last = self._clock()

@@ -21,7 +21,10 @@ class AsyncProducer(Generic[T]):
     """Publishes messages of one type; made by :meth:`AsyncClient.producer`.
 
     Every publish is mandatory and confirmed: ``await producer.publish(msg)`` returns the
-    message id once the broker has taken responsibility for it. Safe to share across tasks.
+    message id once the broker has taken responsibility for it, or raises
+    :class:`~mqkit.PublishUnroutable`, :class:`~mqkit.PublishNacked` (nacked again after being
+    sent once more on a new channel) or :class:`~mqkit.PublishTimeout`. Safe to share across
+    tasks.
     """
 
     def __init__(self, link: Link, target: PublishTarget[T]) -> None:

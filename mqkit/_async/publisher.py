@@ -5,6 +5,15 @@ copies, RPC and dead-letter replays.
 ``publish`` waits for its confirm; while the link is down it waits for the link (within
 ``confirm_timeout``) and sends again what the link lost (at-least-once). ``publish_many``
 keeps a window of confirms in flight and hands the writer many publishes per write.
+
+**Nacks.** A ``basic.nack`` makes the publisher replace its channel (at most once per
+:data:`mqkit.publishing.RENEW_INTERVAL`): RabbitMQ 3.10 nacks a channel's publishes to a
+quorum queue for good once its first one landed during a leader election, and only a new
+channel gets through. What was in flight on the old channel is sent again on the new one, as
+after a lost link. A nacked message is sent once more on the new channel
+(:func:`mqkit.publishing.retry_nacked`) and fails with :class:`~mqkit.PublishNacked` only if
+it is nacked again (or no new channel can be had within ``confirm_timeout``). A publish pinned
+to one channel (an RPC request, whose reply comes on that channel) is not sent again.
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ from pamqp.header import ContentHeader
 from mqkit import explain
 from mqkit.errors import ConnectionFailed, MqkitError, PublishError, PublishTimeout
 from mqkit.messages import Envelope
+from mqkit.publishing import ChannelRenewal, retry_nacked
 
-from .connection import AMQP_ERRORS, describe, reply_text, translate
+from .connection import AMQP_ERRORS, RPC_TIMEOUT, describe, reply_text, translate
 
 if TYPE_CHECKING:
     from .connection import Link
@@ -68,6 +78,40 @@ class Publisher:
         self._link = link
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
+        self._renewal = ChannelRenewal()
+        self._renew_lock = asyncio.Lock()
+        self._background: set[asyncio.Future[None]] = set()
+
+    async def _renew(self, nacked_on: aiormq.abc.AbstractChannel) -> None:
+        """Replace the publishing channel ``nacked_on``, which nacked a publish, now or once
+        :class:`~mqkit.publishing.ChannelRenewal` allows; the next publish opens another.
+
+        Publishes in flight on it fail as if the link was lost (and are sent again); callers
+        that nacked at once wait for one replacement.
+        """
+        async with self._renew_lock:
+            if self._channel is not nacked_on:
+                return  # replaced already (another nack, or a new connection)
+            wait = self._renewal.wait()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                if self._channel is not nacked_on:
+                    return
+            self._renewal.renewed()
+            log.warning(
+                "mqkit: the broker nacked a publish; replacing the publishing channel (a "
+                "quorum queue may have elected a new leader)"
+            )
+            self._channel = None
+            self._spawn(_close_replaced(nacked_on))
+
+    def _renew_later(self, nacked_on: aiormq.abc.AbstractChannel) -> None:
+        self._spawn(self._renew(nacked_on))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def channel(self, timeout: float | None) -> aiormq.abc.AbstractChannel:
         """The publishing channel (confirms on, returns raise), replaced if it closed (a
@@ -103,13 +147,15 @@ class Publisher:
 
         While the link is down this waits for it (within ``timeout``, default
         ``confirm_timeout``); a publish whose confirm was lost with the link is sent again on
-        the new one (at-least-once). ``channel`` pins the publish to one channel (RPC).
+        the new one (at-least-once), and so is a nacked one, once, on a new channel.
+        ``channel`` pins the publish to one channel (RPC): neither is sent again then.
         """
         budget = self._link.settings.confirm_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         props = properties(envelope)
         what = explain.publishing(envelope.message_id, exchange, routing_key)
         unconfirmed = [envelope.message_id]
+        nacks = 0
         self._link.require_open(what)
         while True:
             left = deadline - time.monotonic()
@@ -146,6 +192,13 @@ class Publisher:
             except asyncio.TimeoutError:
                 raise explain.confirm_timeout(what, budget, unconfirmed=unconfirmed) from None
             except AMQP_ERRORS as exc:
+                if _nacked(exc):
+                    nacks += 1
+                    left = deadline - time.monotonic()
+                    if channel is None and retry_nacked(nacks, self._renewal.wait(), left):
+                        await self._renew(ch)
+                        continue
+                    self._renew_later(ch)
                 if _broker_refused(exc, exchange):
                     mapped = translate(exc, what=what)
                     if isinstance(mapped, PublishError):
@@ -167,13 +220,15 @@ class Publisher:
         flight; raise a :class:`PublishError` whose ``unconfirmed`` lists what failed.
 
         What the link loses is sent again once it is back (at-least-once), within one
-        ``confirm_timeout`` from the first loss; what is left then is a PublishTimeout.
+        ``confirm_timeout`` from the first loss; what is left then is a PublishTimeout. A
+        nacked job is sent once more on a new channel before it counts as nacked.
         """
         if not jobs:
             return
         self._link.require_open("publishing")
         budget = self._link.settings.confirm_timeout
         failures: dict[int, BaseException] = {}
+        nacks: dict[int, int] = {}
         todo = list(range(len(jobs)))
         deadline: float | None = None
         while todo:
@@ -199,12 +254,26 @@ class Publisher:
                 continue
             send = self._pipeline if _can_pipeline(channel) else self._window
             lost = await send(channel, jobs, todo, mandatory, failures)
+            nacked = [i for i in todo if i in failures and _nacked(failures[i])]
+            again: list[int] = []  # nacked once: sent again on a new channel
+            if nacked:
+                deadline = deadline or time.monotonic() + budget
+                left = deadline - time.monotonic()
+                for index in nacked:
+                    nacks[index] = nacks.get(index, 0) + 1
+                    if retry_nacked(nacks[index], self._renewal.wait(), left):
+                        del failures[index]
+                        again.append(index)
+                if again:
+                    await self._renew(channel)
+                else:
+                    self._renew_later(channel)
             if lost and deadline is None:
                 deadline = time.monotonic() + budget
             if lost:
                 log.debug("mqkit: %d publishes lost with the link; sending them again", len(lost))
                 await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
-            todo = lost
+            todo = sorted(lost + again)
         if failures:
             raise _many_error(jobs, failures, budget)
 
@@ -395,6 +464,27 @@ def _really_cancelled() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return bool(cancelling()) if cancelling is not None else True
+
+
+def _nacked(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker's ``basic.nack`` of a publish (not a return)."""
+    return (
+        isinstance(exc, amqp.DeliveryError)
+        and not isinstance(exc, amqp.PublishError)
+        and isinstance(exc.frame, spec.Basic.Nack)
+    )
+
+
+async def _close_replaced(channel: aiormq.abc.AbstractChannel) -> None:
+    """Close a publishing channel that was replaced. What is still in flight on it fails
+    with a link error, so its publishers send it again on the new channel."""
+    try:
+        await asyncio.wait_for(
+            channel.close(amqp.ChannelInvalidStateError("the publishing channel was replaced")),
+            RPC_TIMEOUT,
+        )
+    except Exception as exc:  # closing is bookkeeping: the channel is out of use already
+        log.debug("mqkit: closing a replaced publishing channel: %s", describe(exc))
 
 
 def _broker_refused(exc: BaseException, exchange: str) -> bool:

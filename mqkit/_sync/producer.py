@@ -22,9 +22,9 @@ class Producer(Generic[T]):
 
     Every publish is mandatory and confirmed: :meth:`publish` returns the message id once the
     broker has taken responsibility for the message, or raises
-    :class:`~mqkit.PublishUnroutable` (no queue bound), :class:`~mqkit.PublishNacked` or
-    :class:`~mqkit.PublishTimeout` (no confirm within ``confirm_timeout``, e.g. while the link
-    is down).
+    :class:`~mqkit.PublishUnroutable` (no queue bound), :class:`~mqkit.PublishNacked` (nacked
+    again after being sent once more on a new channel) or :class:`~mqkit.PublishTimeout` (no
+    confirm within ``confirm_timeout``, e.g. while the link is down).
 
     **Thread safety.** A producer may be shared by any number of threads. It holds no I/O
     state: each call encodes on the calling thread, hands the message to the client's IO

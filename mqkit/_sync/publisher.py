@@ -11,10 +11,19 @@ When the link drops, messages in flight go back to the head of the queue and are
 on the new channel (at-least-once: a message whose confirm was lost may be stored twice); a
 publisher that waits longer than ``confirm_timeout`` without progress gives up with
 :class:`~mqkit.PublishTimeout` and its messages that were not sent yet are dropped.
+
+**Nacks.** A ``basic.nack`` makes the publisher replace its channel (at most once per
+:data:`mqkit.publishing.RENEW_INTERVAL`): RabbitMQ 3.10 nacks a channel's publishes to a
+quorum queue for good once its first one landed during a leader election, and only a new
+channel gets through. What was in flight on the old channel is sent again on the new one, as
+after a lost link. A nacked message is sent once more on the new channel
+(:func:`mqkit.publishing.retry_nacked`) and fails with :class:`~mqkit.PublishNacked` only if
+it is nacked again (or no new channel can be had within ``confirm_timeout``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -34,6 +43,7 @@ from mqkit._sync.connection import Link, translate
 from mqkit._sync.io_thread import settle
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.messages import Envelope
+from mqkit.publishing import ChannelRenewal, retry_nacked
 
 __all__ = ["WINDOW", "Batch", "Publisher", "properties"]
 
@@ -117,6 +127,8 @@ class _Message:
     tag: int = 0
     settled: bool = False
     returned: str | None = None
+    nacks: int = 0
+    held: bool = False  # nacked, waiting for a new channel to be sent again on
 
 
 class Publisher:
@@ -132,6 +144,9 @@ class Publisher:
         self._next_tag = 1
         self._hooks: list[Callable[[Channel], None]] = []
         self._open_waiters: list[Future[None]] = []
+        self._held: list[_Message] = []  # nacked once: sent again on the next channel
+        self._renewal = ChannelRenewal()
+        self._renewing: Channel | None = None  # a channel that nacked, to be replaced
 
     @property
     def channel(self) -> Channel | None:
@@ -245,7 +260,9 @@ class Publisher:
             self._next_tag += 1
             inflight.append(message)
 
-    def _on_confirm(self, frame: Any) -> None:
+    def _on_confirm(self, channel: Channel, frame: Any) -> None:
+        if channel is not self._channel:
+            return  # a replaced channel: what was in flight on it was sent again
         method = frame.method
         tag: int = method.delivery_tag
         nacked = isinstance(method, Basic.Nack)
@@ -259,14 +276,25 @@ class Publisher:
             offset = tag - inflight[0].tag
             if 0 <= offset < len(inflight):
                 self._settle(inflight[offset], nacked)
-            while inflight and inflight[0].settled:
+            while inflight and (inflight[0].settled or inflight[0].held):
                 inflight.popleft()
+        if nacked:
+            self._renew_soon(channel)
         if self._waiting:
             self._pump()
 
     def _settle(self, message: _Message, nacked: bool) -> None:
-        if message.settled:
+        if message.settled or message.held:
             return
+        if nacked:
+            message.nacks += 1
+            if not message.batch.abandoned and retry_nacked(
+                message.nacks, self._renewal.wait(), self._confirm_timeout
+            ):
+                message.held = True
+                message.returned = None
+                self._held.append(message)
+                return
         message.settled = True
         error: MqkitError | None = None
         if nacked:
@@ -275,13 +303,50 @@ class Publisher:
             error = explain.unroutable(_what(message), message.returned)
         message.batch.settle(message.index, error)
 
+    def _renew_soon(self, channel: Channel) -> None:
+        """Replace ``channel``, which nacked, now or once :class:`ChannelRenewal` allows."""
+        pending = self._renewing is not None
+        self._renewing = channel  # a renewal on the way (for a channel lost since) takes it
+        if pending:
+            return
+        wait = self._renewal.wait()
+        connection = self._link.connection
+        if wait <= 0 or connection is None:
+            self._renew()
+        else:
+            connection.ioloop.call_later(wait, self._renew)
+
+    def _renew(self) -> None:
+        """IO thread: close the channel that nacked and open another; what was in flight on
+        it, and the nacked messages held for a retry, go first on the new one."""
+        old, self._renewing = self._renewing, None
+        if old is None or old is not self._channel:
+            # Lost (with the link, or closed by the broker) meanwhile: it was replaced
+            # anyway, and what it held was put back in line then.
+            self._release_held()
+            self._pump()
+            return
+        self._renewal.renewed()
+        log.warning(
+            "mqkit: the broker nacked a publish; replacing the publishing channel (a quorum "
+            "queue may have elected a new leader)"
+        )
+        self._channel = None
+        self._requeue_inflight()
+        with contextlib.suppress(pex.ChannelWrongStateError):  # closing already
+            old.close()
+        self._reopen()
+
     def _on_return(
-        self, _channel: Channel, method: Basic.Return, props: BasicProperties, _body: bytes
+        self, channel: Channel, method: Basic.Return, props: BasicProperties, _body: bytes
     ) -> None:
+        if channel is not self._channel:
+            return
         message_id = props.message_id
         for message in self._inflight:
             if (
                 not message.settled
+                and not message.held
                 and message.returned is None
                 and message.properties.message_id == message_id
             ):
@@ -303,7 +368,7 @@ class Publisher:
         # new channel. Any other reason cannot be pinned on one message: all sent ones fail.
         missing = _MISSING_EXCHANGE.search(reason.reply_text)
         for message in (*self._inflight, *(self._waiting if missing else ())):
-            if message.settled:
+            if message.settled or message.held:
                 continue
             if missing is None or message.exchange == missing["name"]:
                 message.settled = True
@@ -313,17 +378,27 @@ class Publisher:
         self._reopen()
 
     def _requeue_inflight(self) -> None:
-        survivors = [m for m in self._inflight if not m.settled]
+        """Put what was in flight, and the nacked messages held for a retry, back at the
+        head of the line (they go first on the next channel)."""
+        survivors = [m for m in self._inflight if not m.settled and not m.held]
         for message in survivors:
             message.returned = None
         self._inflight.clear()
         self._waiting.extendleft(reversed(survivors))
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for message in held:
+            message.held = False
+        self._waiting.extendleft(reversed([m for m in held if not m.settled]))
 
     def _fail_all(self, error: MqkitError) -> None:
-        for message in (*self._inflight, *self._waiting):
+        for message in (*self._held, *self._inflight, *self._waiting):
             if not message.settled:
                 message.settled = True
                 message.batch.settle(message.index, error)
+        self._held.clear()
         self._inflight.clear()
         self._waiting.clear()
 
@@ -343,12 +418,17 @@ class Publisher:
         if self._opening:
             return
         self._opening = True
+        readied: list[Channel] = []
 
         def on_open(channel: Channel) -> None:
             channel.add_on_return_callback(self._on_return)
-            channel.confirm_delivery(self._on_confirm, callback=lambda _frame: ready(channel))
+            channel.confirm_delivery(
+                lambda frame: self._on_confirm(channel, frame),
+                callback=lambda _frame: ready(channel),
+            )
 
         def ready(channel: Channel) -> None:
+            readied.append(channel)
             self._opening = False
             self._channel = channel
             self._next_tag = 1
@@ -358,7 +438,7 @@ class Publisher:
             self._pump()
 
         def on_close(channel: Channel, reason: BaseException) -> None:
-            if self._opening and self._channel is None:
+            if not readied:  # closed before it was ready: this opening failed
                 self._opening = False
                 self._settle_waiters(reason)
                 return

@@ -122,3 +122,25 @@ def test_prepare_encodes_with_the_options_and_checks_the_type() -> None:
 def test_describe() -> None:
     assert PublishTarget(Order, queue="orders").describe() == "queue='orders'"
     assert PublishTarget(Order, "shop").describe() == "exchange='shop'"
+
+
+def test_a_nacked_publish_is_sent_once_more_when_time_allows() -> None:
+    from mqkit.publishing import NACK_RETRIES, retry_nacked
+
+    assert NACK_RETRIES == 1
+    assert retry_nacked(1, wait=0.0, budget=5.0)
+    assert not retry_nacked(2, wait=0.0, budget=5.0)
+    assert not retry_nacked(1, wait=1.0, budget=0.5)
+
+
+def test_a_nacking_channel_is_replaced_at_once_then_at_most_once_per_interval() -> None:
+    from mqkit.publishing import ChannelRenewal
+
+    now = [100.0]
+    renewal = ChannelRenewal(interval=1.0, clock=lambda: now[0])
+    assert renewal.wait() == 0.0
+    renewal.renewed()
+    now[0] += 0.25
+    assert renewal.wait() == 0.75
+    now[0] += 1.0
+    assert renewal.wait() == 0.0
