@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
 from mqkit.consumers import plan_subscriber
@@ -57,6 +57,13 @@ class AsyncEventBus:
         self._keys: set[str] = set()
         self._started = False
         self._stopped = asyncio.Event()
+
+    def __await__(self) -> Generator[None, None, AsyncEventBus]:
+        """``await client.event_bus(...)`` works too. Making one does no I/O, so the client
+        returns it directly; awaiting it gives the same object, for code that awaits every
+        AsyncClient method."""
+        return self
+        yield  # a generator that returns at once
 
     def __repr__(self) -> str:
         return f"<AsyncEventBus exchange={self._exchange.name!r} service={self._service!r}>"

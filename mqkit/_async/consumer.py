@@ -15,7 +15,7 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -112,6 +112,13 @@ class AsyncConsumer(Generic[T]):
         self._stopped = asyncio.Event()
         self._started = False
         self._stopping = False
+
+    def __await__(self) -> Generator[None, None, AsyncConsumer[T]]:
+        """``await client.consumer(...)`` works too. Making one does no I/O, so the client
+        returns it directly; awaiting it gives the same object, for code that awaits every
+        AsyncClient method."""
+        return self
+        yield  # a generator that returns at once
 
     def __repr__(self) -> str:
         return f"<AsyncConsumer queue={self._plan.queue!r} started={self._started}>"

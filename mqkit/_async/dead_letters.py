@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import IO, TYPE_CHECKING, Any
 
 import aiormq.abc
@@ -38,6 +38,13 @@ class AsyncDeadLetterQueue:
         self._link = link
         self._queue = queue
         self._name = dlq_name(queue)
+
+    def __await__(self) -> Generator[None, None, AsyncDeadLetterQueue]:
+        """``await client.dead_letters(...)`` works too. Making one does no I/O, so the client
+        returns it directly; awaiting it gives the same object, for code that awaits every
+        AsyncClient method."""
+        return self
+        yield  # a generator that returns at once
 
     def __repr__(self) -> str:
         return f"<AsyncDeadLetterQueue {self._name!r}>"

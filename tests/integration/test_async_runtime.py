@@ -833,3 +833,34 @@ async def test_publish_during_an_outage_times_out_then_resumes(names, broker_url
             await eventually(lambda: client.health().connected, timeout=15, what="the reconnect")
             assert await producer.publish(Order(order_id="4", amount=Decimal(4)))
             assert client.health().reconnects >= 1
+
+
+# ------------------------------------------------------------------ awaitable factories
+
+
+async def test_factories_that_do_no_io_can_be_awaited_too(client_for, names) -> None:
+    """API.md: AsyncClient's methods are awaitable. consumer(), responder(), event_bus() and
+    dead_letters() do no I/O and return their object at once; awaiting it gives the same."""
+
+    class Ping(BaseModel):
+        n: int
+
+    async def handle(message: Ping, ctx: mqkit.Context) -> None:
+        return None
+
+    async def answer(message: Ping, ctx: mqkit.Context) -> Ping:
+        return message
+
+    queue = names.queue()
+    async with client_for(service=names.service()) as client:
+        consumer = client.consumer(queue, Ping, handle)
+        assert await consumer is consumer
+        awaited = await client.consumer(queue, Ping, handle)
+        assert isinstance(awaited, mqkit.AsyncConsumer)
+        responder = await client.responder(names.queue(), Ping, answer)
+        assert isinstance(responder, mqkit.AsyncConsumer)
+        bus = await client.event_bus(exchange=names.exchange())
+        assert isinstance(bus, mqkit.AsyncEventBus)
+        dlq = await client.dead_letters(queue)
+        assert isinstance(dlq, mqkit.AsyncDeadLetterQueue)
+        assert dlq.name == f"{queue}.dlq"
