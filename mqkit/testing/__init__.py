@@ -14,7 +14,8 @@ with FaultProxy("amqp://guest:guest@localhost:5672/") as proxy:
 ```
 """
 
-from mqkit.testing.nodes import RabbitCluster, RabbitNode
+from mqkit.testing.cluster import RabbitCluster
+from mqkit.testing.nodes import RabbitNode
 from mqkit.testing.proxy import FaultProxy
 
 __all__ = ["FaultProxy", "RabbitCluster", "RabbitNode"]

@@ -1,21 +1,16 @@
-"""Throw-away RabbitMQ nodes (and clusters of them) for fault tests.
+"""Throw-away RabbitMQ nodes for fault tests.
 
 :class:`RabbitNode` starts a RabbitMQ node of its own — own node name, own loopback ports,
 own data and log directories, own Erlang cookie, no plugins — so a test can stop, restart or
-``kill -9`` it without touching the broker everything else uses. :class:`RabbitCluster`
-starts ``n`` such nodes and joins them into one cluster::
+``kill -9`` it without touching the broker everything else uses. A cluster of such nodes is
+:class:`mqkit.testing.cluster.RabbitCluster`::
 
-    from mqkit.testing import RabbitCluster, RabbitNode
+    from mqkit.testing import RabbitNode
 
     with RabbitNode("orders-it") as node:          # ~7 s to boot on a small machine
         with mqkit.Client(url=node.url) as client:
             ...
             node.restart()                         # the client reconnects on its own
-
-    with RabbitCluster(3) as cluster:
-        with mqkit.Client(urls=cluster.urls) as client:
-            ...
-            cluster.leader_of("orders").kill()     # a quorum queue elects a new leader
 
 It needs a local RabbitMQ installation (``rabbitmq-server``, ``rabbitmqctl`` and
 ``rabbitmq-queues``; set ``MQKIT_RABBITMQ_SBIN`` to their directory if they are not found)
@@ -26,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import random
 import secrets
@@ -38,12 +32,10 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["CliError", "RabbitCluster", "RabbitNode", "find_free_ports"]
+__all__ = ["CliError", "RabbitNode", "find_free_ports"]
 
 _SBIN_ENV = "MQKIT_RABBITMQ_SBIN"
 # Debian/Ubuntu packages put `su rabbitmq` wrappers in /usr/sbin; those reset HOME (and so
@@ -409,170 +401,6 @@ class RabbitNode:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"RabbitNode({self.name!r}, port={self.port}, {state})"
-
-
-class RabbitCluster:
-    """``n`` :class:`RabbitNode` s joined into one cluster (nodes 2..n join node 1).
-
-    All nodes share one Erlang cookie and live under one ``base_dir``, removed by
-    :meth:`cleanup` — which the context manager runs even when the test fails.
-
-    Example::
-
-        with RabbitCluster(3) as cluster:
-            with mqkit.Client(urls=cluster.urls, queue_type="quorum") as client:
-                client.declare(mqkit.Queue("orders"))
-                cluster.leader_of("orders").kill()
-    """
-
-    def __init__(
-        self,
-        n: int = 3,
-        *,
-        name: str = "mqkit-c",
-        base_dir: str | os.PathLike[str] | None = None,
-        startup_timeout: float = 180.0,
-    ) -> None:
-        if n < 1:
-            raise ValueError(f"a cluster needs at least one node, got n={n}")
-        self._owns_dir = base_dir is None
-        self.base_dir = Path(tempfile.mkdtemp(prefix=f"{name}-") if base_dir is None else base_dir)
-        cookie = secrets.token_hex(20).upper()
-        tag = secrets.token_hex(2)  # two sessions on one host never share node names
-        self.nodes: list[RabbitNode] = [
-            RabbitNode(
-                f"{name}-{tag}-{i}",
-                base_dir=self.base_dir / f"node{i}",
-                cookie=cookie,
-                startup_timeout=startup_timeout,
-            )
-            for i in range(1, n + 1)
-        ]
-
-    @property
-    def urls(self) -> list[str]:
-        """Every node's AMQP URL, node 1 first."""
-        return [node.url for node in self.nodes]
-
-    def start(self) -> RabbitCluster:
-        """Boot every node (in parallel), then join nodes 2..n to node 1."""
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            for future in [pool.submit(node.start) for node in self.nodes]:
-                future.result()
-        seed = self.nodes[0]
-        for node in self.nodes[1:]:
-            node.ctl("stop_app")
-            node.ctl("join_cluster", seed.name)
-            node.ctl("start_app")
-        return self
-
-    def stop(self) -> None:
-        """Stop every running node gracefully (all at once)."""
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            for future in [pool.submit(node.stop) for node in self.nodes]:
-                future.result()
-
-    def cleanup(self) -> None:
-        """Kill every node and remove the cluster's ``base_dir`` (if the cluster made it)."""
-        for node in self.nodes:
-            node.cleanup()
-        if self._owns_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def running_nodes(self) -> list[RabbitNode]:
-        """The nodes whose VM is running now."""
-        return [node for node in self.nodes if node.running]
-
-    def node_for(self, url: str) -> RabbitNode:
-        """The node an AMQP URL points at (matched by port; passwords may be masked)."""
-        for node in self.nodes:
-            if f":{node.port}/" in url or url.rstrip("/").endswith(f":{node.port}"):
-                return node
-        raise LookupError(f"no node of this cluster listens at {url}")
-
-    def leader_of(self, queue: str, *, vhost: str = "/", timeout: float = 30.0) -> RabbitNode:
-        """The node that hosts the leader of quorum queue ``queue`` right now.
-
-        Asks a running node (``rabbitmq-queues quorum_status``, on RabbitMQ 3.8 to 4.x) and
-        waits up to ``timeout`` seconds while an election is still in progress.
-        """
-        deadline = time.monotonic() + timeout
-        last = "no running node to ask"
-        while True:
-            for node in self.running_nodes():
-                try:
-                    leader = _leader_from_status(
-                        node.ctl(
-                            "quorum_status",
-                            queue,
-                            "--vhost",
-                            vhost,
-                            "--formatter",
-                            "json",
-                            tool="rabbitmq-queues",
-                            timeout=30,
-                        )
-                    )
-                except RuntimeError as exc:
-                    last = str(exc)
-                    continue
-                if leader is not None:
-                    for candidate in self.nodes:
-                        # A member that was just killed can still be reported as leader
-                        # until the others notice; only a live leader is an answer.
-                        if candidate.name == leader and candidate.running:
-                            return candidate
-                    last = f"leader {leader} is not a running node of this cluster"
-                else:
-                    last = "no member reports itself leader yet"
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no leader found for quorum queue {queue!r}: {last}")
-            time.sleep(0.5)
-
-    def __enter__(self) -> RabbitCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
-    def __repr__(self) -> str:
-        return f"RabbitCluster({self.nodes!r})"
-
-
-def _leader_from_status(output: str) -> str | None:
-    """The leader's node name from ``rabbitmq-queues quorum_status --formatter json``.
-
-    3.x prints ``[{"Node Name": ..., "Raft State": "leader", ...}, ...]``; 4.x adds columns
-    and may print the membership as ``voter``/``promotable`` in another one, so match any
-    key that names the Raft state.
-    """
-    start = output.find("[")
-    if start < 0:
-        return None
-    try:
-        rows = json.loads(output[start:])
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(rows, Sequence):
-        return None
-    for row in rows:
-        if not isinstance(row, dict):
-            continue
-        name = row.get("Node Name") or row.get("node_name") or row.get("node")
-        states = [str(v).lower() for k, v in row.items() if "state" in str(k).lower()]
-        if name and "leader" in states:
-            return str(name)
-    return None
 
 
 @atexit.register
