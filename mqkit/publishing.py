@@ -117,9 +117,17 @@ class PublishTarget(Generic[T]):
     ) -> list[tuple[Envelope, str]]:
         """Each message's envelope (:func:`mqkit.messages.encode`, ``expiration`` in seconds)
         and routing key (:meth:`route`). A message that is not a ``T`` raises ``TypeError``
-        (:meth:`check`) before anything is published."""
+        (:meth:`check`) before anything is published; ``message_id`` with more than one
+        message is a :class:`ConfigError` (a returned message is matched to its publish by
+        id, so ids in one batch must differ)."""
+        checked = [self.check(message) for message in messages]
+        if message_id is not None and len(checked) > 1:
+            raise ConfigError(
+                "message_id= names one message; publish_many gives each message its own id "
+                "(leave message_id unset, or publish the messages one by one)"
+            )
         prepared = []
-        for message in map(self.check, messages):
+        for message in checked:
             envelope = encode(
                 message,
                 service=service,

@@ -9,12 +9,12 @@ retries are in-process only and its give-ups go to a durable DLQ the service's i
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mqkit._sync.consumer import Consumer
 from mqkit.consumers import plan_subscriber
-from mqkit.context import Context
 from mqkit.messages import Event
 from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
@@ -148,7 +148,7 @@ class EventBus:
                 prefetch=prefetch,
                 concurrency=concurrency,
             )
-        consumer: Consumer[Any] = Consumer(self._client, plan, _as_handler(handler))
+        consumer: Consumer[Any] = Consumer(self._client, plan, handler)
         with self._lock:
             self._subscriptions.append(consumer)
             running = self._running
@@ -193,13 +193,32 @@ class EventBus:
             consumer.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop every subscription gracefully (see :meth:`Consumer.stop`); idempotent."""
+        """Stop every subscription gracefully (see :meth:`Consumer.stop`), all at once, so the
+        bus stops within ``timeout`` (plus the consumer's slack), not once per subscription;
+        idempotent. Re-raises the first error a subscription's stop raised."""
         with self._lock:
             self._running = False
             subscriptions = list(self._subscriptions)
-        for consumer in subscriptions:
-            consumer.stop(timeout)
+        errors: list[BaseException] = []
+
+        def stop(consumer: Consumer[Any]) -> None:
+            try:
+                consumer.stop(timeout)
+            except BaseException as exc:
+                errors.append(exc)
+
+        stoppers = [
+            threading.Thread(target=stop, args=(consumer,), name="mqkit-bus-stop", daemon=True)
+            for consumer in subscriptions
+        ]
+        for stopper in stoppers:
+            stopper.start()
+        deadline = time.monotonic() + timeout + 2.0  # a consumer's stop is bounded: a backstop
+        for stopper in stoppers:
+            stopper.join(max(0.0, deadline - time.monotonic()))
         self._stopped.set()
+        if errors:
+            raise errors[0]
 
     def run(self) -> None:
         """Start, then block until :meth:`stop` (Ctrl-C stops gracefully)."""
@@ -216,7 +235,3 @@ class EventBus:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def _as_handler(handler: Callable[..., Any]) -> Callable[[Any, Context], object]:
-    return handler

@@ -49,6 +49,8 @@ __all__ = ["Consumer", "ReplyStep"]
 
 log = logging.getLogger("mqkit")
 
+_STOP_SLACK = 0.5  # s: the least a stop gives the cancel and the close each, once time is up
+
 T = TypeVar("T", bound=BaseModel)
 
 # Instead of running the handler, a responder runs this (it replies and never raises).
@@ -157,18 +159,25 @@ class Consumer(Generic[T]):
             self._client._consumer_started(self)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking deliveries, let running handlers finish (up to ``timeout`` seconds) and
-        ack, and return prefetched messages no handler started to the queue. Idempotent."""
+        """Stop taking deliveries, let running handlers finish and ack, and return prefetched
+        messages no handler started to the queue. Idempotent.
+
+        Returns within ``timeout`` seconds, plus at most 1 s of slack so that the consumer is
+        cancelled and its channel closed even when ``timeout`` is (nearly) used up."""
         with self._lifecycle:
             if not self._running:
                 return
             self._running = False
             deadline = time.monotonic() + timeout
+
+            def left() -> float:  # each broker round trip gets at least _STOP_SLACK s
+                return max(_STOP_SLACK, deadline - time.monotonic())
+
             self._stopping = True
             try:
                 self._link.call(
                     self._cancel,
-                    min(timeout, 10.0),
+                    min(left(), 10.0),
                     what=f"cancel consuming {self._queue!r}",
                     wait_ready=False,
                 )
@@ -178,7 +187,7 @@ class Consumer(Generic[T]):
             try:
                 self._link.call(
                     self._close_channel,
-                    5.0,
+                    left(),
                     what=f"close consumer {self._queue!r}",
                     wait_ready=False,
                 )
@@ -385,16 +394,20 @@ class Consumer(Generic[T]):
     def _run_handler(self, message: Any, ctx: Context) -> Outcome:
         policy = self._plan.policy
         try:
-            if policy.immediate:
+            try:
+                self._handler(message, ctx)
+            except Exception as exc:
+                if not (policy.immediate and policy.retries_immediately(exc)):
+                    raise
+                # Built only after a failure: most messages succeed at the first attempt.
+                time.sleep(policy.immediate_delay(1))
                 retrying = tenacity.Retrying(
-                    stop=tenacity.stop_after_attempt(policy.immediate + 1),
-                    wait=lambda state: policy.immediate_delay(state.attempt_number),
+                    stop=tenacity.stop_after_attempt(policy.immediate),
+                    wait=lambda state: policy.immediate_delay(state.attempt_number + 1),
                     retry=tenacity.retry_if_exception(policy.retries_immediately),
                     reraise=True,
                 )
                 retrying(self._handler, message, ctx)
-            else:
-                self._handler(message, ctx)
         except Exception as exc:
             outcome = decide(exc, ctx.attempt, policy, format_traceback(exc))
             self._log_failure(exc, ctx, outcome)

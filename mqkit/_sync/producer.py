@@ -30,7 +30,9 @@ class Producer(Generic[T]):
     state: each call encodes on the calling thread, hands the message to the client's IO
     thread (the only thread that touches the pika connection) and waits on its own confirm,
     so concurrent publishes are pipelined on one confirm channel and each caller gets exactly
-    its own result.
+    its own result. The broker returns an unroutable message with its ``message_id`` only, so
+    do not give the same ``message_id=`` to publishes that may be in flight at once: a return
+    could be pinned on the wrong one (and the unroutable one reported as confirmed).
 
     ```python
     producer = client.producer(ChargeCard, queue="charges")
@@ -88,7 +90,8 @@ class Producer(Generic[T]):
 
         On failure raises a :class:`~mqkit.PublishError` (the specific subclass when all
         failures are of one kind) whose ``unconfirmed`` lists the ids not confirmed;
-        re-publishing those is safe.
+        re-publishing those is safe. ``message_id=`` with more than one message raises
+        :class:`~mqkit.ConfigError`: each message gets its own id.
         """
         prepared = self._target.prepare(
             messages,

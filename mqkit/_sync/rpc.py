@@ -51,6 +51,8 @@ class Requester:
         self._lock = threading.Lock()
         self._consuming = False
         self._hooked = False  # IO thread
+        self._consume_sent: Channel | None = None  # IO thread: basic.consume issued on it
+        self._consumed_on: Channel | None = None  # IO thread: consume-ok received on it
         self._waiter: Future[None] | None = None
         self._waiting: dict[str, Future[tuple[BasicProperties, bytes]]] = {}
         self._sent: set[str] = set()  # requests published: their reply dies with the channel
@@ -88,9 +90,21 @@ class Requester:
 
             def op(_connection: SelectConnection, future: Future[None]) -> None:
                 self._waiter = future
+                publisher = self._client._publisher
                 if not self._hooked:  # one reply consumer per channel, ever
                     self._hooked = True
-                    self._client._publisher.add_channel_hook(self._consume)
+                    publisher.add_channel_hook(self._consume)
+                    return
+                # An earlier call timed out waiting for consume-ok: settle now if it came
+                # since, consume if this channel never was asked; else consume-ok is on its
+                # way (asking twice would make the broker close the channel).
+                channel = publisher.channel
+                if channel is None:
+                    publisher._reopen()  # the hook consumes once it is open
+                elif channel is self._consumed_on:
+                    settle(future)
+                elif channel is not self._consume_sent:
+                    self._consume(channel)
 
             self._client._link.call(
                 op, self._client.settings.connect_timeout, what="start the RPC reply consumer"
@@ -99,8 +113,14 @@ class Requester:
 
     def _consume(self, channel: Channel) -> None:
         """IO thread: consume replies on the publishing channel (each time it opens)."""
+        if self._consume_sent is not None and channel is not self._consume_sent:
+            # A new publishing channel (after a nack, or the broker closed the old one):
+            # replies to requests sent on the old one went to it and are lost.
+            self._fail_sent("the publishing channel was replaced while waiting for a reply")
+        self._consume_sent = channel
 
         def consuming(_frame: object) -> None:
+            self._consumed_on = channel
             if self._waiter is not None:
                 settle(self._waiter)
 
@@ -117,14 +137,18 @@ class Requester:
 
     def _link_lost(self, reason: BaseException) -> None:
         """IO thread: replies to requests already sent can no longer arrive; fail them now."""
+        self._fail_sent("the connection was lost while waiting for a reply")
+
+    def _fail_sent(self, what: str) -> None:
+        """IO thread: fail the requests already sent, whose replies can no longer arrive."""
         for correlation_id in list(self._sent):
             future = self._waiting.get(correlation_id)
             if future is not None:
                 settle(
                     future,
                     exc=ConnectionFailed(
-                        "the connection was lost while waiting for a reply; the request may "
-                        "have been processed (retry it if it is idempotent)"
+                        f"{what}; the request may have been processed (retry it if it is "
+                        "idempotent)"
                     ),
                 )
 

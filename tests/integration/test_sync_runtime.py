@@ -432,13 +432,27 @@ def test_reject_dead_letters_at_once(client_for, names, raw) -> None:
     assert int(props.headers["x-mqkit-attempts"]) == 1
 
 
-def test_immediate_retries_run_in_process(client_for, names, raw) -> None:
+def test_immediate_retries_run_in_process(client_for, names, raw, monkeypatch) -> None:
+    import mqkit._sync.consumer as sync_consumer
+
+    retriers: list[object] = []
+    real = sync_consumer.tenacity
+
+    class CountingTenacity:  # the consumer module's tenacity only (the link uses it too)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def Retrying(self, *args: Any, **kwargs: Any) -> Any:
+            retriers.append(kwargs)
+            return real.Retrying(*args, **kwargs)
+
+    monkeypatch.setattr(sync_consumer, "tenacity", CountingTenacity())
     queue = names.queue()
     calls: list[int] = []
 
     def twice_broken(message: Order, ctx: mqkit.Context) -> None:
         calls.append(ctx.attempt)
-        if len(calls) < 3:
+        if message.order_id == "1" and len(calls) < 3:
             raise ConnectionResetError("blip")
 
     policy = mqkit.RetryPolicy(max_attempts=1, immediate=2)
@@ -447,8 +461,12 @@ def test_immediate_retries_run_in_process(client_for, names, raw) -> None:
         with client.consumer(queue, Order, Recorder(twice_broken), retry=policy):
             eventually(lambda: len(calls) == 3, what="three calls")
             eventually(lambda: raw.count(queue) == 0, what="the ack")
-    assert calls == [1, 1, 1]  # in-process retries are not attempts
+            client.producer(Order, queue=queue).publish(order(2))
+            eventually(lambda: len(calls) == 4, what="the second message")
+            eventually(lambda: raw.count(queue) == 0, what="the second ack")
+    assert calls == [1, 1, 1, 1]  # in-process retries are not attempts
     assert raw.count(f"{queue}.dlq") == 0
+    assert len(retriers) == 1  # built for the failure only, not for the message that succeeded
 
 
 def test_concurrency_runs_handlers_in_parallel_on_worker_threads(
@@ -557,6 +575,47 @@ def test_acks_batch_contiguous_tags_and_never_cover_running_ones() -> None:
 
 
 # ---------------------------------------------------------------------------- run()
+
+
+def test_stop_keeps_to_its_timeout_when_the_broker_does_not_answer(names, broker_url) -> None:
+    # A busy handler and a broker that does not answer the cancel: the cancel, the wait for
+    # the handler and the close share one deadline (plus the documented slack).
+    queue = names.queue()
+    release = threading.Event()
+    busy = Recorder(lambda message, ctx: release.wait(10))
+    with (
+        FaultProxy(broker_url) as proxy,
+        mqkit.Client(url=proxy.url, connect_timeout=5) as client,
+    ):
+        client.producer(Order, queue=queue).publish(order(1))
+        consumer = client.consumer(queue, Order, busy)
+        consumer.start()
+        busy.wait(1)
+        proxy.blackhole()
+        started = time.monotonic()
+        consumer.stop(timeout=1)
+        took = time.monotonic() - started
+        release.set()
+        proxy.restore()
+        assert took < 1 + 1.0 + 1.5  # timeout, the documented slack, scheduling noise
+
+
+def test_bus_stop_stops_its_subscriptions_at_once(client_for, names) -> None:
+    release = threading.Event()
+    busy = Recorder(lambda message, ctx: release.wait(15))
+    with client_for() as client:
+        bus = client.event_bus(exchange=names.exchange(), service=names.service())
+        for _ in range(4):  # four subscriptions to one event, each with its own queue
+            bus.subscribe(SyncOrderPlaced, busy, queue=names.queue())
+        bus.start()
+        bus.publish(SyncOrderPlaced(order_id="1"))
+        busy.wait(4)
+        started = time.monotonic()
+        bus.stop(timeout=1)
+        took = time.monotonic() - started
+        release.set()
+        # One shared timeout (plus slack), not one each: stopping them in turn takes >= 4 s.
+        assert took < 3.0
 
 
 def test_client_run_until_stop(client_for, names) -> None:
@@ -700,6 +759,62 @@ def test_rpc_round_trip_timeout_and_remote_error(client_for, names) -> None:
         assert time.monotonic() - started < 3
         with pytest.raises(mqkit.PublishUnroutable):
             client.request(names.queue(), order(1), Receipt)
+
+
+def test_rpc_after_a_reply_consumer_start_that_timed_out(client_for, names) -> None:
+    # The state a first request leaves when consume-ok comes after connect_timeout: the
+    # channel hook is in place and the consumer runs, but the requester thinks it is not
+    # consuming. The next request must see that at once instead of waiting for a consume-ok
+    # that already came.
+    queue = names.queue()
+
+    def answer(message: Order, ctx: mqkit.Context) -> Receipt:
+        return Receipt(order_id=message.order_id, ok=True)
+
+    with client_for(connect_timeout=3) as client, client.responder(queue, Order, answer):
+        assert client.request(queue, order(1), Receipt).order_id == "1"
+        client._requester._consuming = False
+        started = time.monotonic()
+        assert client.request(queue, order(2), Receipt).order_id == "2"
+        assert time.monotonic() - started < 2
+
+
+def test_rpc_requests_sent_fail_when_the_publishing_channel_is_replaced(client_for, names) -> None:
+    # After a nack the publisher replaces its channel; replies to requests sent on the old
+    # one go to the old one, so those requests fail now instead of at their timeout.
+    queue = names.queue()
+    release = threading.Event()
+
+    def slow(message: Order, ctx: mqkit.Context) -> Receipt:
+        release.wait(10)
+        return Receipt(order_id=message.order_id, ok=True)
+
+    with client_for() as client, client.responder(queue, Order, slow):
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.request(queue, order(1), Receipt, timeout=20)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        requester, publisher = client._requester, client._publisher
+        eventually(lambda: requester._sent, what="the request to be sent")
+
+        def renew() -> None:
+            publisher._renewing = publisher.channel
+            publisher._renew()
+
+        started = time.monotonic()
+        client._link.submit(renew)
+        caller.join(10)
+        assert time.monotonic() - started < 5
+        assert len(outcome) == 1 and isinstance(outcome[0], mqkit.ConnectionFailed)
+        assert "publishing channel was replaced" in str(outcome[0])
+        release.set()
+        assert client.request(queue, order(2), Receipt).order_id == "2"
 
 
 # ---------------------------------------------------------------------------- dead letters

@@ -119,6 +119,18 @@ def test_prepare_encodes_with_the_options_and_checks_the_type() -> None:
         )
 
 
+def test_message_id_names_one_message_only() -> None:
+    target = PublishTarget(Order, queue="orders")
+    one = Order(order_id="1", amount=Decimal(1))
+    [(envelope, _)] = target.prepare([one], service="billing", message_id="x")
+    assert envelope.message_id == "x"
+    # Returns are matched by message id: one id for several messages could pin a return on
+    # the wrong one, so it is refused before anything is published.
+    with pytest.raises(ConfigError, match="message_id= names one message"):
+        target.prepare(iter([one, one]), service="billing", message_id="x")
+    assert target.prepare([], service="billing", message_id="x") == []
+
+
 def test_describe() -> None:
     assert PublishTarget(Order, queue="orders").describe() == "queue='orders'"
     assert PublishTarget(Order, "shop").describe() == "exchange='shop'"
