@@ -57,6 +57,8 @@ class AsyncEventBus:
         self._keys: set[str] = set()
         self._started = False
         self._stopped = asyncio.Event()
+        self._declared = False  # the exchange (the link also caches it; this skips the lookup)
+        self._background: set[asyncio.Task[None]] = set()
 
     def __await__(self) -> Generator[None, None, AsyncEventBus]:
         """``await client.event_bus(...)`` works too. Making one does no I/O, so the client
@@ -180,6 +182,8 @@ class AsyncEventBus:
         if self._started:
             # Subscribing on a running bus: start the new subscription in the background.
             task = asyncio.get_running_loop().create_task(consumer.start())
+            self._background.add(task)  # a task nothing refers to may be collected mid-way
+            task.add_done_callback(self._background.discard)
             task.add_done_callback(_log_failure)
 
     async def publish(
@@ -205,7 +209,8 @@ class AsyncEventBus:
             message_id=message_id,
             correlation_id=correlation_id,
         )
-        await self._link.declare([self._exchange])
+        if not self._declared:
+            await self._declare()
         await self._link.publishing.publish(
             envelope, exchange=self._exchange.name, routing_key=key, mandatory=mandatory
         )
@@ -213,11 +218,15 @@ class AsyncEventBus:
 
     async def start(self) -> None:
         """Declare the exchange and start every subscription (returns once consuming)."""
-        await self._link.declare([self._exchange])
+        await self._declare()
         self._stopped.clear()
         for consumer in self._consumers:
             await consumer.start()
         self._started = True
+
+    async def _declare(self) -> None:
+        await self._link.declare([self._exchange])
+        self._declared = True
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop every subscription gracefully (see :meth:`AsyncConsumer.stop`)."""

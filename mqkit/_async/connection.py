@@ -246,6 +246,11 @@ class Link:
         return self._ready.is_set() and self._connection is not None
 
     @property
+    def opened(self) -> bool:
+        """``open()`` succeeded (the link may be down or closed since)."""
+        return self._opened
+
+    @property
     def closed(self) -> bool:
         """``close()`` was called."""
         return self._closing
@@ -360,11 +365,8 @@ class Link:
         connection = self._connection
         if connection is None or sender is not connection or self._closing:
             return
-        self._ready.clear()
-        self._connection = None
-        self._declarer = None
         self.last_error = describe(exc)
-        self._spawn(_discard(connection))  # its transport is gone; release the object too
+        self._drop(connection)  # its transport is gone; release the object too
         log.warning(
             "mqkit: lost the connection to %s (%s); reconnecting", self.url, self.last_error
         )
@@ -377,7 +379,61 @@ class Link:
         task.add_done_callback(self._background.discard)
 
     async def _reconnect(self) -> None:
-        """Reconnect until it works or the link is closed; then replay topology and consumers."""
+        """Reconnect until it works or the link is closed; then replay topology and consumers.
+
+        Loops until the connection it set up is still the current, open one after the replay:
+        a connection lost while re-declaring or restoring consumers finds this task still
+        running (so ``_on_connection_closed`` starts no other) and must be replaced here.
+        """
+        while not self._closing:
+            connection, url = await self._connect_until_up()
+            if self._closing:
+                await _discard(connection)
+                return
+            self._install(connection, url)
+            for entity in list(self._topology):
+                if not self._is_current(connection):
+                    break
+                try:
+                    await self._declare_entity(entity)
+                except Exception as exc:  # keep going: one bad entity must not block the rest
+                    log.error("mqkit: could not re-declare after reconnecting: %s", exc)
+            if self._is_current(connection):
+                self.reconnects += 1
+                # Restoring consumers opens channels, which waits for the link to be ready.
+                self._ready.set()
+                log.warning("mqkit: reconnected to %s (reconnect #%d)", self.url, self.reconnects)
+                for item in list(self._restorables):
+                    try:
+                        await item._restore()
+                    except Exception as exc:
+                        log.error(
+                            "mqkit: could not restore %r after reconnecting: %s",
+                            item,
+                            describe(exc),
+                        )
+            if self._is_current(connection):
+                return
+            self._drop(connection)
+            log.warning(
+                "mqkit: lost the connection to %s again while restoring (%s); reconnecting",
+                self.url,
+                self.last_error,
+            )
+
+    def _is_current(self, connection: aio_pika.abc.AbstractConnection) -> bool:
+        return self._connection is connection and not connection.is_closed
+
+    def _drop(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        """Forget ``connection`` (lost) if it is still the current one."""
+        if self._connection is connection:
+            self._ready.clear()
+            self._connection = None
+            self._declarer = None
+            self._spawn(_discard(connection))
+
+    async def _connect_until_up(self) -> tuple[aio_pika.abc.AbstractConnection, str]:
+        """Try every URL with backoff until one answers (or the task is cancelled)."""
         urls = self.settings.all_urls
         async for attempt in AsyncRetrying(
             wait=wait_exponential(multiplier=0.2, min=0.1, max=RECONNECT_MAX_DELAY),
@@ -386,30 +442,14 @@ class Link:
             with attempt:
                 last: list[BaseException] = []
                 try:
-                    connection, url = await self._connect_any(urls, None, [], last)
+                    return await self._connect_any(urls, None, [], last)
                 except _Unreachable:
                     self.last_error = describe(last[-1]) if last else "no URL answered"
                     raise
                 except ConnectionFailed as exc:  # credentials or vhost: may be fixed later
                     self.last_error = mask_url(str(exc))
                     raise
-        if self._closing:
-            await connection.close()
-            return
-        self._install(connection, url)
-        for entity in list(self._topology):
-            try:
-                await self._declare_entity(entity)
-            except Exception as exc:  # keep going: one bad entity must not block the rest
-                log.error("mqkit: could not re-declare after reconnecting: %s", exc)
-        self.reconnects += 1
-        self._ready.set()
-        log.warning("mqkit: reconnected to %s (reconnect #%d)", self.url, self.reconnects)
-        for item in list(self._restorables):
-            try:
-                await item._restore()
-            except Exception as exc:
-                log.error("mqkit: could not restore %r after reconnecting: %s", item, describe(exc))
+        raise AssertionError("unreachable: tenacity retries until success")
 
     async def close(self) -> None:
         """Close the connection and stop reconnecting; idempotent."""
@@ -456,28 +496,40 @@ class Link:
     async def channel(
         self, *, confirms: bool = False, timeout: float | None = None
     ) -> aio_pika.abc.AbstractChannel:
-        """A new aio-pika channel (waiting up to ``timeout`` for the link)."""
+        """A new aio-pika channel (waiting up to ``timeout`` in all, for the link and for the
+        broker to open it; default ``connect_timeout`` for the link, RPC_TIMEOUT to open)."""
         self.require_open("open a channel")
         wait = self.settings.connect_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         if not await self.wait_ready(wait):
             raise explain.not_connected("open a channel", wait, self.last_error)
-        return await self._open_channel(confirms)
+        left = None if timeout is None else max(0.001, deadline - time.monotonic())
+        return await self._open_channel(confirms, left)
 
-    async def _open_channel(self, confirms: bool) -> aio_pika.abc.AbstractChannel:
-        """A channel on the current connection, ready or not (topology replay uses it)."""
+    async def _open_channel(
+        self, confirms: bool, timeout: float | None = None
+    ) -> aio_pika.abc.AbstractChannel:
+        """A channel on the current connection, ready or not (topology replay uses it);
+        the broker has ``timeout`` (at most RPC_TIMEOUT) seconds to open it."""
         connection = self._connection
         if connection is None:
             raise explain.link_lost("open a channel", self.last_error or "connection closed")
+        wait = RPC_TIMEOUT if timeout is None else min(timeout, RPC_TIMEOUT)
         try:
             channel = connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
-            await asyncio.wait_for(channel.initialize(), RPC_TIMEOUT)
+            await asyncio.wait_for(channel.initialize(), wait)
         except AMQP_ERRORS as exc:
             raise translate(exc, what="open a channel") from exc
+        except asyncio.TimeoutError as exc:
+            raise explain.no_answer("open a channel", wait) from exc
         return channel
 
-    async def underlay(self, *, confirms: bool = False) -> aiormq.abc.AbstractChannel:
-        """A new aiormq channel (the protocol object under an aio-pika channel)."""
-        channel = await self.channel(confirms=confirms)
+    async def underlay(
+        self, *, confirms: bool = False, timeout: float | None = None
+    ) -> aiormq.abc.AbstractChannel:
+        """A new aiormq channel (the protocol object under an aio-pika channel), within
+        ``timeout`` seconds (see :meth:`channel`)."""
+        channel = await self.channel(confirms=confirms, timeout=timeout)
         return await channel.get_underlay_channel()
 
     # ----------------------------------------------------------------- declare

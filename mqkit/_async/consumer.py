@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aio_pika.abc
 import aiormq.abc
+import tenacity
 from pydantic import BaseModel
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
@@ -44,7 +44,7 @@ from .connection import (
 if TYPE_CHECKING:
     from .connection import Link
 
-__all__ = ["AsyncConsumer", "Handler", "ReplyStep"]
+__all__ = ["AsyncConsumer", "Handler", "ReplyStep", "as_async", "cancelling"]
 
 log = logging.getLogger("mqkit")
 
@@ -54,6 +54,14 @@ Handler = Callable[[T, Context], Awaitable[Any]]
 ReplyStep = Callable[[Incoming, Any, Context, "GiveUp | None"], Awaitable[None]]
 
 ACK_DELAY = 0.05  # seconds a finished delivery may wait for its (batched) ack
+
+
+def cancelling() -> bool:
+    """Whether the current task is being cancelled (not merely seeing a CancelledError that
+    something it awaited raised)."""
+    task = asyncio.current_task()
+    count = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(count()) if count is not None else True
 
 
 def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
@@ -107,6 +115,7 @@ class AsyncConsumer(Generic[T]):
         self._background: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._attach_lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
         self._reattacher: asyncio.Task[None] | None = None
         self._stopper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -149,6 +158,12 @@ class AsyncConsumer(Generic[T]):
         confirmed. Starting a started consumer does nothing."""
         if self._started:
             return
+        # Two tasks may start it at once (a bus starting a late subscription, client.run()).
+        async with self._start_lock:
+            if not self._started:
+                await self._start()
+
+    async def _start(self) -> None:
         await self._link.declare(self._plan.entities)
         self._stopping = False
         self._stopped.clear()
@@ -232,6 +247,7 @@ class AsyncConsumer(Generic[T]):
         was_alive, session.alive = session.alive, False
         if self._session is session:
             self._session = None
+            self._drop_timer()
         if not was_alive or self._stopping or not self._started or self._link.closed:
             return
         log.warning(
@@ -252,6 +268,7 @@ class AsyncConsumer(Generic[T]):
         session.alive = False
         if self._session is session:
             self._session = None
+            self._drop_timer()
         self._spawn(_close_quietly(session.owner))
         self._schedule_reattach()
 
@@ -366,21 +383,38 @@ class AsyncConsumer(Generic[T]):
                 return
         await self._finish(session, tag)
 
-    async def _call(self, value: Any, ctx: Context) -> Exception | None:
-        """Run the handler (with the policy's quick in-process retries); its exception."""
+    async def _call(self, value: Any, ctx: Context) -> BaseException | None:
+        """Run the handler (with the policy's quick in-process retries); its exception.
+
+        A ``CancelledError`` the handler raises while this worker is not being cancelled (it
+        awaited something that was cancelled) is a failure like any other: letting it out
+        would end the worker and leave its delivery unacked.
+        """
         policy = self._plan.policy
         try:
-            if not policy.immediate:
-                await self._handler(value, ctx)
-                return None
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(policy.immediate + 1),
-                wait=lambda state: policy.immediate_delay(state.attempt_number),
-                retry=retry_if_exception(policy.retries_immediately),
-                reraise=True,
-            ):
-                with attempt:
-                    await self._handler(value, ctx)
+            await self._handler(value, ctx)
+            return None
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            return exc
+        except Exception as exc:
+            if not (policy.immediate and policy.retries_immediately(exc)):
+                return exc
+        # Built only after a failure: most messages succeed at the first attempt.
+        await asyncio.sleep(policy.immediate_delay(1))
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(policy.immediate),
+            wait=lambda state: policy.immediate_delay(state.attempt_number + 1),
+            retry=tenacity.retry_if_exception(policy.retries_immediately),
+            reraise=True,
+        )
+        try:
+            await retrying(self._handler, value, ctx)
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            return exc
         except Exception as exc:
             return exc
         return None
@@ -391,6 +425,13 @@ class AsyncConsumer(Generic[T]):
             await session.flush(everything=False)
         if session.window.waiting() and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._on_timer, session)
+
+    def _drop_timer(self) -> None:
+        # The flush timer belongs to the session that closed; left set, it would keep the
+        # next session's finished deliveries from scheduling their own flush until it fires.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _on_timer(self, session: Acks) -> None:
         self._timer = None
@@ -454,9 +495,7 @@ class AsyncConsumer(Generic[T]):
                     for task in pending:
                         task.cancel()
                     await asyncio.wait(pending, timeout=5)
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._drop_timer()
             if session is not None:
                 await session.flush(everything=True)
                 await session.requeue_rest()

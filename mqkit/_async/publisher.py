@@ -119,19 +119,35 @@ class Publisher:
         current = self._channel
         if current is not None and not current.is_closed:
             return current
-        async with self._lock:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        def timed_out() -> PublishTimeout:
+            return explain.confirm_timeout(
+                "publish",
+                self._link.settings.confirm_timeout if timeout is None else timeout,
+                self._link.last_error or "not connected",
+            )
+
+        # Another publish may be opening the channel on a link that does not answer: wait
+        # for it no longer than this publish may take.
+        try:
+            await asyncio.wait_for(self._lock.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise timed_out() from None
+        try:
             current = self._channel
             if current is not None and not current.is_closed:
                 return current
             self._link.require_open("publishing")
-            if not await self._link.wait_ready(timeout):
-                raise explain.confirm_timeout(
-                    "publish",
-                    self._link.settings.confirm_timeout,
-                    self._link.last_error or "not connected",
-                )
-            self._channel = await self._link.underlay(confirms=True)
+            if not await self._link.wait_ready(left()):
+                raise timed_out()
+            self._channel = await self._link.underlay(confirms=True, timeout=left())
             return self._channel
+        finally:
+            self._lock.release()
 
     async def publish(
         self,
@@ -153,21 +169,22 @@ class Publisher:
         budget = self._link.settings.confirm_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         props = properties(envelope)
-        what = explain.publishing(envelope.message_id, exchange, routing_key)
-        unconfirmed = [envelope.message_id]
+        # The words for errors are built only when there is an error (this is the hot path).
+        what = partial(explain.publishing, envelope.message_id, exchange, routing_key)
         nacks = 0
-        self._link.require_open(what)
+        if self._link.closed or not self._link.opened:
+            self._link.require_open(what())
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise explain.confirm_timeout(
-                    what, budget, self._link.last_error, unconfirmed=unconfirmed
+                    what(), budget, self._link.last_error, unconfirmed=[envelope.message_id]
                 )
             try:
                 ch = channel or await self.channel(left)
             except PublishTimeout:
                 raise explain.confirm_timeout(
-                    what, budget, self._link.last_error, unconfirmed=unconfirmed
+                    what(), budget, self._link.last_error, unconfirmed=[envelope.message_id]
                 ) from None
             except ConnectionFailed:
                 if self._link.closed:
@@ -190,7 +207,9 @@ class Publisher:
                     raise
                 lost: BaseException = ConnectionFailed("the channel closed")
             except asyncio.TimeoutError:
-                raise explain.confirm_timeout(what, budget, unconfirmed=unconfirmed) from None
+                raise explain.confirm_timeout(
+                    what(), budget, unconfirmed=[envelope.message_id]
+                ) from None
             except AMQP_ERRORS as exc:
                 if _nacked(exc):
                     nacks += 1
@@ -200,14 +219,14 @@ class Publisher:
                         continue
                     self._renew_later(ch)
                 if _broker_refused(exc, exchange):
-                    mapped = translate(exc, what=what)
+                    mapped = translate(exc, what=what())
                     if isinstance(mapped, PublishError):
-                        mapped.unconfirmed = unconfirmed
+                        mapped.unconfirmed = [envelope.message_id]
                     raise mapped from exc
                 lost = exc
             if channel is not None:
-                raise translate(lost, what=what) from lost
-            log.debug("mqkit: %s: %s; will send it again", what, describe(lost))
+                raise translate(lost, what=what()) from lost
+            log.debug("mqkit: %s: %s; will send it again", what(), describe(lost))
             await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
 
     async def publish_many(

@@ -19,13 +19,13 @@ import aiormq.abc
 from pydantic import BaseModel
 
 from mqkit.context import Context
-from mqkit.errors import MqkitError
+from mqkit.errors import MqkitError, PublishTimeout
 from mqkit.messages import Incoming
 from mqkit.retry import GiveUp
 from mqkit.rpc import REPLY_TO, answer, read_reply, request_envelope, request_timeout
 
 from .connection import RPC_ERRORS, RPC_TIMEOUT, translate
-from .consumer import as_async
+from .consumer import as_async, cancelling
 
 if TYPE_CHECKING:
     from .connection import Link
@@ -48,19 +48,26 @@ class Requester:
         self._lock = asyncio.Lock()
 
     async def _reply_channel(self, timeout: float) -> aiormq.abc.AbstractChannel:
+        """The publishing channel, consuming replies; within ``timeout`` (else TimeoutError)."""
+        deadline = time.monotonic() + timeout
         channel = await self._link.publishing.channel(timeout)
         if self._consuming_on is channel and not channel.is_closed:
             return channel
-        async with self._lock:
-            channel = await self._link.publishing.channel(timeout)
+        await asyncio.wait_for(self._lock.acquire(), max(0.001, deadline - time.monotonic()))
+        try:
+            left = max(0.001, deadline - time.monotonic())
+            channel = await self._link.publishing.channel(left)
             if self._consuming_on is not channel:
+                left = min(RPC_TIMEOUT, max(0.001, deadline - time.monotonic()))
                 try:
-                    await channel.basic_consume(
-                        REPLY_TO, self._on_reply, no_ack=True, timeout=RPC_TIMEOUT
-                    )
+                    await channel.basic_consume(REPLY_TO, self._on_reply, no_ack=True, timeout=left)
+                except asyncio.TimeoutError:
+                    raise
                 except RPC_ERRORS as exc:
                     raise translate(exc, what="consuming RPC replies") from exc
                 self._consuming_on = channel
+        finally:
+            self._lock.release()
         return channel
 
     async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
@@ -88,15 +95,19 @@ class Requester:
             budget = max(
                 0.001, min(deadline - time.monotonic(), self._link.settings.confirm_timeout)
             )
-            channel = await self._reply_channel(budget)
-            await self._link.publishing.publish(
-                envelope,
-                exchange="",
-                routing_key=queue,
-                mandatory=True,
-                channel=channel,
-                timeout=max(0.001, deadline - time.monotonic()),
-            )
+            try:
+                channel = await self._reply_channel(budget)
+                await self._link.publishing.publish(
+                    envelope,
+                    exchange="",
+                    routing_key=queue,
+                    mandatory=True,
+                    channel=channel,
+                    timeout=max(0.001, deadline - time.monotonic()),
+                )
+            except (PublishTimeout, asyncio.TimeoutError) as exc:
+                # The link does not answer: to the caller that is a request without a reply.
+                raise request_timeout(queue, timeout) from exc
             try:
                 reply = await asyncio.wait_for(future, max(0.001, deadline - time.monotonic()))
             except asyncio.TimeoutError:
@@ -118,6 +129,12 @@ def reply_step(link: Link, queue: str, handler: Handler[Any]) -> ReplyStep:
         if failure is None:
             try:
                 result = await handler(message, ctx)
+            except asyncio.CancelledError as exc:
+                if cancelling():
+                    raise
+                log.warning("mqkit: responder for %r raised %r", queue, exc, exc_info=exc)
+                # answer() describes Exceptions; the caller sees an error reply either way.
+                outcome = RuntimeError("the handler raised CancelledError")
             except Exception as exc:
                 log.warning("mqkit: responder for %r raised %r", queue, exc, exc_info=exc)
                 outcome = exc

@@ -387,6 +387,35 @@ async def test_reject_dead_letters_at_once(client_for, names, raw) -> None:
     assert int(props.headers["x-mqkit-attempts"]) == 1
 
 
+async def test_a_handler_raising_cancelled_error_is_a_failure_not_a_dead_worker(
+    client_for, names, raw
+) -> None:
+    """A CancelledError from something the handler awaited (not a stop) must not end the
+    worker: the delivery is settled (dead-lettered) and the next one is handled."""
+    queue = names.queue()
+
+    async def cancelled_inside(message: Order, ctx: mqkit.Context) -> None:
+        if message.order_id == "1":
+            inner = asyncio.get_running_loop().create_future()
+            inner.cancel()
+            await inner  # raises CancelledError, though the worker is not being cancelled
+
+    got = Recorder(cancelled_inside)
+    policy = mqkit.RetryPolicy(max_attempts=1, delays=())
+    async with client_for() as client:
+        consumer = client.consumer(queue, Order, got, retry=policy, concurrency=1)
+        async with consumer:
+            producer = await client.producer(Order, queue=queue)
+            await producer.publish(Order(order_id="1", amount=Decimal(1)))
+            await producer.publish(Order(order_id="2", amount=Decimal(2)))
+            assert [m.order_id for m in await got.wait(2)] == ["1", "2"]
+            await eventually(lambda: raw.count(f"{queue}.dlq") == 1, what="the dead letter")
+            assert all(not w.done() for w in consumer._workers)
+    [(_, props, _)] = raw.drain(f"{queue}.dlq")
+    assert text(props.headers["x-mqkit-error-type"]) == "CancelledError"
+    assert raw.count(queue) == 0  # nothing left unacked and given back on close
+
+
 async def test_immediate_retries_happen_in_process(client_for, names, raw) -> None:
     queue = names.queue()
     calls: list[int] = []
@@ -485,6 +514,26 @@ async def test_concurrency_bounds_handlers_running_at_once(client_for, names) ->
     assert peak == 3
 
 
+async def test_starting_a_consumer_twice_at_once_starts_it_once(client_for, names) -> None:
+    queue = names.queue()
+    got = Recorder()
+
+    def workers() -> int:
+        return sum(
+            1
+            for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__qualname__", "") == "AsyncConsumer._work"
+        )
+
+    async with client_for() as client:
+        consumer = client.consumer(queue, Order, got, concurrency=2)
+        await asyncio.gather(consumer.start(), consumer.start())
+        assert consumer.started and consumer.attached
+        assert workers() == 2  # not 4: the second start waited for the first
+        await consumer.stop()
+        await eventually(lambda: workers() == 0, what="the workers to end")
+
+
 async def test_run_until_stop(client_for, names) -> None:
     queue = names.queue()
     got = Recorder()
@@ -578,6 +627,26 @@ async def test_two_services_two_instances_each_get_every_event_once(client_for, 
     finally:
         for client in clients:
             await client.close()
+
+
+async def test_a_bus_declares_its_exchange_once_not_per_publish(client_for, names) -> None:
+    async with client_for(service=names.service()) as client:
+        bus = client.event_bus(exchange=names.exchange())
+        link = client._link
+        calls: list[Any] = []
+        declare = link.declare
+
+        async def counting(entities: Any, **kw: Any) -> None:
+            calls.append(list(entities))
+            await declare(entities, **kw)
+
+        link.declare = counting
+        try:
+            for n in range(3):
+                await bus.publish(AsyncCacheCleared(key=str(n)))
+        finally:
+            del link.declare
+        assert len(calls) == 1
 
 
 async def test_pattern_and_broadcast_subscriptions(client_for, names, raw) -> None:
@@ -779,6 +848,44 @@ async def test_reconnect_restores_consumers_and_publishing(client_for, names, ra
     assert [m.order_id for m in got.messages][-1] == "2"
 
 
+class _LoseTheLinkOnFirstRestore:
+    """A restorable (registered before the consumer) that closes the new connection the
+    first time the link restores it: the connection is lost while consumers are restored."""
+
+    def __init__(self, link: Any) -> None:
+        self.link = link
+        self.restores = 0
+
+    attached = True
+
+    async def _restore(self) -> None:
+        self.restores += 1
+        if self.restores == 1:
+            await self.link._connection.close()
+
+
+@pytest.mark.fault
+async def test_a_connection_lost_while_restoring_is_replaced(client_for, names) -> None:
+    queue = names.queue()
+    got = Recorder()
+    async with client_for() as client:
+        link = client._link
+        flaky = _LoseTheLinkOnFirstRestore(link)
+        link.register(flaky)
+        async with client.consumer(queue, Order, got) as consumer:
+            producer = await client.producer(Order, queue=queue)
+            await link._connection.close()  # the first loss
+            await eventually(
+                lambda: flaky.restores >= 2 and client.health().connected and consumer.attached,
+                timeout=20,
+                what="a second reconnect after the connection was lost while restoring",
+            )
+            assert client.health().reconnects >= 2
+            assert await producer.publish(Order(order_id="1", amount=Decimal(1)))
+            assert [m.order_id for m in await got.wait(1)] == ["1"]
+        link.unregister(flaky)
+
+
 async def test_a_deleted_queue_is_declared_again_and_consumed(
     client_for, names, broker_url
 ) -> None:
@@ -833,6 +940,44 @@ async def test_publish_during_an_outage_times_out_then_resumes(names, broker_url
             await eventually(lambda: client.health().connected, timeout=15, what="the reconnect")
             assert await producer.publish(Order(order_id="4", amount=Decimal(4)))
             assert client.health().reconnects >= 1
+
+
+@pytest.mark.fault
+async def test_publish_and_request_keep_their_deadline_on_a_link_that_does_not_answer(
+    names, broker_url
+) -> None:
+    """Opening the publishing channel on a black-holed link must not outlast the caller's
+    timeout, nor may a second publish waiting for the first to open it."""
+    queue = names.queue()
+    with FaultProxy(broker_url) as proxy:
+        async with mqkit.AsyncClient(url=proxy.url, confirm_timeout=1, connect_timeout=5) as client:
+            producer = await client.producer(Order, queue=queue)  # declares; opens no channel
+            assert client._link.publishing._channel is None
+            proxy.blackhole()
+            try:
+                started = time.monotonic()
+                outcomes = await asyncio.wait_for(
+                    asyncio.gather(
+                        producer.publish(Order(order_id="1", amount=Decimal(1))),
+                        producer.publish(Order(order_id="2", amount=Decimal(2))),
+                        client.request(
+                            queue, Order(order_id="3", amount=Decimal(3)), Receipt, timeout=1.5
+                        ),
+                        return_exceptions=True,
+                    ),
+                    20,  # a backstop: a hang fails the test instead of stalling it
+                )
+                elapsed = time.monotonic() - started
+            finally:
+                proxy.restore()
+            assert [type(o) for o in outcomes] == [
+                mqkit.PublishTimeout,
+                mqkit.PublishTimeout,
+                mqkit.RequestTimeout,
+            ], outcomes
+            assert elapsed < 4, f"took {elapsed:.2f}s"
+            await eventually(lambda: client.health().connected, timeout=15, what="the link")
+            assert await producer.publish(Order(order_id="4", amount=Decimal(4)))
 
 
 # ------------------------------------------------------------------ awaitable factories
