@@ -41,6 +41,7 @@ __all__ = [
     "RPC_ERRORS",
     "Link",
     "Restorable",
+    "cancelling",
     "connect_error",
     "describe",
     "incoming_of",
@@ -586,3 +587,12 @@ class Link:
         except RPC_ERRORS as exc:
             self._declarer = None  # a channel error closed it; the next declare opens another
             raise translate(exc, what=what) from exc
+
+
+def cancelling() -> bool:
+    """Whether the current task is being cancelled, rather than merely seeing a
+    CancelledError that something it awaited raised (a handler's inner task, a future the
+    closing channel rejected)."""
+    task = asyncio.current_task()
+    count = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(count()) if count is not None else True

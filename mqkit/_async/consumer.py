@@ -36,6 +36,7 @@ from .connection import (
     RECONNECT_MAX_DELAY,
     RPC_ERRORS,
     RPC_TIMEOUT,
+    cancelling,
     describe,
     incoming_of,
     translate,
@@ -54,14 +55,6 @@ Handler = Callable[[T, Context], Awaitable[Any]]
 ReplyStep = Callable[[Incoming, Any, Context, "GiveUp | None"], Awaitable[None]]
 
 ACK_DELAY = 0.05  # seconds a finished delivery may wait for its (batched) ack
-
-
-def cancelling() -> bool:
-    """Whether the current task is being cancelled (not merely seeing a CancelledError that
-    something it awaited raised)."""
-    task = asyncio.current_task()
-    count = getattr(task, "cancelling", None)  # Python 3.11+
-    return bool(count()) if count is not None else True
 
 
 def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:

@@ -39,7 +39,7 @@ from mqkit.errors import ConnectionFailed, MqkitError, PublishError, PublishTime
 from mqkit.messages import Envelope
 from mqkit.publishing import ChannelRenewal, retry_nacked
 
-from .connection import AMQP_ERRORS, RPC_TIMEOUT, describe, reply_text, translate
+from .connection import AMQP_ERRORS, RPC_TIMEOUT, cancelling, describe, reply_text, translate
 
 if TYPE_CHECKING:
     from .connection import Link
@@ -203,7 +203,7 @@ class Publisher:
                 )
                 return
             except asyncio.CancelledError:
-                if _really_cancelled():
+                if cancelling():
                     raise
                 lost: BaseException = ConnectionFailed("the channel closed")
             except asyncio.TimeoutError:
@@ -476,13 +476,6 @@ async def _send_batch(
 def _what(job: tuple[Envelope, str, str]) -> str:
     envelope, exchange, routing_key = job
     return explain.publishing(envelope.message_id, exchange, routing_key)
-
-
-def _really_cancelled() -> bool:
-    """Whether the current task was cancelled (not a future the closing channel rejected)."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling()) if cancelling is not None else True
 
 
 def _nacked(exc: BaseException) -> bool:

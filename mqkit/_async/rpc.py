@@ -24,8 +24,8 @@ from mqkit.messages import Incoming
 from mqkit.retry import GiveUp
 from mqkit.rpc import REPLY_TO, answer, read_reply, request_envelope, request_timeout
 
-from .connection import RPC_ERRORS, RPC_TIMEOUT, translate
-from .consumer import as_async, cancelling
+from .connection import RPC_ERRORS, RPC_TIMEOUT, cancelling, translate
+from .consumer import as_async
 
 if TYPE_CHECKING:
     from .connection import Link
