@@ -7,6 +7,7 @@ same prefetch and declare the same topology. The shells' consumers only do the I
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -27,6 +28,7 @@ __all__ = [
     "plan_consumer",
     "plan_responder",
     "plan_subscriber",
+    "resolve_queue",
 ]
 
 # RPC requests are not retried: the caller is waiting, and gets the error instead.
@@ -76,20 +78,39 @@ def plan_consumer(
     prefetch: int | None = None,
     concurrency: int = 1,
     retry: RetryPolicy | None = None,
+    declared: Iterable[Entity] = (),
 ) -> ConsumerPlan:
     """The plan for ``client.consumer(queue, message_type, handler, ...)``: ``retry`` None is
-    :data:`~mqkit.retry.DEFAULT_POLICY`; the queue gets its retry queues and DLQ."""
+    :data:`~mqkit.retry.DEFAULT_POLICY`; the queue gets its retry queues and DLQ. A queue
+    given by name that the client ``declared`` itself keeps the arguments it was declared
+    with."""
     check_model(message_type, "consumer")
-    return _plan(queue, message_type, retry or DEFAULT_POLICY, settings, prefetch, concurrency)
+    work = resolve_queue(queue, declared)
+    return _plan(work, message_type, retry or DEFAULT_POLICY, settings, prefetch, concurrency)
 
 
 def plan_responder(
-    queue: str | Queue, request_type: type[BaseModel], *, settings: Settings
+    queue: str | Queue,
+    request_type: type[BaseModel],
+    *,
+    settings: Settings,
+    declared: Iterable[Entity] = (),
 ) -> ConsumerPlan:
     """The plan for ``client.responder(queue, request_type, handler)``: one request at a
     time, never retried (:data:`RESPONDER_POLICY`)."""
     check_model(request_type, "responder")
-    return _plan(queue, request_type, RESPONDER_POLICY, settings, None, 1)
+    return _plan(resolve_queue(queue, declared), request_type, RESPONDER_POLICY, settings, None, 1)
+
+
+def resolve_queue(queue: str | Queue, declared: Iterable[Entity]) -> Queue:
+    """``queue`` as a :class:`Queue`: a name the client declared as a queue takes that
+    declaration (its type and arguments), so a consumer agrees with ``declare(Queue(...))``."""
+    if isinstance(queue, Queue):
+        return queue
+    for entity in declared:
+        if isinstance(entity, Queue) and entity.name == queue:
+            return entity
+    return Queue(queue)
 
 
 def plan_subscriber(

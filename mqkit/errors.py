@@ -51,7 +51,15 @@ class ConnectionFailed(MqkitError):
 
 
 class TopologyError(MqkitError):
-    """A declare conflicts with what exists on the broker, or an entity is missing."""
+    """A declare conflicts with what exists on the broker, or an entity is missing.
+
+    ``reply_code`` is the AMQP code the broker closed the channel with (406 precondition
+    failed, 404 not found, 403 access refused, ...), ``None`` when the broker did not say.
+    """
+
+    def __init__(self, message: str, *, reply_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
 
 
 class PublishError(MqkitError):

@@ -50,6 +50,7 @@ __all__ = [
     "unknown_vhost",
     "unreachable",
     "unroutable",
+    "using_existing",
     "wrong_credentials",
 ]
 
@@ -124,12 +125,14 @@ def closed(what: str) -> ConnectionFailed:
 # -------------------------------------------------------------------------- topology
 
 
-def declaring(entity: Entity) -> str:
-    """What declaring ``entity`` means, for error messages ("declare queue 'orders'")."""
+def declaring(entity: Entity, *, passive: bool = False) -> str:
+    """What declaring ``entity`` means, for error messages ("declare queue 'orders'";
+    ``passive``: "check that queue 'orders' exists")."""
+    verb = "check that {} exists" if passive else "declare {}"
     if isinstance(entity, Queue):
-        return f"declare queue {entity.name!r}"
+        return verb.format(f"queue {entity.name!r}")
     if isinstance(entity, Exchange):
-        return f"declare exchange {entity.name!r}"
+        return verb.format(f"exchange {entity.name!r}")
     assert isinstance(entity, Binding)
     return (
         f"bind queue {entity.queue!r} to exchange {entity.exchange!r} "
@@ -149,7 +152,38 @@ def broker_refused(
     """The broker closed the channel with ``reply_code`` (``None``: not known) and
     ``reply_text`` while doing ``what`` (e.g. "declare queue 'orders'"). ``missing``
     replaces the advice for NOT_FOUND (default: "declare it first")."""
-    text = mask_url(reply_text)
+    error = _refused(reply_code, mask_url(reply_text), what, missing)
+    error.reply_code = reply_code
+    return error
+
+
+def using_existing(entity: Entity, refused: TopologyError) -> str:
+    """The WARNING for a queue (or exchange) that exists in a shape mqkit did not declare
+    (``refused``: why the broker refused mqkit's declare), and that mqkit uses as it is."""
+    if isinstance(entity, Queue):
+        name = entity.name
+        limits = (
+            f"mqkit's retries and dead letters still work (they are published copies, into "
+            f"{name}.retry.* and {name}.dlq), but the broker will not park a message whose "
+            "consumer crashes or loses its connection before acking it: it may be redelivered "
+            "without end, or dropped by the queue's own delivery limit"
+        )
+        kind = "queue"
+    else:
+        name = entity.name if isinstance(entity, Exchange) else str(entity)
+        limits = "it is used with its own type and arguments"
+        kind = "exchange"
+    if refused.reply_code == ACCESS_REFUSED:
+        why = "this user may not configure it"
+    else:  # drop the advice ("delete it, or ..."): here mqkit takes the queue as it is
+        why = str(refused).rsplit("; ", 1)[0]
+    return (
+        f"using the existing {kind} {name!r} as it is ({why}): {limits}. "
+        "Set declare='strict' to make this an error."
+    )
+
+
+def _refused(reply_code: int | None, text: str, what: str, missing: str | None) -> TopologyError:
     if reply_code == PRECONDITION_FAILED:
         return TopologyError(_precondition(text, what))
     if reply_code == NOT_FOUND:

@@ -64,11 +64,23 @@ class Settings(BaseSettings):
     confirm_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a confirm.")
     heartbeat: int = Field(30, ge=0, le=3600, description="AMQP heartbeat in seconds (0: off).")
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to keep trying to connect.")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="Seconds run() lets running handlers finish when stopping."
+    )
     queue_type: Literal["quorum", "classic"] = Field("quorum", description="Default queue type.")
     delivery_limit: int = Field(
         20, ge=1, description="Quorum queues' x-delivery-limit: poison messages go to the DLQ."
     )
     events_exchange: str = Field("mqkit.events", min_length=1, description="Event bus exchange.")
+    declare: Literal["auto", "strict", "passive"] = Field(
+        "auto",
+        description=(
+            "How queues and exchanges are declared. auto: declare what is missing; a queue "
+            "that exists with other arguments is used as it is (one WARNING says what mqkit "
+            "cannot guarantee there). strict: such a queue is a TopologyError. passive: "
+            "declare nothing, only check that it exists (needs no configure permission)."
+        ),
+    )
     ca_file: str | None = Field(None, description="TLS: CA bundle (amqps://).")
     cert_file: str | None = Field(None, description="TLS: client certificate.")
     key_file: str | None = Field(None, description="TLS: client key.")

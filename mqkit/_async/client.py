@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from mqkit import explain
 from mqkit.consumers import plan_consumer, plan_responder
+from mqkit.declaring import expand
 from mqkit.health import Health
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
@@ -110,10 +111,17 @@ class AsyncClient:
     # ----------------------------------------------------------------- topology
 
     async def declare(self, *entities: Entity) -> None:
-        """Declare queues, exchanges and bindings (idempotent, cached). Raises
-        :class:`~mqkit.TopologyError` when one exists with other arguments."""
+        """Declare queues, exchanges and bindings (idempotent, cached); as
+        :meth:`mqkit.Client.declare`: a durable queue in the shape every mqkit part declares
+        it (with its DLQ); one that exists with other arguments is used as it is, with a
+        WARNING, unless ``settings.declare='strict'`` (then: TopologyError)."""
         check_entities(entities)
-        await self._link.declare(entities)
+        settings = self._settings
+        await self._link.declare(
+            expand(
+                entities, default_type=settings.queue_type, delivery_limit=settings.delivery_limit
+            )
+        )
 
     # ----------------------------------------------------------------- factories
 
@@ -160,6 +168,7 @@ class AsyncClient:
             prefetch=prefetch,
             concurrency=concurrency,
             retry=retry,
+            declared=self.topology,
         )
         return self._made_consumer(AsyncConsumer(self._link, plan, handler))
 
@@ -200,7 +209,7 @@ class AsyncClient:
         """A consumer (not started) whose ``async def handler(request, ctx)`` return value is
         the reply. Errors are sent back to the caller (as :class:`~mqkit.RemoteError`), not
         retried."""
-        plan = plan_responder(queue, request_type, settings=self._settings)
+        plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
         reply = reply_step(self._link, plan.queue, handler)
         return self._made_consumer(AsyncConsumer(self._link, plan, handler, reply=reply))
 

@@ -30,7 +30,8 @@ from aio_pika.connection import make_url
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from mqkit import explain
-from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.declaring import DeclareMode, checks_only, missing_advice, use_existing
+from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
 from mqkit.messages import Incoming, to_datetime
 from mqkit.settings import Settings, mask_url
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
@@ -236,6 +237,7 @@ class Link:
         self._declarer: aiormq.abc.AbstractChannel | None = None
         self._declare_lock = asyncio.Lock()
         self._topology: dict[Entity, None] = {}
+        self._existing: set[Entity] = set()  # found in another shape: checked, not declared
         self._restorables: dict[Restorable, None] = {}
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -270,6 +272,7 @@ class Link:
         """Stop re-declaring ``entities`` (temporary ones that went away with a consumer)."""
         for entity in entities:
             self._topology.pop(entity, None)
+            self._existing.discard(entity)
 
     def register(self, item: Restorable) -> None:
         """Restore ``item`` after every reconnect (until :meth:`unregister`)."""
@@ -553,13 +556,34 @@ class Link:
                 self._topology[entity] = None
 
     async def _declare_entity(self, entity: Entity) -> None:
-        what = explain.declaring(entity)
+        """Declare (or check) ``entity`` as ``settings.declare`` says
+        (:mod:`mqkit.declaring`); remember one found in another shape, to check it only."""
+        mode = self.settings.declare
+        if checks_only(entity, mode, known=entity in self._existing):
+            await self._declare_once(entity, passive=True, missing=mode)
+            return
+        try:
+            await self._declare_once(entity, passive=False)
+        except TopologyError as exc:
+            if not use_existing(entity, mode, exc.reply_code):
+                raise
+            await self._declare_once(entity, passive=True, missing=mode)
+            log.warning(explain.using_existing(entity, exc))
+            self._existing.add(entity)
+
+    async def _declare_once(
+        self, entity: Entity, *, passive: bool, missing: DeclareMode | None = None
+    ) -> None:
+        what = explain.declaring(entity, passive=passive)
         channel = self._declarer
         if channel is None or channel.is_closed:
             opened = await self._open_channel(confirms=False)
             channel = self._declarer = await opened.get_underlay_channel()
         try:
             if isinstance(entity, Queue):
+                if passive:
+                    await channel.queue_declare(entity.name, passive=True, timeout=RPC_TIMEOUT)
+                    return
                 await channel.queue_declare(
                     entity.name,
                     durable=entity.durable,
@@ -569,6 +593,9 @@ class Link:
                     timeout=RPC_TIMEOUT,
                 )
             elif isinstance(entity, Exchange):
+                if passive:
+                    await channel.exchange_declare(entity.name, passive=True, timeout=RPC_TIMEOUT)
+                    return
                 await channel.exchange_declare(
                     entity.name,
                     exchange_type=entity.type,
@@ -586,7 +613,8 @@ class Link:
                 )
         except RPC_ERRORS as exc:
             self._declarer = None  # a channel error closed it; the next declare opens another
-            raise translate(exc, what=what) from exc
+            advice = missing_advice(entity, missing) if missing else None
+            raise translate(exc, what=what, missing=advice) from exc
 
 
 def cancelling() -> bool:

@@ -22,6 +22,7 @@ from mqkit._sync.publisher import Publisher
 from mqkit._sync.rpc import Requester, reply_step
 from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.context import Context
+from mqkit.declaring import expand
 from mqkit.health import Health
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
@@ -184,10 +185,23 @@ class Client:
 
     def declare(self, *entities: Entity) -> None:
         """Declare queues, exchanges and bindings (idempotent; cached). A queue's ``type=None``
-        takes ``settings.queue_type``. Conflicting arguments raise TopologyError."""
+        takes ``settings.queue_type``.
+
+        A durable queue is declared exactly as a producer, consumer, responder or the bus of
+        any mqkit service declares it (with its DLQ ``{name}.dlq``), so whoever comes first,
+        the others agree. One that exists with other arguments is used as it is, with a
+        WARNING, unless ``settings.declare='strict'`` (then: TopologyError); with
+        ``declare='passive'`` nothing is declared, only checked (see :mod:`mqkit.declaring`).
+        """
         check_entities(entities)
         self._ensure_open()
-        self._declarer.declare(*entities)
+        self._declarer.declare(*self._shaped(entities))
+
+    def _shaped(self, entities: tuple[Entity, ...]) -> list[Entity]:
+        settings = self._settings
+        return expand(
+            entities, default_type=settings.queue_type, delivery_limit=settings.delivery_limit
+        )
 
     def producer(
         self,
@@ -209,7 +223,8 @@ class Client:
             declared=self.topology,
         )
         if entities:
-            self.declare(*entities)
+            self._ensure_open()
+            self._declarer.declare(*entities)
         return Producer(self, target)
 
     # -- consuming -------------------------------------------------------------------------------
@@ -232,6 +247,7 @@ class Client:
             prefetch=prefetch,
             concurrency=concurrency,
             retry=retry,
+            declared=self.topology,
         )
         return self._made_consumer(Consumer(self, plan, handler))
 
@@ -263,7 +279,7 @@ class Client:
         handler: Callable[[T, Context], BaseModel],
     ) -> Consumer[T]:
         """A :class:`Consumer` (not started) whose handler's return value is the reply."""
-        plan = plan_responder(queue, request_type, settings=self._settings)
+        plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
         reply = reply_step(self, plan.queue, handler)
         return self._made_consumer(Consumer(self, plan, handler, reply=reply))
 

@@ -19,7 +19,8 @@ from mqkit import explain
 from mqkit._sync.channel import ChannelHandle
 from mqkit._sync.connection import Link
 from mqkit._sync.io_thread import settle
-from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.declaring import DeclareMode, checks_only, missing_advice, use_existing
+from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
 from mqkit.settings import Settings
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
 
@@ -36,6 +37,7 @@ class Declarer:
         self._settings = settings
         self._handle = ChannelHandle(link)
         self._declared: dict[Entity, None] = {}  # an ordered set
+        self._existing: set[Entity] = set()  # found in another shape: checked, not declared
         self._lock = threading.Lock()
 
     @property
@@ -50,22 +52,50 @@ class Declarer:
             return tuple(self._declared)
 
     def declare(self, *entities: Entity, again: bool = False) -> None:
-        """Declare what is not declared yet (``again``: all of it); a conflict raises
-        TopologyError."""
+        """Declare what is not declared yet (``again``: all of it), as ``settings.declare``
+        says (:mod:`mqkit.declaring`); a conflict raises TopologyError."""
         for entity in entities:
             if entity in self._declared and not again:
                 continue
-            self._declare(entity, wait_ready=True)
+            existing = self._declare(entity, wait_ready=True)
             with self._lock:
                 self._declared[entity] = None
+                if existing:
+                    self._existing.add(entity)
 
     def forget(self, *entities: Entity) -> None:
         """Stop re-declaring ``entities`` (temporary queues that went away)."""
         with self._lock:
             for entity in entities:
                 self._declared.pop(entity, None)
+                self._existing.discard(entity)
 
-    def _declare(self, entity: Entity, *, wait_ready: bool) -> None:
+    def _declare(self, entity: Entity, *, wait_ready: bool) -> bool:
+        """Declare (or check) ``entity``; ``True`` if it exists in a shape mqkit uses as it
+        is rather than the one it declares."""
+        mode = self._settings.declare
+        known = entity in self._existing
+        if checks_only(entity, mode, known=known):
+            self._run(entity, passive=True, wait_ready=wait_ready, missing=mode)
+            return known
+        try:
+            self._run(entity, passive=False, wait_ready=wait_ready)
+        except TopologyError as exc:
+            if not use_existing(entity, mode, exc.reply_code):
+                raise
+            self._run(entity, passive=True, wait_ready=wait_ready, missing=mode)
+            log.warning(explain.using_existing(entity, exc))
+            return True
+        return False
+
+    def _run(
+        self,
+        entity: Entity,
+        *,
+        passive: bool,
+        wait_ready: bool,
+        missing: DeclareMode | None = None,
+    ) -> None:
         default_type = self._settings.queue_type
 
         def op(channel: Channel, future: Future[None]) -> None:
@@ -73,6 +103,9 @@ class Declarer:
                 settle(future)
 
             if isinstance(entity, Queue):
+                if passive:
+                    channel.queue_declare(entity.name, passive=True, callback=done)
+                    return
                 channel.queue_declare(
                     entity.name,
                     durable=entity.durable,
@@ -82,6 +115,9 @@ class Declarer:
                     callback=done,
                 )
             elif isinstance(entity, Exchange):
+                if passive:
+                    channel.exchange_declare(entity.name, passive=True, callback=done)
+                    return
                 channel.exchange_declare(
                     entity.name,
                     exchange_type=ExchangeType(entity.type),
@@ -96,7 +132,12 @@ class Declarer:
             else:  # pragma: no cover - guarded by the type
                 raise TypeError(f"cannot declare {entity!r}")
 
-        self._handle.run(op, what=explain.declaring(entity), wait_ready=wait_ready)
+        self._handle.run(
+            op,
+            what=explain.declaring(entity, passive=passive),
+            wait_ready=wait_ready,
+            missing=missing_advice(entity, missing) if missing else None,
+        )
 
     # -- Component ---------------------------------------------------------------------------
 
@@ -107,7 +148,9 @@ class Declarer:
         """Declare everything again on the new connection (a conflict is logged, not fatal)."""
         for entity in self.topology:
             try:
-                self._declare(entity, wait_ready=False)
+                if self._declare(entity, wait_ready=False):
+                    with self._lock:
+                        self._existing.add(entity)
             except ConnectionFailed:
                 raise
             except MqkitError as exc:
