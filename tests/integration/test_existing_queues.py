@@ -175,9 +175,11 @@ def test_declare_keeps_the_arguments_a_consumer_then_uses(rt, names, caplog):
 def test_strict_refuses_a_queue_declared_elsewhere(rt, names, raw):
     queue = names.queue()
     raw_declare(rt.url, queue, {})
-    with rt.client(service=names.service(), declare="strict") as client:
-        with pytest.raises(mqkit.TopologyError) as caught:
-            client.consumer(queue, Order, Handler().function()).start()
+    with (
+        rt.client(service=names.service(), declare="strict") as client,
+        pytest.raises(mqkit.TopologyError) as caught,
+    ):
+        client.consumer(queue, Order, Handler().function()).start()
     text = str(caught.value)
     assert queue in text and "already exists with other arguments" in text
     assert caught.value.reply_code == 406
@@ -204,9 +206,11 @@ def test_passive_uses_existing_topology_without_declaring(rt, names, raw):
 
 def test_passive_names_a_missing_queue(rt, names, raw):
     queue = names.queue()
-    with rt.client(service=names.service(), declare="passive") as client:
-        with pytest.raises(mqkit.TopologyError) as caught:
-            client.producer(Order, queue=queue)
+    with (
+        rt.client(service=names.service(), declare="passive") as client,
+        pytest.raises(mqkit.TopologyError) as caught,
+    ):
+        client.producer(Order, queue=queue)
     text = str(caught.value)
     assert f"check that queue '{queue}.dlq' exists" in text or f"queue '{queue}'" in text
     assert "declare='passive' declares nothing" in text
