@@ -23,6 +23,7 @@ from mqkit.errors import (
     PublishError,
     PublishNacked,
     PublishTimeout,
+    PublishTooLarge,
     PublishUnroutable,
     TopologyError,
 )
@@ -38,6 +39,10 @@ __all__ = [
     "closed",
     "confirm_timeout",
     "declaring",
+    "handler_is_async",
+    "handler_is_generator",
+    "handler_not_callable",
+    "handler_signature",
     "link_lost",
     "many_failed",
     "missing_dlq",
@@ -46,7 +51,9 @@ __all__ = [
     "not_connected",
     "on_dead_letters",
     "publishing",
+    "publishing_blocked",
     "target",
+    "too_large",
     "unknown_vhost",
     "unreachable",
     "unroutable",
@@ -267,8 +274,47 @@ def confirm_timeout(
     why, when known, such as the link being down)."""
     because = mask_url(cause) if cause else "the broker did not answer"
     return PublishTimeout(
-        f"{what}: no confirm within {timeout:g}s ({because}); it may or may not have been "
-        "stored: publish it again if in doubt",
+        f"{what}: no confirm within {timeout:g}s ({because}); it may have been stored after "
+        "all (the broker stores what it had accepted once it answers again, e.g. when a "
+        "memory or disk alarm clears). Its message id is kept (.unconfirmed): to send it "
+        "again, publish it with that same message_id, so an idempotent consumer drops the "
+        "duplicate",
+        unconfirmed=unconfirmed,
+    )
+
+
+def publishing_blocked(reason: str) -> str:
+    """Why publishes get no confirm while the broker blocks the publishing connection
+    (``reason``: the broker's, e.g. "low on memory"); the ``cause`` of
+    :func:`confirm_timeout`."""
+    return (
+        f"the broker is blocking this client's publishing connection ({reason}): a memory or "
+        "disk alarm; publishing resumes by itself once the alarm clears"
+    )
+
+
+def too_large(
+    what: str, size: int, limit: int, *, by_broker: bool, unconfirmed: Sequence[str] = ()
+) -> PublishTooLarge:
+    """A message of ``size`` bytes is above ``limit``: mqkit's ``max_message_size`` (checked
+    before sending), or the broker's own (``by_broker``: the broker refused it)."""
+    if by_broker:
+        how = (
+            f"the broker refused it: its max_message_size is {limit} bytes (the message was "
+            "not stored); set mqkit's max_message_size to the broker's, so such a message "
+            "fails before it is sent"
+        )
+    else:
+        how = (
+            f"mqkit's max_message_size is {limit} bytes, so it was not sent (raise the setting "
+            "only together with the broker's max_message_size)"
+        )
+    return PublishTooLarge(
+        f"{what}: too large: the body is {size} bytes, above the limit of {limit} bytes; "
+        f"{how}. Send a smaller message (e.g. store the payload elsewhere and send a "
+        "reference to it)",
+        size=size,
+        limit=limit,
         unconfirmed=unconfirmed,
     )
 
@@ -296,4 +342,42 @@ def many_failed(
         f"{len(unconfirmed)} of {total} messages were not confirmed: {summary}; "
         "see .unconfirmed for their ids",
         unconfirmed=unconfirmed,
+    )
+
+
+# -------------------------------------------------------------------------- handlers
+
+
+def handler_not_callable(role: str, handler: object) -> TypeError:
+    """``handler`` given to ``role`` (e.g. "consumer of queue 'orders'") cannot be called."""
+    return TypeError(
+        f"{role}: the handler must be a function taking (message, ctx), got {handler!r} "
+        f"(a {type(handler).__name__}); pass the function itself"
+    )
+
+
+def handler_is_async(role: str, name: str) -> TypeError:
+    """An ``async def`` handler given to the blocking Client, which would never await it."""
+    return TypeError(
+        f"{role}: the handler {name} is an async def function, and Client runs handlers on "
+        "worker threads: it would never be awaited, and its messages would be acked unhandled; "
+        f"use mqkit.AsyncClient for async handlers, or make {name} a plain function"
+    )
+
+
+def handler_is_generator(role: str, name: str) -> TypeError:
+    """A generator function as handler: calling it would not run its body."""
+    return TypeError(
+        f"{role}: the handler {name} is a generator function (it yields), so calling it "
+        "would not run its body and every message would be acked unhandled; make it a "
+        "function that returns"
+    )
+
+
+def handler_signature(role: str, name: str, signature: str, why: str) -> TypeError:
+    """A handler that cannot be called as ``handler(message, ctx)`` (``why``: Python's
+    reason)."""
+    return TypeError(
+        f"{role}: the handler {name}{signature} cannot be called as handler(message, ctx) "
+        f"({why}); give it two positional parameters, e.g. def {name}(message, ctx): ..."
     )
