@@ -23,7 +23,6 @@ from mqkit.errors import (
     PublishError,
     PublishNacked,
     PublishTimeout,
-    PublishTooLarge,
     PublishUnroutable,
     TopologyError,
 )
@@ -51,9 +50,7 @@ __all__ = [
     "not_connected",
     "on_dead_letters",
     "publishing",
-    "publishing_blocked",
     "target",
-    "too_large",
     "unknown_vhost",
     "unreachable",
     "unroutable",
@@ -274,47 +271,8 @@ def confirm_timeout(
     why, when known, such as the link being down)."""
     because = mask_url(cause) if cause else "the broker did not answer"
     return PublishTimeout(
-        f"{what}: no confirm within {timeout:g}s ({because}); it may have been stored after "
-        "all (the broker stores what it had accepted once it answers again, e.g. when a "
-        "memory or disk alarm clears). Its message id is kept (.unconfirmed): to send it "
-        "again, publish it with that same message_id, so an idempotent consumer drops the "
-        "duplicate",
-        unconfirmed=unconfirmed,
-    )
-
-
-def publishing_blocked(reason: str) -> str:
-    """Why publishes get no confirm while the broker blocks the publishing connection
-    (``reason``: the broker's, e.g. "low on memory"); the ``cause`` of
-    :func:`confirm_timeout`."""
-    return (
-        f"the broker is blocking this client's publishing connection ({reason}): a memory or "
-        "disk alarm; publishing resumes by itself once the alarm clears"
-    )
-
-
-def too_large(
-    what: str, size: int, limit: int, *, by_broker: bool, unconfirmed: Sequence[str] = ()
-) -> PublishTooLarge:
-    """A message of ``size`` bytes is above ``limit``: mqkit's ``max_message_size`` (checked
-    before sending), or the broker's own (``by_broker``: the broker refused it)."""
-    if by_broker:
-        how = (
-            f"the broker refused it: its max_message_size is {limit} bytes (the message was "
-            "not stored); set mqkit's max_message_size to the broker's, so such a message "
-            "fails before it is sent"
-        )
-    else:
-        how = (
-            f"mqkit's max_message_size is {limit} bytes, so it was not sent (raise the setting "
-            "only together with the broker's max_message_size)"
-        )
-    return PublishTooLarge(
-        f"{what}: too large: the body is {size} bytes, above the limit of {limit} bytes; "
-        f"{how}. Send a smaller message (e.g. store the payload elsewhere and send a "
-        "reference to it)",
-        size=size,
-        limit=limit,
+        f"{what}: no confirm within {timeout:g}s ({because}); it may or may not have been "
+        "stored: publish it again if in doubt",
         unconfirmed=unconfirmed,
     )
 
