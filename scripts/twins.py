@@ -1,0 +1,71 @@
+"""How much text the twins share: ``python scripts/twins.py``.
+
+Each pair ``mqkit/_sync/X.py`` / ``mqkit/_async/X.py`` is normalised (``await``/``async``
+dropped, the ``Async`` prefix removed, blank lines, comments and docstring-only lines
+dropped, whitespace collapsed) and compared line by line with difflib: the share is
+2 x matching lines / (lines of both). The total weighs each pair by its size. Files that
+exist on one side only count as not shared.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "mqkit"
+_SUBS = [
+    (re.compile(r"\bawait\s+"), ""),
+    (re.compile(r"\basync\s+(def|with|for)\b"), r"\1"),
+    (re.compile(r"\bAsync(?=[A-Z])"), ""),
+    (re.compile(r"\b_?async\b"), "_sync"),
+    (re.compile(r"\s+"), " "),
+]
+
+
+def normalise(path: Path) -> list[str]:
+    lines: list[str] = []
+    in_doc = False
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if in_doc:
+            in_doc = not (line.endswith('"""') or line.endswith("'''"))
+            continue
+        if line.startswith(('"""', "'''")):
+            quote = line[:3]
+            in_doc = not (len(line) > 3 and line.endswith(quote))
+            continue
+        if not line or line.startswith("#"):
+            continue
+        for pattern, repl in _SUBS:
+            line = pattern.sub(repl, line)
+        lines.append(line)
+    return lines
+
+
+def share(a: list[str], b: list[str]) -> int:
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks())
+
+
+def main() -> int:
+    sync = {p.name: p for p in (ROOT / "_sync").glob("*.py") if p.name != "__init__.py"}
+    asyn = {p.name: p for p in (ROOT / "_async").glob("*.py") if p.name != "__init__.py"}
+    total_lines = total_shared = 0
+    print(f"{'module':<20}{'sync':>7}{'async':>7}{'shared':>8}")
+    for name in sorted(sync.keys() | asyn.keys()):
+        a = normalise(sync[name]) if name in sync else []
+        b = normalise(asyn[name]) if name in asyn else []
+        same = share(a, b) if a and b else 0
+        lines = len(a) + len(b)
+        total_lines += lines
+        total_shared += 2 * same
+        pct = f"{100 * 2 * same / lines:.0f}%" if lines else "-"
+        print(f"{name:<20}{len(a):>7}{len(b):>7}{pct:>8}")
+    print(f"{'total':<20}{'':>14}{100 * total_shared / max(total_lines, 1):>7.0f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
