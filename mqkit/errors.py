@@ -8,7 +8,8 @@ MqkitError
 ├── PublishError                     # the broker did not take responsibility for a message
 │   ├── PublishUnroutable            #   mandatory publish returned: no queue bound
 │   ├── PublishNacked                #   the broker nacked it
-│   └── PublishTimeout               #   no confirm within confirm_timeout
+│   ├── PublishTimeout               #   no confirm within confirm_timeout
+│   └── PublishTooLarge              #   above max_message_size: not stored
 ├── RequestTimeout                   # RPC: no reply in time
 ├── RemoteError                      # RPC: the responder's handler raised
 └── DecodeError                      # a body that is not a valid message of the expected type
@@ -31,6 +32,7 @@ __all__ = [
     "PublishError",
     "PublishNacked",
     "PublishTimeout",
+    "PublishTooLarge",
     "PublishUnroutable",
     "RemoteError",
     "RequestTimeout",
@@ -84,7 +86,29 @@ class PublishNacked(PublishError):
 
 
 class PublishTimeout(PublishError):
-    """No confirm arrived within ``confirm_timeout`` (the link may be down)."""
+    """No confirm arrived within ``confirm_timeout`` (the link may be down, or the broker
+    blocks publishing during a memory or disk alarm). The message may have been stored after
+    all; its id is in ``unconfirmed``: publish it again with that same ``message_id``, so an
+    idempotent consumer drops the duplicate."""
+
+
+class PublishTooLarge(PublishError):
+    """The message is larger than the broker accepts (``max_message_size``): it was not
+    stored, and sending it again fails again. ``size`` is its body's size in bytes,
+    ``limit`` the largest size allowed (mqkit's setting, or the broker's own limit); both are
+    ``None`` on the one error ``publish_many`` raises for several such messages."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        size: int | None = None,
+        limit: int | None = None,
+        unconfirmed: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message, unconfirmed=unconfirmed)
+        self.size = size
+        self.limit = limit
 
 
 class RequestTimeout(MqkitError):

@@ -23,6 +23,7 @@ from mqkit.errors import (
     PublishError,
     PublishNacked,
     PublishTimeout,
+    PublishTooLarge,
     PublishUnroutable,
     TopologyError,
 )
@@ -50,7 +51,9 @@ __all__ = [
     "not_connected",
     "on_dead_letters",
     "publishing",
+    "publishing_blocked",
     "target",
+    "too_large",
     "unknown_vhost",
     "unreachable",
     "unroutable",
@@ -271,8 +274,45 @@ def confirm_timeout(
     why, when known, such as the link being down)."""
     because = mask_url(cause) if cause else "the broker did not answer"
     return PublishTimeout(
-        f"{what}: no confirm within {timeout:g}s ({because}); it may or may not have been "
-        "stored: publish it again if in doubt",
+        f"{what}: no confirm within {timeout:g}s ({because}); it may have been stored after "
+        "all (the broker stores what it had accepted once it answers again, e.g. when a "
+        "memory or disk alarm clears). Its message id is kept (.unconfirmed): to send it "
+        "again, publish it with that same message_id, so an idempotent consumer drops the "
+        "duplicate",
+        unconfirmed=unconfirmed,
+    )
+
+
+def publishing_blocked(reason: str) -> str:
+    """Why publishes get no confirm while the broker blocks the publishing connection
+    (``reason``: the broker's, e.g. "low on memory"); the ``cause`` of
+    :func:`confirm_timeout`."""
+    return (
+        f"the broker is blocking this client's publishing connection ({reason}): a memory or "
+        "disk alarm; publishing resumes by itself once the alarm clears"
+    )
+
+
+def too_large(
+    what: str, size: int, limit: int, *, broker: bool, unconfirmed: Sequence[str] = ()
+) -> PublishTooLarge:
+    """A message whose body is ``size`` bytes is above ``limit``: the broker's own
+    max_message_size (``broker``: it refused a message for its size) or mqkit's
+    ``max_message_size`` setting (checked before sending)."""
+    if broker:
+        where = f"the broker's max_message_size of {limit} bytes, so the broker did not store it"
+        advice = (
+            "raise the broker's limit, and set mqkit's max_message_size to match so such a "
+            "message fails before it is sent"
+        )
+    else:
+        where = f"the max_message_size setting of {limit} bytes, so it was not sent"
+        advice = "raise the setting together with the broker's max_message_size"
+    return PublishTooLarge(
+        f"{what}: too large: the body is {size} bytes, above {where}; send a smaller message "
+        f"(e.g. store the payload elsewhere and send a reference to it), or {advice}",
+        size=size,
+        limit=limit,
         unconfirmed=unconfirmed,
     )
 

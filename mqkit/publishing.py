@@ -13,19 +13,22 @@ assert key == "orders"
 ```
 
 After a ``basic.nack`` both publishers replace their channel (:class:`ChannelRenewal`) and
-send the nacked message once more on the new one (:func:`retry_nacked`).
+send the nacked message once more on the new one (:func:`retry_nacked`). A message above the
+broker's size limit fails alone, before it is sent when the limit is known (:class:`SizeLimit`).
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from mqkit.errors import ConfigError
+from mqkit import explain
+from mqkit.errors import ConfigError, PublishTooLarge
 from mqkit.messages import Envelope, Event, encode
 from mqkit.topology import Entity, Exchange, Queue, QueueType, consumer_topology
 
@@ -34,6 +37,7 @@ __all__ = [
     "RENEW_INTERVAL",
     "ChannelRenewal",
     "PublishTarget",
+    "SizeLimit",
     "check_model",
     "plan_producer",
     "retry_nacked",
@@ -237,3 +241,61 @@ class ChannelRenewal:
     def renewed(self) -> None:
         """Record that the channel was replaced just now."""
         self._last = self._clock()
+
+
+# -- message size ----------------------------------------------------------------------------
+#
+# RabbitMQ refuses a message whose body is above its max_message_size by closing the channel
+# ("406 PRECONDITION_FAILED - message size N is larger than configured max size M"), and every
+# publish in flight on that channel goes with it. So both publishers check each body against
+# a SizeLimit before sending it: a message that cannot be stored costs no I/O and disturbs no
+# other publish. When the broker refuses one anyway (its limit is below the setting), the
+# publishers fail only the messages in flight above the limit it names, send the others again
+# on a new channel, and check against the broker's limit from then on.
+
+_TOO_LARGE = re.compile(
+    r"message size (?P<size>\d+) is larger than configured max size (?P<limit>\d+)"
+)
+
+
+class SizeLimit:
+    """The largest message body a publisher sends: ``max_message_size`` (a setting), lowered
+    to the broker's own limit once the broker has refused a message for its size.
+
+    ```python
+    limit = SizeLimit(1024)
+    assert limit.check(100, lambda: "publish message m") is None
+    assert isinstance(limit.check(2048, lambda: "publish message m"), PublishTooLarge)
+    reply = "PRECONDITION_FAILED - message size 900 is larger than configured max size 512"
+    assert limit.refused(reply) == 512 and limit.limit == 512
+    ```
+    """
+
+    __slots__ = ("from_broker", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.from_broker = False  # the limit is the broker's (learned from a refusal)
+
+    def check(
+        self, size: int, what: Callable[[], str], unconfirmed: Sequence[str] = ()
+    ) -> PublishTooLarge | None:
+        """The error for a body of ``size`` bytes above the limit (``what()``: what
+        publishing it means, built only then), or ``None`` when it may be sent."""
+        if size <= self.limit:
+            return None
+        return explain.too_large(
+            what(), size, self.limit, broker=self.from_broker, unconfirmed=unconfirmed
+        )
+
+    def refused(self, reply_text: str) -> int | None:
+        """If ``reply_text`` (of a channel the broker closed) says a message was too large,
+        lower the limit to the broker's and return it; else ``None``."""
+        match = _TOO_LARGE.search(reply_text)
+        if match is None:
+            return None
+        broker = int(match["limit"])
+        if broker <= self.limit:
+            self.limit = broker
+            self.from_broker = True
+        return broker

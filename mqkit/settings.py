@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         20, ge=1, description="Quorum queues' x-delivery-limit: poison messages go to the DLQ."
     )
     events_exchange: str = Field("mqkit.events", min_length=1, description="Event bus exchange.")
+    max_message_size: int = Field(
+        134_217_728,
+        ge=1,
+        le=536_870_912,
+        description=(
+            "Largest message body in bytes: a larger one raises PublishTooLarge before it is "
+            "sent. Set it to the broker's max_message_size (RabbitMQ 3.x default 128 MiB, "
+            "4.x 16 MiB; at most 512 MiB)."
+        ),
+    )
     declare: Literal["auto", "strict", "passive"] = Field(
         "auto",
         description=(
