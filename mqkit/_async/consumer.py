@@ -12,8 +12,11 @@ returns prefetched-but-unstarted deliveries to the queue on ``stop``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import logging
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from functools import partial
@@ -28,6 +31,7 @@ from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
 from mqkit.delivery import follow_up, format_traceback, prepare
 from mqkit.errors import MqkitError
+from mqkit.handlers import is_async_handler
 from mqkit.messages import Incoming
 from mqkit.retry import GiveUp, Outcome, Reject, RetryLater, decide
 
@@ -58,19 +62,58 @@ ACK_DELAY = 0.05  # seconds a finished delivery may wait for its (batched) ack
 
 
 def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """``handler`` as an ``async`` callable. Handlers should be ``async def``; a plain callable
-    is tolerated (called on the loop, its result awaited if it is awaitable)."""
-    call = getattr(handler, "__call__", None)  # noqa: B004 - an object with async __call__
-    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
+    """``handler`` as an ``async`` callable.
+
+    An ``async def`` handler (an object with an ``async def __call__``, a partial of either:
+    :func:`mqkit.handlers.is_async_handler`) is returned as it is and awaited on the loop.
+    A plain function runs in a worker thread of its own for each call (with a copy of the
+    caller's context variables), so a handler that blocks (a database driver,
+    ``time.sleep``) never freezes the event loop; the thread is a daemon, so one that never
+    returns does not keep the process alive. If it returns an awaitable, that is awaited on
+    the loop.
+    """
+    if is_async_handler(handler):
         return handler
 
     async def run(*args: Any) -> Any:
-        result = handler(*args)
+        result = await _in_thread(handler, *args)
         if inspect.isawaitable(result):
             return await result
         return result
 
     return run
+
+
+def _in_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """Call ``function(*args)`` on a new daemon thread; its outcome as a future of this loop.
+
+    Not ``asyncio.to_thread``: the loop's default executor also resolves host names for
+    reconnects, and its threads are joined at exit, so a stuck handler would hold both up.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any = None, exc: BaseException | None = None) -> None:
+        if future.done():  # cancelled: the consumer stopped waiting for this handler
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            result = context.run(function, *args)
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            outcome = partial(settle, exc=exc)
+        else:
+            outcome = partial(settle, result)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(outcome)
+
+    threading.Thread(target=target, name="mqkit-handler", daemon=True).start()
+    return future
 
 
 class AsyncConsumer(Generic[T]):
