@@ -797,28 +797,20 @@ async def test_dead_letters_peek_count_export_replay_purge(client_for, names, ra
 # ------------------------------------------------------------------------------ reconnect
 
 
-def _close_connection(marker: str) -> int:
-    """Close (broker side) every connection whose client properties mention ``marker``."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "--no-table-headers", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+def _close_connection(ctl: Any, marker: str) -> int:
+    """Close (broker side) every connection whose client properties mention ``marker``
+    (``ctl``: the ``broker_ctl`` fixture, rabbitmqctl for the test broker)."""
+    listing = ctl.run("-q", "--no-table-headers", "list_connections", "pid", "client_properties")
     pids = [line.split()[0] for line in listing.splitlines() if marker in line]
     for pid in pids:
-        subprocess.run(
-            ["rabbitmqctl", "close_connection", pid, "test"],
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
+        ctl.run("close_connection", pid, "test")
     return len(pids)
 
 
 @pytest.mark.fault
-async def test_reconnect_restores_consumers_and_publishing(client_for, names, raw) -> None:
+async def test_reconnect_restores_consumers_and_publishing(
+    client_for, names, raw, broker_ctl
+) -> None:
     queue = names.queue()
     exclusive = mqkit.Queue(names.queue(), type="classic", durable=False, exclusive=True)
     got = Recorder()
@@ -830,7 +822,7 @@ async def test_reconnect_restores_consumers_and_publishing(client_for, names, ra
             await got.wait(1)
             assert client.health().ready
             marker = client._id
-            assert await asyncio.to_thread(_close_connection, marker) == 1
+            assert await asyncio.to_thread(_close_connection, broker_ctl, marker) == 1
             await eventually(
                 lambda: client.health().reconnects >= 1 and client.health().ready,
                 timeout=20,

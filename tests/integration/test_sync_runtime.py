@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -891,28 +890,20 @@ def test_replay_to_a_deleted_queue_keeps_the_dead_letter(client_for, names, raw)
 # ---------------------------------------------------------------------------- reconnect
 
 
-def _close_connection(marker: str) -> int:
-    """Close (broker side) every connection whose client properties mention ``marker``."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "--no-table-headers", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+def _close_connection(ctl: Any, marker: str) -> int:
+    """Close (broker side) every connection whose client properties mention ``marker``
+    (``ctl``: the ``broker_ctl`` fixture, rabbitmqctl for the test broker)."""
+    listing = ctl.run("-q", "--no-table-headers", "list_connections", "pid", "client_properties")
     pids = [line.split()[0] for line in listing.splitlines() if marker in line]
     for pid in pids:
-        subprocess.run(
-            ["rabbitmqctl", "close_connection", pid, "test"],
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
+        ctl.run("close_connection", pid, "test")
     return len(pids)
 
 
 @pytest.mark.fault
-def test_reconnect_after_the_broker_closes_the_connection(client_for, names, raw) -> None:
+def test_reconnect_after_the_broker_closes_the_connection(
+    client_for, names, raw, broker_ctl
+) -> None:
     queue = names.queue()
     service = names.service()
     exclusive = mqkit.Queue(names.queue(), type="classic", durable=False, exclusive=True)
@@ -924,7 +915,7 @@ def test_reconnect_after_the_broker_closes_the_connection(client_for, names, raw
             producer.publish(order(1))
             got.wait(1)
             assert client.health().ready
-            assert _close_connection(f"mqkit:{service}") == 1
+            assert _close_connection(broker_ctl, f"mqkit:{service}") == 1
             eventually(
                 lambda: client.health().reconnects >= 1 and client.health().ready,
                 timeout=20,
