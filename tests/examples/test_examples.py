@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -99,8 +98,9 @@ STORY = [
 ]
 
 
-def _leftovers(url: str, run_id: str) -> list[str]:
-    """Queues and exchanges of the demo run still on the broker."""
+def _leftovers(url: str, run_id: str, ctl: Any) -> list[str]:
+    """Queues and exchanges of the demo run still on the broker (``ctl``: the
+    ``broker_ctl`` fixture, which also lists names the demo could not predict)."""
     queues, exchanges = demo.declared_names(run_id)
     left = []
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -123,22 +123,18 @@ def _leftovers(url: str, run_id: str) -> list[str]:
                 pass
     finally:
         connection.close()
-    if shutil.which("rabbitmqctl"):  # a local broker: also names the demo could not predict
-        for kind in ("list_queues", "list_exchanges"):
-            listed = subprocess.run(
-                ["rabbitmqctl", "-q", "--no-table-headers", kind, "name"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            ).stdout.split()
-            left += [n for n in listed if n.startswith(f"demo-{run_id}.")]
+    for kind in ("queues", "exchanges"):
+        left += [n for n in ctl.list(kind) if n.startswith(f"demo-{run_id}.")]
     return sorted(set(left))
 
 
 @pytest.mark.timeout(180)
-def test_demo_tells_the_whole_story_and_leaves_the_broker_clean(broker_url: str) -> None:
-    run_id = f"t{uuid.uuid4().hex[:6]}"
+def test_demo_tells_the_whole_story_and_leaves_the_broker_clean(
+    broker_url: str, broker_ctl: Any, names: Any
+) -> None:
+    # The demo names everything demo-<run id>.*: with the test's prefix as the run id, the
+    # suite's queue counts and its end-of-session listing see the demo's queues too.
+    run_id = names.base
     env = {**os.environ, "MQKIT_URL": broker_url, "DEMO_RUN_ID": run_id}
     env.pop("MQKIT_URLS", None)
     result = subprocess.run(
@@ -156,7 +152,7 @@ def test_demo_tells_the_whole_story_and_leaves_the_broker_clean(broker_url: str)
     assert not missing, f"story lines missing: {missing}\n{output}"
     # Each order event went to exactly one notifications instance (competing consumers).
     assert output.count("to ada: thanks for order") == 1, output
-    assert _leftovers(broker_url, run_id) == []
+    assert _leftovers(broker_url, run_id, broker_ctl) == []
 
 
 def test_demo_fails_loudly_when_the_broker_is_unreachable() -> None:

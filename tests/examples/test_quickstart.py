@@ -7,10 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import pika
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,9 +23,10 @@ def test_readme_shows_the_program_verbatim(program: str) -> None:
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
-def test_program_charges_then_stops_on_sigterm(program: str, broker_url: str, raw) -> None:
-    # Run it on a queue of its own: the program's "charges" is renamed for the test.
-    queue = f"mqkit-test-quickstart-{uuid.uuid4().hex[:8]}"
+def test_program_charges_then_stops_on_sigterm(program: str, broker_url: str, names, raw) -> None:
+    # Run it on a queue of its own: the program's "charges" is renamed for the test (and
+    # deleted afterwards by `names`, with the retry queues and DLQ the program declared).
+    queue = names.queue()
     source = (ROOT / "examples" / program).read_text().replace('"charges"', repr(queue))
     env = {**os.environ, "MQKIT_URL": broker_url}
     process = subprocess.Popen(
@@ -55,10 +54,3 @@ def test_program_charges_then_stops_on_sigterm(program: str, broker_url: str, ra
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
-        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-        channel = connection.channel()
-        channel.queue_delete(queue)
-        channel.queue_delete(f"{queue}.dlq")
-        for delay in ("1000ms", "10000ms"):
-            channel.queue_delete(f"{queue}.retry.{delay}")
-        connection.close()
