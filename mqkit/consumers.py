@@ -129,10 +129,11 @@ def plan_subscriber(
     """The plan for ``bus.subscribe(target, ...)`` of ``service`` on ``exchange`` (see
     :func:`mqkit.subscriptions.plan_subscription`).
 
-    ``subscribed`` holds the keys the bus already subscribes to on the queues it names
-    itself; subscribing to one of them again without ``queue=`` would put a second handler on
-    the same queue (each would get half the events), so it is a :class:`ConfigError`. The new
-    key is added to it.
+    ``subscribed`` holds the keys ``service`` already subscribes to on ``exchange``, on the
+    queues the bus names itself (the client shares one set among its buses of that service
+    and exchange); subscribing to one of them again without ``queue=`` would put a second
+    handler on the same queue (each would get half the events), so it is a
+    :class:`ConfigError`. The new key is added to it.
     """
     prefetch, concurrency = consumer_options(
         prefetch, concurrency, default_prefetch=settings.prefetch
@@ -150,7 +151,9 @@ def plan_subscriber(
     if queue is None and not broadcast:
         if subscription.key in subscribed:
             raise ConfigError(
-                f"this bus already subscribes to {subscription.key!r}; pass queue= to "
+                f"service {service!r} already subscribes to {subscription.key!r} on exchange "
+                f"{exchange.name!r} (on this event bus or another one of this client), so a "
+                "second handler on its queue would get only half the events; pass queue= to "
                 "subscribe a second handler with its own queue"
             )
         subscribed.add(subscription.key)

@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal
 
 from mqkit import explain
 from mqkit.messages import Event
 from mqkit.topology import Queue
 
-__all__ = ["check_handler", "is_async_handler", "log_never_started", "role"]
-
-log = logging.getLogger("mqkit.client")
+__all__ = ["check_handler", "is_async_handler", "role"]
 
 
 def _target(handler: object) -> object:
@@ -113,20 +110,3 @@ def check_handler(handler: object, *, runtime: Literal["sync", "async"], role: s
         signature.bind(None, None)
     except TypeError as exc:
         raise explain.handler_signature(role, name, str(signature), str(exc)) from None
-
-
-def log_never_started(what: str, queues: Sequence[str], start: str) -> None:
-    """The one WARNING, when a client closes, for ``what`` (a consumer, a responder, an event
-    bus) that was made on it but never started, so nothing consumed ``queues``; ``start``
-    says how to start it."""
-    if not queues:  # an event bus used only to publish
-        return
-    names = ", ".join(repr(queue) for queue in queues)
-    log.warning(
-        "%s was made but never started, so no message of %s %s was handled; %s",
-        what,
-        "queue" if len(queues) == 1 else "queues",
-        names,
-        start,
-        extra={"queue": queues[0] if len(queues) == 1 else names},
-    )

@@ -11,20 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mqkit.consumers import plan_subscriber
+from mqkit.handlers import check_handler, role
 from mqkit.messages import Event
 from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
 from mqkit.topology import Exchange
 
-from .consumer import AsyncConsumer, Handler
+from .consumer import AsyncConsumer
 
 if TYPE_CHECKING:
     from .connection import Link
 
 __all__ = ["AsyncEventBus"]
+
+H = TypeVar("H", bound=Callable[..., Any])
 
 
 class AsyncEventBus:
@@ -40,6 +43,13 @@ class AsyncEventBus:
     async with bus:
         await bus.publish(OrderPlaced(order_id="42", total=Decimal("9.90")))
     ```
+
+    Handlers are ``async def`` functions, awaited on the loop; a plain function is accepted
+    and runs in a worker thread (see :mod:`mqkit.handlers`). Two handlers for one event
+    type (or pattern) on the queue the bus names itself would each get half the events, so
+    a second one is refused with :class:`~mqkit.ConfigError` (pass ``queue=`` to give it its
+    own queue), also when it is on another ``event_bus()`` of the same client, service and
+    exchange (``subscribed``, the keys those buses share, is given by the client).
     """
 
     def __init__(
@@ -48,14 +58,16 @@ class AsyncEventBus:
         *,
         service: str,
         exchange: str,
+        subscribed: set[str] | None = None,
     ) -> None:
         self._link = link
         self._service = service
         self._exchange = Exchange(exchange, type="topic", durable=True)
         self._target = PublishTarget(Event, exchange, owner="EventBus")
         self._consumers: list[AsyncConsumer[Any]] = []
-        self._keys: set[str] = set()
+        self._keys: set[str] = set() if subscribed is None else subscribed
         self._started = False
+        self._ever_started = False
         self._stopped = asyncio.Event()
         self._declared = False  # the exchange (the link also caches it; this skips the lookup)
         self._background: set[asyncio.Task[None]] = set()
@@ -97,25 +109,25 @@ class AsyncEventBus:
         queue: str | None = None,
         prefetch: int | None = None,
         concurrency: int = 1,
-    ) -> Callable[[Handler[Any]], Handler[Any]]: ...
+    ) -> Callable[[H], H]: ...
 
     @overload
     def subscribe(
         self,
         target: type[Event] | str,
-        handler: Handler[Any],
+        handler: H,
         *,
         broadcast: bool = False,
         retry: RetryPolicy | None = None,
         queue: str | None = None,
         prefetch: int | None = None,
         concurrency: int = 1,
-    ) -> Handler[Any]: ...
+    ) -> H: ...
 
     def subscribe(
         self,
         target: type[Event] | str,
-        handler: Handler[Any] | None = None,
+        handler: H | None = None,
         *,
         broadcast: bool = False,
         retry: RetryPolicy | None = None,
@@ -126,11 +138,14 @@ class AsyncEventBus:
         """Subscribe ``handler`` to an :class:`~mqkit.Event` subclass (its ``event_type``) or
         to a topic pattern such as ``"orders.*"`` (events decoded by their ``type``).
 
-        Without ``handler`` it is a decorator. Subscriptions start with the bus.
+        Without ``handler`` it is a decorator. Subscriptions start with the bus. A handler
+        that cannot run (not callable, not taking ``(event, ctx)``) raises ``TypeError``; a
+        second subscription to the same target on this service's queue raises
+        :class:`~mqkit.ConfigError` (see the class).
         """
         if handler is None:
 
-            def decorate(fn: Handler[Any]) -> Handler[Any]:
+            def decorate(fn: H) -> H:
                 self._add(
                     target,
                     fn,
@@ -157,7 +172,7 @@ class AsyncEventBus:
     def _add(
         self,
         target: type[Event] | str,
-        handler: Handler[Any],
+        handler: H,
         *,
         broadcast: bool,
         retry: RetryPolicy | None,
@@ -165,6 +180,7 @@ class AsyncEventBus:
         prefetch: int | None,
         concurrency: int,
     ) -> None:
+        check_handler(handler, runtime="async", role=role("subscription", target))
         plan = plan_subscriber(
             target,
             settings=self._link.settings,
@@ -223,6 +239,7 @@ class AsyncEventBus:
         for consumer in self._consumers:
             await consumer.start()
         self._started = True
+        self._ever_started = True
 
     async def _declare(self) -> None:
         await self._link.declare([self._exchange])
@@ -245,6 +262,12 @@ class AsyncEventBus:
         start at once)."""
         return self._started
 
+    @property
+    def ever_started(self) -> bool:
+        """Whether :meth:`start` ever succeeded (:meth:`AsyncClient.close` warns about a bus
+        with subscriptions that never was)."""
+        return self._ever_started
+
     async def __aenter__(self) -> AsyncEventBus:
         await self.start()
         return self
@@ -256,5 +279,5 @@ class AsyncEventBus:
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logging.getLogger("mqkit").error(
-            "mqkit: a subscription added to a running bus failed to start: %s", task.exception()
+            "a subscription added to a running bus failed to start: %s", task.exception()
         )

@@ -16,13 +16,14 @@ import signal
 import threading
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from mqkit import explain
+from mqkit import explain, running
 from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.declaring import expand
+from mqkit.handlers import check_handler, role
 from mqkit.health import Health
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
@@ -31,7 +32,7 @@ from mqkit.topology import Entity, Exchange, Queue, check_entities
 
 from .bus import AsyncEventBus
 from .connection import Link
-from .consumer import AsyncConsumer
+from .consumer import AsyncConsumer, as_async
 from .dead_letters import AsyncDeadLetterQueue
 from .producer import AsyncProducer
 from .rpc import Requester, reply_step
@@ -42,6 +43,8 @@ log = logging.getLogger("mqkit")
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
+
+Made = Literal["consumer", "responder", "bus"]
 
 
 class AsyncClient:
@@ -58,8 +61,8 @@ class AsyncClient:
         self._id = uuid.uuid4().hex[:8]
         self._link = Link(self._settings, name=f"mqkit async {self._settings.service} {self._id}")
         self._requester = Requester(self._link)
-        self._consumers: list[AsyncConsumer[Any]] = []
-        self._buses: list[AsyncEventBus] = []
+        self._made: list[tuple[Made, AsyncConsumer[Any] | AsyncEventBus]] = []
+        self._subscribed: dict[tuple[str, str], set[str]] = {}  # (service, exchange): keys
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._stop_requested = False
@@ -94,12 +97,28 @@ class AsyncClient:
         await self._link.open()
 
     async def close(self) -> None:
-        """Stop consumers and buses gracefully, then close the connection; idempotent."""
+        """Stop consumers and buses gracefully (running handlers get
+        ``settings.drain_timeout`` seconds to finish), then close the connection; idempotent.
+
+        One WARNING names the queue of each consumer, responder or event bus made on this
+        client that was never started (it handled nothing)."""
         if self._closed:
             return
         self._closed = True
-        await self._stop_all()
-        await self._link.close()
+        made = list(self._made)
+        running.warn_never_started(
+            [
+                (kind, item)
+                for kind, item in made
+                if isinstance(item, AsyncConsumer) and kind != "bus"
+            ],
+            [item for _, item in made if isinstance(item, AsyncEventBus)],
+            runtime="async",
+        )
+        try:
+            await self._stop_all([item for _, item in made], self._settings.drain_timeout)
+        finally:
+            await self._link.close()
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -153,14 +172,20 @@ class AsyncClient:
         self,
         queue: str | Queue,
         message_type: type[T],
-        handler: Callable[[T, Any], Awaitable[Any]],
+        handler: Callable[[T, Any], Awaitable[Any]] | Callable[[T, Any], Any],
         *,
         prefetch: int | None = None,
         concurrency: int = 1,
         retry: RetryPolicy | None = None,
     ) -> AsyncConsumer[T]:
         """A consumer (not started) running ``async def handler(message, ctx)`` for each
-        message of ``queue``; ``retry`` defaults to ``RetryPolicy()``."""
+        message of ``queue``; ``retry`` defaults to ``RetryPolicy()``.
+
+        A plain function is accepted too: it runs in a worker thread, so a blocking call in
+        it never freezes the event loop (see :mod:`mqkit.handlers`). A handler that cannot
+        run raises ``TypeError`` here (not callable, a generator, not callable as
+        ``(message, ctx)``). Start it with :meth:`run` (or ``await consumer.start()``); one
+        never started is named in a WARNING when the client closes."""
         plan = plan_consumer(
             queue,
             message_type,
@@ -170,19 +195,23 @@ class AsyncClient:
             retry=retry,
             declared=self.topology,
         )
-        return self._made_consumer(AsyncConsumer(self._link, plan, handler))
+        check_handler(handler, runtime="async", role=role("consumer", plan.queue))
+        return self._made_consumer(AsyncConsumer(self._link, plan, as_async(handler)), "consumer")
 
     def event_bus(
         self, *, service: str | None = None, exchange: str | None = None
     ) -> AsyncEventBus:
         """An event bus on the topic exchange ``exchange`` (default
-        ``settings.events_exchange``) for ``service`` (default ``settings.service``)."""
-        bus = AsyncEventBus(
-            self._link,
-            service=service or self._settings.service,
-            exchange=exchange or self._settings.events_exchange,
-        )
-        self._buses.append(bus)
+        ``settings.events_exchange``) for ``service`` (default ``settings.service``).
+
+        Buses of this client for the same service and exchange share its subscription
+        queues, so subscribing one event type on two of them is refused like subscribing
+        it twice on one (:class:`~mqkit.ConfigError`: each would get half the events)."""
+        owner = service or self._settings.service
+        name = exchange or self._settings.events_exchange
+        subscribed = self._subscribed.setdefault((owner, name), set())
+        bus = AsyncEventBus(self._link, service=owner, exchange=name, subscribed=subscribed)
+        self._made.append(("bus", bus))
         return bus
 
     async def request(
@@ -204,17 +233,22 @@ class AsyncClient:
         self,
         queue: str | Queue,
         request_type: type[T],
-        handler: Callable[[T, Any], Awaitable[BaseModel]],
+        handler: Callable[[T, Any], Awaitable[BaseModel]] | Callable[[T, Any], BaseModel],
     ) -> AsyncConsumer[T]:
         """A consumer (not started) whose ``async def handler(request, ctx)`` return value is
         the reply. Errors are sent back to the caller (as :class:`~mqkit.RemoteError`), not
-        retried."""
+        retried. ``handler`` is checked, and a plain function runs in a worker thread, as
+        for :meth:`consumer`."""
         plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
-        reply = reply_step(self._link, plan.queue, handler)
-        return self._made_consumer(AsyncConsumer(self._link, plan, handler, reply=reply))
+        check_handler(handler, runtime="async", role=role("responder", plan.queue))
+        wrapped = as_async(handler)
+        reply = reply_step(self._link, plan.queue, wrapped)
+        return self._made_consumer(
+            AsyncConsumer(self._link, plan, wrapped, reply=reply), "responder"
+        )
 
-    def _made_consumer(self, consumer: AsyncConsumer[T]) -> AsyncConsumer[T]:
-        self._consumers.append(consumer)
+    def _made_consumer(self, consumer: AsyncConsumer[T], kind: Made) -> AsyncConsumer[T]:
+        self._made.append((kind, consumer))
         return consumer
 
     def dead_letters(self, queue: str | Queue) -> AsyncDeadLetterQueue:
@@ -223,66 +257,114 @@ class AsyncClient:
 
     # ----------------------------------------------------------------- run / stop
 
-    async def run(self) -> None:
+    async def run(self, drain_timeout: float | None = None) -> None:
         """Start every consumer and bus made on this client, wait until :meth:`stop`,
-        SIGINT or SIGTERM, then stop them gracefully."""
+        SIGINT or SIGTERM, then stop them all at once, gracefully: running handlers get
+        ``drain_timeout`` seconds (default ``settings.drain_timeout``, 30) to finish and be
+        acked; the messages prefetched but not started go back to their queues.
+
+        A second SIGINT or SIGTERM while draining stops at once: the connection is closed
+        (the messages still being handled go back to their queues) and ``run()`` raises
+        ``SystemExit(130)`` (128 + the signal), which ends ``asyncio.run()`` and the process
+        without a traceback. Signals are only handled when the loop runs on the main thread.
+        """
+        timeout = running.drain_timeout(drain_timeout, self._settings)
         self._loop = asyncio.get_running_loop()
         if self._stop_event is None:
             self._stop_event = asyncio.Event()
         if self._stop_requested:
             self._stop_event.set()
-        restore = self._install_signal_handlers()
+        stop_event = self._stop_event
+        made = [item for _, item in self._made]
+        again = asyncio.Event()  # a second signal, while draining
+        signums: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            signums.append(signum)
+            if self._stop_requested or stop_event.is_set():
+                again.set()
+            else:
+                running.signalled(signum)
+                self.stop()
+
+        restore, signals = self._install_signal_handlers(on_signal)
         try:
-            for bus in self._buses:
-                if not bus.started:
-                    await bus.start()
-            for consumer in self._consumers:
-                if not consumer.started:
-                    await consumer.start()
-            log.info(
-                "mqkit: running %d consumer(s) and %d bus(es); waiting for stop",
-                len(self._consumers),
-                len(self._buses),
-            )
-            await self._stop_event.wait()
+            try:
+                for item in made:
+                    if not item.started:
+                        await item.start()
+                running.started(len(made))
+                await stop_event.wait()
+            finally:
+                stop_event.set()  # from here on, a signal is the second one
+                running.stopping(len(made), timeout, signals=signals)
+                drained = await self._stop_all(made, timeout, again)
         finally:
             restore()
-            self._stop_event.clear()
+            stop_event.clear()
             self._stop_requested = False
-            await self._stop_all()
+        if not drained:
+            status = running.abandoning(signums[-1])
+            self._closed = True  # close() has nothing left to wait for
+            await self._link.close()  # unacked deliveries go back to their queues
+            raise SystemExit(status)
 
     def stop(self) -> None:
-        """End :meth:`run` (which then stops consumers gracefully). Safe to call from any
-        thread and from a signal handler; does not wait."""
+        """End :meth:`run`, which then drains (see there). Safe to call from any thread and
+        from a signal handler; does not wait."""
         self._stop_requested = True
         loop, event = self._loop, self._stop_event
         if loop is None or event is None:
             return
         try:
-            running = asyncio.get_running_loop()
+            current = asyncio.get_running_loop()
         except RuntimeError:
-            running = None
-        if running is loop:
+            current = None
+        if current is loop:
             event.set()
         else:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(event.set)
 
-    async def _stop_all(self) -> None:
-        await asyncio.gather(
-            *(bus.stop() for bus in self._buses if bus.started),
-            *(consumer.stop() for consumer in self._consumers if consumer.started),
+    async def _stop_all(
+        self,
+        items: list[AsyncConsumer[Any] | AsyncEventBus],
+        timeout: float,
+        again: asyncio.Event | None = None,
+    ) -> bool:
+        """Stop ``items`` all at once (each within ``timeout`` seconds); ``False`` as soon as
+        ``again`` is set (the stops carry on in the background). Re-raises the first error a
+        stop raised."""
+        stops = asyncio.ensure_future(
+            asyncio.gather(*(item.stop(timeout) for item in reversed(items) if item.started))
         )
+        if again is None:
+            await stops
+            return True
+        waiter = asyncio.ensure_future(again.wait())
+        try:
+            await asyncio.wait({stops, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not stops.done():
+            stops.add_done_callback(_retrieve)  # abandoned: nobody awaits it any more
+            return False
+        stops.result()
+        return True
 
-    def _install_signal_handlers(self) -> Callable[[], None]:
+    def _install_signal_handlers(
+        self, on_signal: Callable[[int], None]
+    ) -> tuple[Callable[[], None], bool]:
+        """Have SIGINT and SIGTERM call ``on_signal(signum)``; how to undo it, and whether
+        any was installed (only on the main thread)."""
         if threading.current_thread() is not threading.main_thread():
-            return lambda: None
+            return (lambda: None), False
         loop = asyncio.get_running_loop()
         installed: list[tuple[signal.Signals, Any]] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 previous = signal.getsignal(sig)
-                loop.add_signal_handler(sig, self.stop)
+                loop.add_signal_handler(sig, on_signal, int(sig))
             except (NotImplementedError, RuntimeError, ValueError):  # not on this platform
                 continue
             installed.append((sig, previous))
@@ -293,7 +375,7 @@ class AsyncClient:
                     loop.remove_signal_handler(sig)
                     signal.signal(sig, previous)
 
-        return restore
+        return restore, bool(installed)
 
     # ----------------------------------------------------------------- health
 
@@ -308,3 +390,9 @@ class AsyncClient:
             reconnects=self._link.reconnects,
             last_error=self._link.last_error,
         )
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen (no "exception was never retrieved")."""
+    if not task.cancelled():
+        task.exception()

@@ -74,7 +74,7 @@ class Requester:
         correlation_id = message.header.properties.correlation_id
         future = self._waiting.get(correlation_id or "")
         if future is None or future.done():
-            log.debug("mqkit: dropping a late or unknown RPC reply (%s)", correlation_id)
+            log.debug("dropping a late or unknown RPC reply (%s)", correlation_id)
             return
         future.set_result(message)
 
@@ -132,16 +132,16 @@ def reply_step(link: Link, queue: str, handler: Handler[Any]) -> ReplyStep:
             except asyncio.CancelledError as exc:
                 if cancelling():
                     raise
-                log.warning("mqkit: responder for %r raised %r", queue, exc, exc_info=exc)
+                log.warning("responder for %r raised %r", queue, exc, exc_info=exc)
                 # answer() describes Exceptions; the caller sees an error reply either way.
                 outcome = RuntimeError("the handler raised CancelledError")
             except Exception as exc:
-                log.warning("mqkit: responder for %r raised %r", queue, exc, exc_info=exc)
+                log.warning("responder for %r raised %r", queue, exc, exc_info=exc)
                 outcome = exc
         reply = answer(queue, incoming, service=service, result=result, failure=outcome)
         if reply is None:
             log.warning(
-                "mqkit: request %s on %r has no reply_to; dropping the reply", ctx.message_id, queue
+                "request %s on %r has no reply_to; dropping the reply", ctx.message_id, queue
             )
             return
         try:
@@ -149,6 +149,6 @@ def reply_step(link: Link, queue: str, handler: Handler[Any]) -> ReplyStep:
                 reply.envelope, exchange="", routing_key=reply.reply_to, mandatory=False
             )
         except MqkitError as exc:  # the caller times out; an RPC request is not retried
-            log.error("mqkit: could not reply to request %s on %r: %s", ctx.message_id, queue, exc)
+            log.error("could not reply to request %s on %r: %s", ctx.message_id, queue, exc)
 
     return step

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mqkit._sync.consumer import Consumer
 from mqkit.consumers import plan_subscriber
+from mqkit.handlers import check_handler, role
 from mqkit.messages import Event
 from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
@@ -27,6 +28,10 @@ __all__ = ["EventBus"]
 
 E = TypeVar("E", bound=Event)
 H = TypeVar("H", bound=Callable[..., Any])
+
+# Buses of one client share the set of keys subscribed to (see EventBus): check-and-add
+# under one lock. Subscribing is rare, so one lock for every bus is plenty.
+_PLANNING = threading.Lock()
 
 
 class EventBus:
@@ -42,17 +47,32 @@ class EventBus:
     bus.publish(OrderPlaced(order_id="42", total=Decimal("9.90")))
     bus.run()                               # or bus.start() / bus.stop(), or `with bus:`
     ```
+
+    Handlers are plain functions (an ``async def`` one is refused with ``TypeError``: use
+    :class:`~mqkit.AsyncClient`). Two handlers for one event type (or pattern) on the queue
+    the bus names itself would each get half the events, so a second one is refused with
+    :class:`~mqkit.ConfigError` (pass ``queue=`` to give it its own queue), also when it is
+    on another ``event_bus()`` of the same client, service and exchange (``subscribed``, the
+    keys those buses share, is given by the client).
     """
 
-    def __init__(self, client: Client, *, service: str, exchange: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        service: str,
+        exchange: str,
+        subscribed: set[str] | None = None,
+    ) -> None:
         self._client = client
         self._service = service
         self._exchange = exchange
         self._target = PublishTarget(Event, exchange, owner="EventBus")
         self._subscriptions: list[Consumer[Any]] = []
-        self._keys: set[str] = set()
+        self._keys: set[str] = set() if subscribed is None else subscribed
         self._lock = threading.Lock()
         self._running = False
+        self._ever_started = False
         self._stopped = threading.Event()
 
     def __repr__(self) -> str:
@@ -80,6 +100,12 @@ class EventBus:
         """Whether :meth:`start` ran and :meth:`stop` did not (subscriptions added meanwhile
         start at once)."""
         return self._running
+
+    @property
+    def ever_started(self) -> bool:
+        """Whether :meth:`start` ever ran (:meth:`Client.close` warns about a bus with
+        subscriptions that never was)."""
+        return self._ever_started
 
     @overload
     def subscribe(
@@ -119,7 +145,11 @@ class EventBus:
         concurrency: int = 1,
     ) -> H | Callable[[H], H]:
         """Run ``handler(event, ctx)`` for each matching event; without ``handler``, a
-        decorator. ``target``: an :class:`~mqkit.Event` subclass or a topic pattern."""
+        decorator. ``target``: an :class:`~mqkit.Event` subclass or a topic pattern.
+
+        A handler that cannot run (not callable, ``async def``, not taking ``(event, ctx)``)
+        raises ``TypeError``; a second subscription to the same target on this service's
+        queue raises :class:`~mqkit.ConfigError` (see the class)."""
         if handler is None:
 
             def decorate(fn: H) -> H:
@@ -135,7 +165,8 @@ class EventBus:
                 return fn
 
             return decorate
-        with self._lock:
+        check_handler(handler, runtime="sync", role=role("subscription", target))
+        with _PLANNING:
             plan = plan_subscriber(
                 target,
                 settings=self._client.settings,
@@ -187,6 +218,7 @@ class EventBus:
         """Start every subscription (and any added later); idempotent."""
         with self._lock:
             self._running = True
+            self._ever_started = True
             self._stopped.clear()
             subscriptions = list(self._subscriptions)
         for consumer in subscriptions:

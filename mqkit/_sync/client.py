@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from mqkit import explain
+from mqkit import explain, running
 from mqkit._sync.bus import EventBus
 from mqkit._sync.connection import Link
 from mqkit._sync.consumer import Consumer
@@ -23,6 +24,7 @@ from mqkit._sync.rpc import Requester, reply_step
 from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.context import Context
 from mqkit.declaring import expand
+from mqkit.handlers import check_handler, role
 from mqkit.health import Health
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
@@ -36,7 +38,9 @@ log = logging.getLogger("mqkit")
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
 
-_CLOSE_STOP_TIMEOUT = 10.0  # close() lets running handlers finish this long
+Made = Literal["consumer", "responder", "bus"]
+
+_STOP_SLACK = 2.0  # a consumer's stop(timeout) may take this much longer (broker round trips)
 
 
 class Client:
@@ -68,7 +72,8 @@ class Client:
         self._link.attach(self._requester)
         self._lock = threading.RLock()
         self._opened = False
-        self._made: list[Consumer[Any] | EventBus] = []
+        self._made: list[tuple[Made, Consumer[Any] | EventBus]] = []
+        self._subscribed: dict[tuple[str, str], set[str]] = {}  # (service, exchange): keys
         self._active: list[Consumer[Any]] = []
         self._stop = threading.Event()
 
@@ -111,50 +116,119 @@ class Client:
                 self._opened = True
 
     def close(self) -> None:
-        """Stop every consumer and bus of this client (gracefully), then close the
-        connection. Idempotent."""
+        """Stop every consumer and bus of this client (gracefully: running handlers get
+        ``settings.drain_timeout`` seconds to finish), then close the connection. Idempotent.
+
+        One WARNING names the queue of each consumer, responder or event bus made on this
+        client that was never started (it handled nothing)."""
         with self._lock:
             if self._link.closed:
                 return
             made = list(self._made)
-            active = list(self._active)
-        for item in reversed(made):
-            item.stop(_CLOSE_STOP_TIMEOUT)
-        for consumer in active:
-            consumer.stop(_CLOSE_STOP_TIMEOUT)
-        self._link.close()
+            active: list[Consumer[Any] | EventBus] = list(self._active)
+        running.warn_never_started(
+            [(kind, item) for kind, item in made if isinstance(item, Consumer) and kind != "bus"],
+            [item for _, item in made if isinstance(item, EventBus)],
+            runtime="sync",
+        )
+        items = [item for _, item in made]
+        try:
+            self._stop_all(
+                items + [c for c in active if c not in items], self._settings.drain_timeout
+            )
+        finally:
+            self._link.close()
 
-    def run(self) -> None:
+    def run(self, drain_timeout: float | None = None) -> None:
         """Start every consumer and bus made on this client, block until :meth:`stop`,
-        SIGINT or SIGTERM, then stop them gracefully."""
+        SIGINT or SIGTERM, then stop them all at once, gracefully: running handlers get
+        ``drain_timeout`` seconds (default ``settings.drain_timeout``, 30) to finish and be
+        acked; the messages prefetched but not started go back to their queues.
+
+        A second SIGINT or SIGTERM while draining stops at once: the connection is closed
+        (the messages still being handled go back to their queues) and ``run()`` raises
+        ``SystemExit(130)`` (128 + the signal), which ends the process without a traceback.
+        Signals are only handled when ``run()`` is called on the main thread.
+        """
+        timeout = running.drain_timeout(drain_timeout, self._settings)
         self._ensure_open()
         with self._lock:
-            made = list(self._made)
+            made = [item for _, item in self._made]
+        again = threading.Event()  # a second signal, while draining
+        signums: list[int] = []
         previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
 
             def on_signal(signum: int, _frame: FrameType | None) -> None:
-                log.info("mqkit: signal %d received; stopping", signum)
-                self._stop.set()
+                signums.append(signum)
+                if self._stop.is_set():
+                    again.set()
+                else:
+                    running.signalled(signum)
+                    self._stop.set()
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, on_signal)
         try:
-            for item in made:
-                item.start()
-            log.info("mqkit: running %d consumer(s) and bus(es); waiting for stop", len(made))
-            # Short waits: Python runs signal handlers on the main thread between them.
-            while not self._stop.wait(0.2):
-                pass
+            try:
+                for item in made:
+                    item.start()
+                running.started(len(made))
+                # Short waits: Python runs signal handlers on the main thread between them.
+                while not self._stop.wait(0.2):
+                    pass
+            finally:
+                self._stop.set()  # from here on, a signal is the second one
+                running.stopping(len(made), timeout, signals=bool(previous))
+                drained = self._stop_all(made, timeout, again)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._stop.clear()  # a stop() before run() ends that run at once; not the next
-            for item in reversed(made):
-                item.stop()
+        if not drained:
+            status = running.abandoning(signums[-1])
+            self._link.close(timeout=1.0)  # unacked deliveries go back to their queues
+            raise SystemExit(status)
+
+    def _stop_all(
+        self,
+        items: list[Consumer[Any] | EventBus],
+        timeout: float,
+        again: threading.Event | None = None,
+    ) -> bool:
+        """Stop ``items`` all at once (each within ``timeout`` seconds); ``False`` as soon as
+        ``again`` is set (the stops carry on in the background). Re-raises the first error a
+        stop raised."""
+        errors: list[BaseException] = []
+
+        def stop(item: Consumer[Any] | EventBus) -> None:
+            try:
+                item.stop(timeout)
+            except BaseException as exc:
+                errors.append(exc)
+
+        stoppers = [
+            threading.Thread(target=stop, args=(item,), name="mqkit-stop", daemon=True)
+            for item in reversed(items)
+        ]
+        for stopper in stoppers:
+            stopper.start()
+        deadline = time.monotonic() + timeout + _STOP_SLACK  # a backstop: each stop is bounded
+        for stopper in stoppers:
+            # Short joins: a second signal is handled (on this thread) between them.
+            while stopper.is_alive() and time.monotonic() < deadline:
+                if again is not None and again.is_set():
+                    return False
+                stopper.join(min(0.1, max(0.0, deadline - time.monotonic())))
+        if again is not None and again.is_set():
+            return False
+        if errors:
+            raise errors[0]
+        return True
 
     def stop(self) -> None:
-        """End :meth:`run` (thread-safe; callable from a handler or a signal handler)."""
+        """End :meth:`run`, which then drains (see there); thread-safe, callable from a
+        handler or a signal handler, does not wait."""
         self._stop.set()
 
     def health(self) -> Health:
@@ -239,7 +313,13 @@ class Client:
         concurrency: int = 1,
         retry: RetryPolicy | None = None,
     ) -> Consumer[T]:
-        """A :class:`Consumer` (not started) running ``handler(message, ctx)`` per message."""
+        """A :class:`Consumer` (not started) running ``handler(message, ctx)`` per message.
+
+        ``handler`` is a plain function (run on the consumer's worker threads). One that
+        cannot run raises ``TypeError`` here: not callable, an ``async def`` (use
+        :class:`~mqkit.AsyncClient`), a generator, or not callable as ``(message, ctx)``.
+        Start it with :meth:`run` (or ``consumer.start()``); one never started is named in
+        a WARNING when the client closes."""
         plan = plan_consumer(
             queue,
             message_type,
@@ -249,16 +329,24 @@ class Client:
             retry=retry,
             declared=self.topology,
         )
-        return self._made_consumer(Consumer(self, plan, handler))
+        check_handler(handler, runtime="sync", role=role("consumer", plan.queue))
+        return self._made_consumer(Consumer(self, plan, handler), "consumer")
 
     def event_bus(self, *, service: str | None = None, exchange: str | None = None) -> EventBus:
         """An :class:`EventBus` on the topic exchange ``exchange`` (default
-        ``settings.events_exchange``, declared durable) for ``service``."""
+        ``settings.events_exchange``, declared durable) for ``service``.
+
+        Buses of this client for the same service and exchange share its subscription
+        queues, so subscribing one event type on two of them is refused like subscribing
+        it twice on one (:class:`~mqkit.ConfigError`: each would get half the events)."""
         name = exchange or self._settings.events_exchange
+        owner = service or self._settings.service
         self.declare(Exchange(name))
-        bus = EventBus(self, service=service or self._settings.service, exchange=name)
         with self._lock:
-            self._made.append(bus)
+            subscribed = self._subscribed.setdefault((owner, name), set())
+        bus = EventBus(self, service=owner, exchange=name, subscribed=subscribed)
+        with self._lock:
+            self._made.append(("bus", bus))
         return bus
 
     def request(
@@ -278,14 +366,17 @@ class Client:
         request_type: type[T],
         handler: Callable[[T, Context], BaseModel],
     ) -> Consumer[T]:
-        """A :class:`Consumer` (not started) whose handler's return value is the reply."""
-        plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
-        reply = reply_step(self, plan.queue, handler)
-        return self._made_consumer(Consumer(self, plan, handler, reply=reply))
+        """A :class:`Consumer` (not started) whose handler's return value is the reply.
 
-    def _made_consumer(self, consumer: Consumer[T]) -> Consumer[T]:
+        ``handler`` is checked as for :meth:`consumer` (``TypeError`` if it cannot run)."""
+        plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
+        check_handler(handler, runtime="sync", role=role("responder", plan.queue))
+        reply = reply_step(self, plan.queue, handler)
+        return self._made_consumer(Consumer(self, plan, handler, reply=reply), "responder")
+
+    def _made_consumer(self, consumer: Consumer[T], kind: Made) -> Consumer[T]:
         with self._lock:
-            self._made.append(consumer)
+            self._made.append((kind, consumer))
         return consumer
 
     def dead_letters(self, queue: str | Queue) -> DeadLetterQueue:

@@ -121,6 +121,12 @@ class Consumer(Generic[T]):
         return self._running
 
     @property
+    def ever_started(self) -> bool:
+        """Whether :meth:`start` ever succeeded (:meth:`Client.close` warns about a consumer
+        made on it that never was)."""
+        return self._running or self._stopped.is_set()
+
+    @property
     def attached(self) -> bool:
         """Whether the broker is delivering to this consumer right now (``False`` while the
         client reconnects; a readiness probe wants it ``True``, see ``health()``)."""

@@ -171,17 +171,17 @@ def reply_step(
             try:
                 result = handler(message, ctx)
             except Exception as exc:
-                log.warning("mqkit: responder for %r raised %r", queue, exc, exc_info=exc)
+                log.warning("responder for %r raised %r", queue, exc, exc_info=exc)
                 outcome = exc
         reply = answer(queue, incoming, service=service, result=result, failure=outcome)
         if reply is None:
             log.warning(
-                "mqkit: request %s on %r has no reply_to; dropping the reply", ctx.message_id, queue
+                "request %s on %r has no reply_to; dropping the reply", ctx.message_id, queue
             )
             return
         try:
             publisher.publish("", reply.reply_to, [reply.envelope], mandatory=False)
         except MqkitError as exc:
-            log.error("mqkit: could not reply to request %s on %r: %s", ctx.message_id, queue, exc)
+            log.error("could not reply to request %s on %r: %s", ctx.message_id, queue, exc)
 
     return step

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from typing import Any
 
 import pytest
 
 from mqkit import Event, Queue
-from mqkit.handlers import check_handler, is_async_handler, log_never_started, role
+from mqkit.handlers import check_handler, is_async_handler, role
 
 ROLE = "consumer of queue 'orders'"
 
@@ -173,20 +172,3 @@ def test_roles_name_the_queue_or_the_subscription() -> None:
     assert role("responder", "rates") == "responder on queue 'rates'"
     assert role("subscription", Order) == "subscription to 'test-handlers.order'"
     assert role("subscription", "orders.*") == "subscription to 'orders.*'"
-
-
-def test_never_started_is_one_warning_naming_the_queue(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="mqkit"):
-        log_never_started("consumer of queue 'orders'", ["orders"], "start it")
-        log_never_started("event bus 'x'", ["a", "b"], "start it")
-        log_never_started("event bus 'publish-only'", [], "start it")
-    assert len(caplog.records) == 2
-    first, second = caplog.records
-    assert first.levelno == logging.WARNING and first.name.startswith("mqkit")
-    assert first.getMessage() == (
-        "consumer of queue 'orders' was made but never started, so no message of queue "
-        "'orders' was handled; start it"
-    )
-    assert first.queue == "orders"  # type: ignore[attr-defined]
-    assert "queues 'a', 'b'" in second.getMessage()
-    assert not first.getMessage().startswith("mqkit:")
