@@ -39,6 +39,8 @@ __all__ = [
     "closed",
     "confirm_timeout",
     "declaring",
+    "external_not_offered",
+    "external_refused",
     "handler_is_async",
     "handler_is_generator",
     "handler_not_callable",
@@ -50,9 +52,19 @@ __all__ = [
     "no_answer",
     "not_connected",
     "on_dead_letters",
+    "plain_to_tls",
     "publishing",
     "publishing_blocked",
     "target",
+    "tls_file_invalid",
+    "tls_file_unreadable",
+    "tls_key_encrypted",
+    "tls_key_mismatch",
+    "tls_key_password_wrong",
+    "tls_not_spoken",
+    "tls_refused",
+    "tls_setup",
+    "tls_verify_failed",
     "too_large",
     "unknown_vhost",
     "unreachable",
@@ -96,6 +108,109 @@ def unknown_vhost(url: str, cause: str) -> ConnectionFailed:
         f"cannot connect to {mask_url(url)}: virtual host {vhost!r} does not exist or this "
         f"user may not use it ({mask_url(cause)}); create it (rabbitmqctl add_vhost) or fix "
         "the URL's path"
+    )
+
+
+# -------------------------------------------------------------------------- TLS and login
+# None of these is retried: waiting does not fix a file, a certificate or a port.
+
+
+def tls_setup(url: str, problem: str) -> ConnectionFailed:
+    """TLS could not be set up for ``url`` from the local files; ``problem`` says why (one of
+    the ``tls_file_*`` / ``tls_key_*`` texts)."""
+    return ConnectionFailed(f"cannot connect to {mask_url(url)}: TLS setup failed: {problem}")
+
+
+def tls_file_unreadable(setting: str, path: str, cause: str) -> str:
+    """The file of ``setting`` (``ca_file``, ``cert_file``, ``key_file``) cannot be read."""
+    return (
+        f"{setting} {path!r} cannot be read ({cause}); set {setting} "
+        f"(MQKIT_{setting.upper()}) to a PEM file this process may read"
+    )
+
+
+def tls_file_invalid(setting: str, path: str, cause: str) -> str:
+    """The file of ``setting`` holds no usable PEM certificate or key."""
+    what = {"ca_file": "CA certificate", "cert_file": "certificate"}.get(setting, "private key")
+    return f"{setting} {path!r} holds no usable {what} ({cause}); give a PEM file"
+
+
+def tls_key_mismatch(cert_file: str, key_file: str) -> str:
+    """The key is not the certificate's."""
+    return (
+        f"key_file {key_file!r} is not the private key of cert_file {cert_file!r}; give the "
+        "key that was made with that certificate"
+    )
+
+
+def tls_key_encrypted(key_file: str) -> str:
+    """An encrypted key and no pass phrase."""
+    return (
+        f"key_file {key_file!r} is encrypted and no key_password is set; set key_password "
+        "(MQKIT_KEY_PASSWORD): mqkit never prompts for a pass phrase"
+    )
+
+
+def tls_key_password_wrong(key_file: str) -> str:
+    """The pass phrase does not decrypt the key."""
+    return f"key_password does not decrypt key_file {key_file!r}; check the pass phrase"
+
+
+def tls_verify_failed(url: str, reason: str) -> ConnectionFailed:
+    """The broker's certificate did not verify (unknown CA, wrong host name, expired)."""
+    return ConnectionFailed(
+        f"cannot connect to {mask_url(url)}: TLS certificate verification failed ({reason}); "
+        "the broker's certificate must be signed by a CA in ca_file (MQKIT_CA_FILE; without "
+        "it, the system's CAs) and name the host in the URL: set ca_file to the CA that "
+        "signed it, and connect by a name the certificate lists"
+    )
+
+
+def tls_not_spoken(url: str, reason: str) -> ConnectionFailed:
+    """An amqps:// URL reached a port that does not speak TLS."""
+    return ConnectionFailed(
+        f"cannot connect to {mask_url(url)}: the TLS handshake failed ({reason}): that port "
+        "does not speak TLS; use amqp:// for a plain port, or the broker's TLS port (usually "
+        "5671) with amqps://"
+    )
+
+
+def plain_to_tls(url: str) -> ConnectionFailed:
+    """An amqp:// URL reached a port that speaks TLS."""
+    return ConnectionFailed(
+        f"cannot connect to {mask_url(url)}: that port speaks TLS, and the URL asks for plain "
+        "AMQP; use amqps:// (and ca_file) for this port, or the broker's plain port (usually "
+        "5672)"
+    )
+
+
+def tls_refused(url: str, reason: str) -> ConnectionFailed:
+    """The broker ended the TLS handshake with an alert (it rejected our certificate)."""
+    return ConnectionFailed(
+        f"cannot connect to {mask_url(url)}: the broker refused the TLS handshake ({reason}); "
+        "it may require a client certificate (cert_file, key_file), or not trust the CA "
+        "that signed the one given"
+    )
+
+
+def external_refused(url: str, cause: str) -> ConnectionFailed:
+    """The broker refused an EXTERNAL (client certificate) login."""
+    return ConnectionFailed(
+        f"cannot connect to {mask_url(url)}: the broker refused the EXTERNAL login with the "
+        f"client certificate ({mask_url(cause)}); it logs in as the user the certificate "
+        "names (its distinguished name, or its common name with ssl_cert_login_from = "
+        "common_name): that user must exist and may use the virtual host, and the TLS "
+        "listener must ask for peer certificates (ssl_options.verify = verify_peer)"
+    )
+
+
+def external_not_offered(url: str, cause: str) -> ConnectionFailed:
+    """auth='external', and the broker does not offer the EXTERNAL mechanism."""
+    return ConnectionFailed(
+        f"cannot connect to {mask_url(url)}: the broker does not offer EXTERNAL "
+        f"authentication ({mask_url(cause)}); enable the rabbitmq_auth_mechanism_ssl plugin "
+        "and list EXTERNAL in auth_mechanisms, or log in with auth='plain' and a user and "
+        "password in the URL"
     )
 
 

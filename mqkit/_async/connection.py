@@ -19,7 +19,6 @@ import ssl
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import aio_pika
 import aio_pika.abc
@@ -29,7 +28,7 @@ import aiormq.exceptions as amqp
 from aio_pika.connection import make_url
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from mqkit import explain
+from mqkit import explain, tls
 from mqkit.declaring import DeclareMode, checks_only, missing_advice, use_existing
 from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
 from mqkit.messages import Incoming, to_datetime
@@ -91,6 +90,9 @@ def describe(exc: BaseException | None) -> str:
     """A one-line, password-free description of an aio-pika/aiormq/OS error."""
     if exc is None:
         return "connection closed"
+    tls_problem = tls.ssl_reason(exc)
+    if tls_problem is not None:
+        return mask_url(tls_problem)
     if isinstance(exc, amqp.DeliveryError):
         text = str(exc)
     elif isinstance(exc, amqp.AMQPError) and exc.args:
@@ -150,8 +152,11 @@ def _reply(exc: amqp.AMQPChannelError) -> tuple[int | None, str]:
 
 def connect_error(url: str, exc: BaseException) -> ConnectionFailed | None:
     """The error for a connection attempt to ``url`` that failed with ``exc`` in a way
-    another attempt cannot fix (wrong credentials, unknown vhost); ``None`` otherwise.
-    The connecting half of :func:`translate`."""
+    another attempt cannot fix (TLS, EXTERNAL login, wrong credentials, unknown vhost);
+    ``None`` otherwise. The connecting half of :func:`translate`."""
+    problem = tls.failure(url, exc)
+    if problem is not None:
+        return problem
     if isinstance(exc, (amqp.ProbableAuthenticationError, amqp.AuthenticationError)):
         return explain.wrong_credentials(url, describe(exc))
     text = reply_text(exc)
@@ -191,10 +196,8 @@ def incoming_of(message: aiormq.abc.DeliveredMessage) -> Incoming:
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=settings.ca_file)
-    if settings.cert_file:
-        context.load_cert_chain(settings.cert_file, settings.key_file)
-    return context
+    """The TLS context for an amqps:// URL (raises tls.TLSSetupError; see :mod:`mqkit.tls`)."""
+    return tls.ssl_context(settings)
 
 
 async def _discard(connection: aio_pika.abc.AbstractConnection) -> None:
@@ -347,15 +350,26 @@ class Link:
     async def _connect_one(self, url: str, timeout: float) -> aio_pika.abc.AbstractConnection:
         # aio_pika.connect() drops the Connection object when connecting fails, and an
         # unclosed one warns when collected; build it here so a failure closes it.
+        options: dict[str, Any] = {"heartbeat": self.settings.heartbeat}
+        if tls.external(self.settings):
+            # aiormq's switch for SASL EXTERNAL. Settings refuse URLs with parameters of their
+            # own, so this is the only one.
+            options["auth"] = "external"
         connection = aio_pika.Connection(
-            make_url(url, heartbeat=self.settings.heartbeat),
-            ssl_context=_ssl_context(self.settings) if urlsplit(url).scheme == "amqps" else None,
+            make_url(url, **options),
+            ssl_context=_ssl_context(self.settings) if tls.uses_tls(url) else None,
             client_properties={"connection_name": self.name},
         )
         try:
             await connection.connect(timeout=timeout)
-        except BaseException:
+        except BaseException as exc:
             await _discard(connection)
+            if (
+                isinstance(exc, Exception)
+                and tls.probe_needed(url, exc)
+                and await asyncio.to_thread(tls.speaks_tls, url)
+            ):
+                raise tls.PortSpeaksTLS(f"{mask_url(url)} speaks TLS") from exc
             raise
         return connection
 

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import logging
 import re
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions as pex
@@ -35,7 +33,7 @@ import tenacity
 from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 
-from mqkit import explain
+from mqkit import explain, tls
 from mqkit._sync.io_thread import IOThread, settle
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.settings import Settings, mask_url
@@ -347,7 +345,7 @@ class Link:
 
             self.submit(abort)
             raise ConnectionError(f"no answer within {timeout:g}s") from None
-        except pex.AMQPConnectionError as exc:
+        except Exception as exc:  # connect_error decides what no retry can fix
             fatal = connect_error(url, exc)
             if fatal is not None:
                 raise _Fatal(fatal) from exc
@@ -361,10 +359,15 @@ class Link:
         params.stack_timeout = max(1.0, timeout)
         params.blocked_connection_timeout = None
         params.client_properties = {"connection_name": f"mqkit:{self.settings.service}"}
-        if urlsplit(url).scheme == "amqps":
-            context = ssl.create_default_context(cafile=self.settings.ca_file)
-            if self.settings.cert_file:
-                context.load_cert_chain(self.settings.cert_file, self.settings.key_file)
+        if tls.external(self.settings):
+            params.credentials = pika.credentials.ExternalCredentials()
+        if tls.uses_tls(url):
+            try:
+                context = tls.ssl_context(self.settings)
+            except tls.TLSSetupError as exc:  # a file or pass phrase: retrying cannot help
+                fatal = connect_error(url, exc)
+                assert fatal is not None
+                raise _Fatal(fatal) from exc
             params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
         return params
 
@@ -459,6 +462,9 @@ class Link:
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown error"
+    tls_problem = tls.ssl_reason(exc)
+    if tls_problem is not None:
+        return mask_url(tls_problem)
     if isinstance(exc, pex.ConnectionClosedByBroker | pex.ChannelClosedByBroker):
         return f"{exc.reply_code} {exc.reply_text}"
     # pika's exceptions say more in repr() than in str()
@@ -486,8 +492,14 @@ def translate(exc: BaseException, *, what: str, missing: str | None = None) -> M
 
 def connect_error(url: str, exc: BaseException) -> ConnectionFailed | None:
     """The error for a connection attempt to ``url`` that failed with ``exc`` in a way
-    another attempt cannot fix (wrong credentials, unknown vhost); ``None`` otherwise.
-    The connecting half of :func:`translate`."""
+    another attempt cannot fix (TLS, EXTERNAL login, wrong credentials, unknown vhost);
+    ``None`` otherwise. The connecting half of :func:`translate`. A plain URL whose port
+    closed before the AMQP handshake is probed once: a TLS port is a fatal error too."""
+    problem = tls.failure(url, exc)
+    if problem is None and tls.probe_needed(url, exc) and tls.speaks_tls(url):
+        problem = tls.failure(url, tls.PortSpeaksTLS())
+    if problem is not None:
+        return problem
     if isinstance(exc, pex.ProbableAuthenticationError) or (
         isinstance(exc, pex.ConnectionClosedByBroker) and exc.reply_code == 403
     ):
