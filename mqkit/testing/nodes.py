@@ -14,7 +14,15 @@ own data and log directories, own Erlang cookie, no plugins — so a test can st
 
 It needs a local RabbitMQ installation (``rabbitmq-server``, ``rabbitmqctl`` and
 ``rabbitmq-queues``; set ``MQKIT_RABBITMQ_SBIN`` to their directory if they are not found)
-and uses only the standard library.
+and uses only the standard library, except ``RabbitNode(tls=True)``, which makes its
+certificates with `trustme <https://trustme.readthedocs.io>`_ (in mqkit's ``test`` extra)::
+
+    with RabbitNode("tls-it", tls=True) as node:   # an amqps listener on node.tls_port
+        settings = mqkit.Settings(url=node.amqps_url, ca_file=node.ca_file)
+        external = mqkit.Settings(                   # log in with the client certificate
+            url=node.external_url, ca_file=node.ca_file,
+            cert_file=node.cert_file, key_file=node.key_file, auth="external",
+        )
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 __all__ = ["CliError", "RabbitNode", "find_free_ports"]
 
@@ -45,6 +54,9 @@ _DEBIAN_SBIN = Path("/usr/lib/rabbitmq/bin")
 _CLI_TIMEOUT = 120.0
 _LOG_TAIL = 40
 _EX_USAGE = 64  # what the CLI exits with for a command it does not know
+# The user name in the TLS node's client certificate (its common name), which EXTERNAL
+# authentication logs in as.
+CLIENT_CERT_USER = "mqkit-client"
 
 _allocated: set[int] = set()
 _allocated_lock = threading.Lock()
@@ -127,6 +139,14 @@ class RabbitNode:
     from loopback. The node uses its own Erlang cookie (a fresh random one unless ``cookie`` is
     given; nodes of one cluster share one), never the system broker's.
 
+    ``tls=True`` adds an ``amqps`` listener on :attr:`tls_port` (a free port unless given),
+    with a throwaway CA (:attr:`ca_file`) and a client certificate and key (:attr:`cert_file`,
+    :attr:`key_file`) whose common name is :attr:`client_user`. The listener verifies a client
+    certificate when one is sent, but does not require one (``guest`` still logs in with a
+    password over TLS); EXTERNAL authentication (the ``rabbitmq_auth_mechanism_ssl`` plugin,
+    user name from the certificate's common name) is on, and :attr:`client_user` exists with
+    full permissions on ``/`` and no password.
+
     Example::
 
         node = RabbitNode("mqkit-t1")
@@ -148,6 +168,8 @@ class RabbitNode:
         *,
         cookie: str | None = None,
         startup_timeout: float = 120.0,
+        tls: bool = False,
+        tls_port: int | None = None,
     ) -> None:
         self.name = name if "@" in name else f"{name}@localhost"
         if port is None:
@@ -162,6 +184,10 @@ class RabbitNode:
         )
         self.cookie = cookie or secrets.token_hex(20).upper()
         self.startup_timeout = startup_timeout
+        self.tls = tls
+        if tls and tls_port is None:
+            tls_port = find_free_ports(dist_offset=0)
+        self._tls_port = tls_port
         self._sbin = _sbin()
         _live_nodes.add(self)
 
@@ -171,6 +197,48 @@ class RabbitNode:
     def url(self) -> str:
         """``amqp://guest:guest@127.0.0.1:<port>/`` (the default vhost)."""
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def tls_port(self) -> int:
+        """The ``amqps`` listener's port (``tls=True`` only)."""
+        if self._tls_port is None:
+            raise RuntimeError(f"{self.name} has no TLS listener: make it with tls=True")
+        return self._tls_port
+
+    @property
+    def amqps_url(self) -> str:
+        """``amqps://guest:guest@127.0.0.1:<tls_port>/``: TLS, password login."""
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/"
+
+    @property
+    def external_url(self) -> str:
+        """``amqps://127.0.0.1:<tls_port>/``: TLS without user, for EXTERNAL authentication."""
+        return f"amqps://127.0.0.1:{self.tls_port}/"
+
+    @property
+    def tls_dir(self) -> Path:
+        """Where the CA, server and client certificates and keys are (``tls=True``)."""
+        return self.base_dir / "tls"
+
+    @property
+    def ca_file(self) -> str:
+        """The CA certificate that signed the node's and the client's certificates."""
+        return str(self.tls_dir / "ca.pem")
+
+    @property
+    def cert_file(self) -> str:
+        """The client certificate (common name :attr:`client_user`), PEM."""
+        return str(self.tls_dir / "client-cert.pem")
+
+    @property
+    def key_file(self) -> str:
+        """The client certificate's private key, PEM, not encrypted."""
+        return str(self.tls_dir / "client-key.pem")
+
+    @property
+    def client_user(self) -> str:
+        """The user EXTERNAL authentication logs in as with :attr:`cert_file`."""
+        return CLIENT_CERT_USER
 
     @property
     def pid_file(self) -> Path:
@@ -216,15 +284,115 @@ class RabbitNode:
         if not cookie.exists():
             cookie.write_text(self.cookie)
             cookie.chmod(0o400)  # Erlang refuses a cookie file others can read
-        (self.base_dir / "rabbitmq.conf").write_text(
+        config = (
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
             "loopback_users.guest = true\n"
             "log.console = false\n"
             "log.file.level = info\n"
         )
+        plugins = "[]"
+        if self.tls:
+            self._write_certificates()
+            tls = self.tls_dir
+            config += (
+                f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {tls / 'ca.pem'}\n"
+                f"ssl_options.certfile = {tls / 'server-cert.pem'}\n"
+                f"ssl_options.keyfile = {tls / 'server-key.pem'}\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+                "auth_mechanisms.1 = PLAIN\n"
+                "auth_mechanisms.2 = AMQPLAIN\n"
+                "auth_mechanisms.3 = EXTERNAL\n"
+                "ssl_cert_login_from = common_name\n"
+            )
+            plugins = "[rabbitmq_auth_mechanism_ssl]"
+        (self.base_dir / "rabbitmq.conf").write_text(config)
         (self.base_dir / "advanced.config").write_text("[].\n")
-        (self.base_dir / "enabled_plugins").write_text("[].\n")
+        (self.base_dir / "enabled_plugins").write_text(f"{plugins}.\n")
         (self.base_dir / "rabbitmq-env.conf").write_text("")
+
+    def _write_certificates(self) -> None:
+        """A CA, the node's certificate (127.0.0.1, localhost) and a client certificate, once."""
+        if (self.tls_dir / "ca.pem").exists():
+            return  # a restart keeps the certificates a test may hold already
+        try:
+            import trustme
+        except ImportError as exc:  # pragma: no cover - trustme is in the test extra
+            raise RuntimeError(
+                "RabbitNode(tls=True) makes its certificates with trustme: "
+                "pip install trustme (or mqkit[test])"
+            ) from exc
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA(organization_name="mqkit test CA")
+        server = ca.issue_cert("127.0.0.1", "localhost", common_name="localhost")
+        client = ca.issue_cert(f"{CLIENT_CERT_USER}@example.invalid", common_name=CLIENT_CERT_USER)
+        ca.cert_pem.write_to_path(str(self.tls_dir / "ca.pem"))
+        ca.private_key_pem.write_to_path(str(self.tls_dir / "ca-key.pem"))
+        server.cert_chain_pems[0].write_to_path(str(self.tls_dir / "server-cert.pem"))
+        server.private_key_pem.write_to_path(str(self.tls_dir / "server-key.pem"))
+        client.cert_chain_pems[0].write_to_path(str(self.tls_dir / "client-cert.pem"))
+        client.private_key_pem.write_to_path(str(self.tls_dir / "client-key.pem"))
+        for path in self.tls_dir.iterdir():
+            path.chmod(0o600)
+
+    def issue_client_cert(self, common_name: str) -> tuple[str, str]:
+        """A new client certificate signed by the node's CA, for user ``common_name`` (with
+        EXTERNAL, the broker logs it in as that user, if it exists): ``(cert_file,
+        key_file)``, in :attr:`tls_dir`. The node must have been started once."""
+        import trustme
+
+        ca = trustme.CA.from_pem(
+            (self.tls_dir / "ca.pem").read_bytes(), (self.tls_dir / "ca-key.pem").read_bytes()
+        )
+        leaf = ca.issue_cert(f"{common_name}@example.invalid", common_name=common_name)
+        stem = secrets.token_hex(4)
+        cert, key = self.tls_dir / f"{stem}-cert.pem", self.tls_dir / f"{stem}-key.pem"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        key.chmod(0o600)
+        return str(cert), str(key)
+
+    # -- users -----------------------------------------------------------------------------
+
+    def add_user(
+        self,
+        name: str,
+        password: str | None,
+        *,
+        configure: str = ".*",
+        write: str = ".*",
+        read: str = ".*",
+        vhost: str = "/",
+        tags: tuple[str, ...] = (),
+    ) -> str:
+        """Create user ``name`` with permissions on ``vhost`` (regular expressions over entity
+        names, as ``rabbitmqctl set_permissions`` takes them: ``""`` allows nothing) and
+        return its ``amqp://`` URL (credentials percent-encoded). ``password=None``: no
+        password at all (the user can only log in with EXTERNAL). Running node only.
+
+        Example, a user that may use but not declare queues whose names start with
+        ``orders``: ``url = node.add_user("svc", "pw", configure="", write="^orders",
+        read="^orders")``.
+        """
+        self.ctl("add_user", name, password if password is not None else secrets.token_hex(16))
+        if password is None:
+            self.ctl("clear_password", name)
+        self.ctl("set_permissions", "-p", vhost, name, configure, write, read)
+        if tags:
+            self.ctl("set_user_tags", name, *tags)
+        path = "" if vhost == "/" else quote(vhost, safe="")
+        secret = "" if password is None else ":" + quote(password, safe="")
+        return f"amqp://{quote(name, safe='')}{secret}@127.0.0.1:{self.port}/{path}"
+
+    def delete_user(self, name: str) -> None:
+        """Delete user ``name`` (its connections are closed by the broker)."""
+        self.ctl("delete_user", name)
+
+    def _ensure_client_user(self) -> None:
+        users = self.ctl("list_users", "--quiet", "--no-table-headers")
+        if not any(line.split()[:1] == [CLIENT_CERT_USER] for line in users.splitlines()):
+            self.add_user(CLIENT_CERT_USER, None)
 
     # -- CLI -------------------------------------------------------------------------------
 
@@ -305,6 +473,8 @@ class RabbitNode:
             if launched.returncode != 0:
                 raise RuntimeError(f"rabbitmq-server -detached exited {launched.returncode}")
             self._await_boot()
+            if self.tls:
+                self._ensure_client_user()
         except RuntimeError as exc:
             self.kill()
             raise RuntimeError(
@@ -372,6 +542,8 @@ class RabbitNode:
             shutil.rmtree(self.base_dir, ignore_errors=True)
         with _allocated_lock:
             _allocated.difference_update((self.port, self.dist_port))
+            if self._tls_port is not None:
+                _allocated.discard(self._tls_port)
         _live_nodes.discard(self)
 
     def log_tail(self, lines: int = _LOG_TAIL) -> str:
@@ -400,7 +572,8 @@ class RabbitNode:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"RabbitNode({self.name!r}, port={self.port}, {state})"
+        tls = f", tls_port={self._tls_port}" if self._tls_port is not None else ""
+        return f"RabbitNode({self.name!r}, port={self.port}{tls}, {state})"
 
 
 @atexit.register
