@@ -4,6 +4,9 @@
   or refuses connections on demand.
 - :class:`RabbitNode` / :class:`RabbitCluster` — start and stop throw-away RabbitMQ nodes
   (and a cluster of them) on free loopback ports, to restart or kill them mid-test.
+  ``RabbitNode(tls=True)`` adds an ``amqps`` listener with a CA, a client certificate and
+  EXTERNAL login; ``node.add_user(name, password, configure=..., write=..., read=...)``
+  makes a user with limited permissions and returns its URL.
 
 ```python
 from mqkit.testing import FaultProxy
