@@ -25,7 +25,7 @@ from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.context import Context
 from mqkit.declaring import expand
 from mqkit.handlers import check_handler, role
-from mqkit.health import Health
+from mqkit.health import Health, health_of
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
@@ -63,13 +63,16 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self._settings = (settings or Settings()).merged(**overrides)
-        self._link = Link(self._settings)
-        self._publisher = Publisher(self._link, self._settings.confirm_timeout)
+        # Two connections, as RabbitMQ advises: a memory or disk alarm blocks the publishing
+        # one, and consumers (and declares) on the other keep going. They share an IO thread.
+        self._link = Link(self._settings, purpose="consuming")
+        self._publish_link = Link(self._settings, purpose="publishing", io_from=self._link)
+        self._publisher = Publisher(self._publish_link, self._settings.confirm_timeout)
         self._declarer = Declarer(self._link, self._settings)
         self._requester = Requester(self)
         self._link.attach(self._declarer)
-        self._link.attach(self._publisher)
-        self._link.attach(self._requester)
+        self._publish_link.attach(self._publisher)
+        self._publish_link.attach(self._requester)  # replies come on the publishing channel
         self._lock = threading.RLock()
         self._opened = False
         self._made: list[tuple[Made, Consumer[Any] | EventBus]] = []
@@ -113,6 +116,11 @@ class Client:
                 raise explain.closed("connect")
             if not self._opened:
                 self._link.open()
+                try:
+                    self._publish_link.open()
+                except BaseException:
+                    self._link.close()  # closes the publishing link too
+                    raise
                 self._opened = True
 
     def close(self) -> None:
@@ -232,17 +240,15 @@ class Client:
         self._stop.set()
 
     def health(self) -> Health:
-        """A snapshot for liveness/readiness probes; no I/O."""
+        """A snapshot for liveness/readiness probes; no I/O. ``publishing_blocked`` says the
+        broker blocks publishing (a memory or disk alarm): consumers keep going meanwhile."""
         with self._lock:
             active = list(self._active)
-        connected = self._link.connected
-        return Health(
-            connected=connected,
-            url=self._link.url if connected else "",
+        return health_of(
+            self._link,
+            self._publish_link,
             consumers=len(active),
             consumers_attached=sum(1 for consumer in active if consumer._attached),
-            reconnects=self._link.reconnects,
-            last_error=self._link.last_error,
         )
 
     def _consumer_started(self, consumer: Consumer[Any]) -> None:

@@ -8,6 +8,12 @@ threads hand it work with ``ioloop.add_callback_threadsafe`` and wait on a
 ``concurrent.futures.Future`` with a timeout (never forever); handlers run on worker threads,
 so the ioloop keeps heartbeats going however long they take.
 
+A client holds two links on one IO thread: one for publishing and one for consuming and
+declaring (``Link(settings, purpose="publishing", io_from=link)``). A broker in a memory or
+disk alarm blocks every connection that publishes until the alarm clears; on a connection of
+their own, consumers keep taking and acking messages meanwhile. The link logs the broker's
+``connection.blocked`` / ``connection.unblocked`` and keeps the reason in :attr:`Link.blocked`.
+
 Connecting tries each URL of ``settings.all_urls`` in order, with tenacity back-off, within
 ``connect_timeout``. After a loss, a supervisor thread does the same without a deadline (back-off
 capped at 5 s, never giving up while the client is open), then asks every attached
@@ -35,6 +41,7 @@ from pika.channel import Channel
 
 from mqkit import explain, tls
 from mqkit._sync.io_thread import IOThread, settle
+from mqkit._sync.lenient import LenientSelectConnection
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.settings import Settings, mask_url
 
@@ -76,13 +83,27 @@ class Component(Protocol):
 
 
 class Link:
-    """The connection of one client: its IO thread, (re)connecting, and hand-off of work."""
+    """One connection of a client: its IO thread, (re)connecting, and hand-off of work.
 
-    def __init__(self, settings: Settings) -> None:
+    ``purpose`` names the connection (in the broker's connection list and in log lines);
+    ``io_from``: another link whose IO thread this one shares (opened after it, closed with
+    it), so that all of a client's pika objects live on one thread.
+    """
+
+    def __init__(
+        self, settings: Settings, *, purpose: str = "", io_from: Link | None = None
+    ) -> None:
         self.settings = settings
+        self.purpose = purpose
         self.url = ""  # the broker in use, password masked
         self.reconnects = 0
-        self.last_error: str | None = None
+        self.last_error_at = 0.0  # time.monotonic() of the last error (0.0: none yet)
+        self._last_error: str | None = None
+        self.blocked: str | None = None  # why the broker blocks this connection, if it does
+        self._io_from = io_from
+        self._sharers: list[Link] = []  # links on this link's IO thread
+        if io_from is not None:
+            io_from._sharers.append(self)
         self._io: IOThread | None = None
         self._connection: SelectConnection | None = None  # IO thread only
         self._ready = threading.Event()  # connected and restored
@@ -94,6 +115,21 @@ class Link:
         self._close_done: threading.Event | None = None
 
     # -- state -------------------------------------------------------------------------
+
+    @property
+    def last_error(self) -> str | None:
+        """The last connection-level error, password masked (``None``: none yet)."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, error: str | None) -> None:
+        self._last_error = error
+        self.last_error_at = time.monotonic()
+
+    @property
+    def name(self) -> str:
+        """How log lines name this connection ("the publishing connection to ...")."""
+        return f"the {self.purpose} connection" if self.purpose else "the connection"
 
     @property
     def connected(self) -> bool:
@@ -125,9 +161,15 @@ class Link:
     # -- lifecycle ---------------------------------------------------------------------
 
     def open(self) -> None:
-        """Start the IO thread and connect; :class:`ConnectionFailed` within connect_timeout."""
-        self._io = IOThread()
-        self._io.start()
+        """Start the IO thread (or use ``io_from``'s) and connect; :class:`ConnectionFailed`
+        within connect_timeout."""
+        if self._io_from is not None:
+            self._io = self._io_from._io
+            if self._io is None:
+                raise explain.closed("connect")  # opened before the link it shares a thread with
+        else:
+            self._io = IOThread()
+            self._io.start()
         try:
             self._connect(deadline=time.monotonic() + self.settings.connect_timeout)
             self._restore_components()
@@ -143,7 +185,10 @@ class Link:
         self._ready.set()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close the connection and stop the IO thread; idempotent."""
+        """Close the connection (and the links sharing its IO thread), then stop the IO
+        thread if it is this link's; idempotent."""
+        for sharer in self._sharers:
+            sharer.close(timeout)
         if self._closed.is_set():
             return
         self._closed.set()
@@ -162,9 +207,13 @@ class Link:
                 self._lost(LinkDown("the client was closed"))
                 done.set()
 
-        io.submit(shut)
+        try:
+            io.submit(shut)
+        except ConnectionFailed:  # the IO thread is gone (its owner closed first)
+            done.set()
         done.wait(timeout)
-        io.stop(timeout)
+        if self._io_from is None:
+            io.stop(timeout)
         supervisor = self._supervisor
         if supervisor is not None and supervisor is not threading.current_thread():
             supervisor.join(timeout)
@@ -305,6 +354,11 @@ class Link:
         """Open one connection to ``url`` (caller thread waits; IO thread connects)."""
         future: Future[SelectConnection] = Future()
         params = self._parameters(url, timeout)
+        if self.purpose:  # tell a client's two connections apart in the broker's list
+            properties = dict(params.client_properties or {})
+            name = properties.get("connection_name") or f"mqkit:{self.settings.service}"
+            properties["connection_name"] = f"{name} ({self.purpose})"
+            params.client_properties = properties
         started: list[SelectConnection] = []
 
         def opened(connection: Any) -> None:
@@ -322,15 +376,16 @@ class Link:
         assert io is not None
 
         def start() -> None:
-            started.append(
-                SelectConnection(
-                    params,
-                    on_open_callback=opened,
-                    on_open_error_callback=failed,
-                    on_close_callback=self._on_connection_closed,
-                    custom_ioloop=io.loop,
-                )
+            connection = LenientSelectConnection(  # repairs headers pika cannot decode
+                params,
+                on_open_callback=opened,
+                on_open_error_callback=failed,
+                on_close_callback=self._on_connection_closed,
+                custom_ioloop=io.loop,
             )
+            connection.add_on_connection_blocked_callback(self._on_blocked)
+            connection.add_on_connection_unblocked_callback(self._on_unblocked)
+            started.append(connection)
 
         self.submit(start)
         try:
@@ -371,6 +426,29 @@ class Link:
             params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
         return params
 
+    # -- blocked by the broker ---------------------------------------------------------------
+
+    def _on_blocked(self, connection: Any, frame: Any) -> None:
+        """IO thread: the broker blocks this connection (a memory or disk alarm)."""
+        if connection is not self._connection:
+            return
+        reason = str(getattr(frame.method, "reason", "") or "a resource alarm")
+        self.blocked = reason
+        log.warning(
+            "the broker blocked %s to %s (%s): publishes get no confirm until its memory or "
+            "disk alarm clears",
+            self.name,
+            self.url,
+            reason,
+        )
+
+    def _on_unblocked(self, connection: Any, _frame: Any) -> None:
+        """IO thread: the broker's alarm cleared."""
+        if connection is not self._connection or self.blocked is None:
+            return
+        self.blocked = None
+        log.info("the broker unblocked %s to %s; publishing resumes", self.name, self.url)
+
     # -- losing and restoring --------------------------------------------------------------
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
@@ -378,6 +456,7 @@ class Link:
         if connection is not self._connection:
             return  # an attempt we abandoned
         self._connection = None
+        self.blocked = None  # a new connection starts unblocked
         self._ready.clear()
         if self._closed.is_set():
             self._lost(LinkDown("the client was closed"))
@@ -385,7 +464,7 @@ class Link:
                 self._close_done.set()
             return
         self.last_error = mask_url(_describe(reason))
-        log.warning("mqkit: lost the connection to %s (%s); reconnecting", self.url, reason)
+        log.warning("lost %s to %s (%s); reconnecting", self.name, self.url, reason)
         self._lost(reason)
         with self._lock:
             if self._supervisor is None:
@@ -418,7 +497,7 @@ class Link:
                 if not isinstance(exc, LinkDown):
                     error = str(exc) if isinstance(exc, MqkitError) else _describe(exc)
                     self.last_error = mask_url(error)
-                    log.warning("mqkit: reconnecting failed (%s); retrying", self.last_error)
+                    log.warning("reconnecting %s failed (%s); retrying", self.name, self.last_error)
                 self._drop_connection()  # start over from a clean slate
                 self._closed.wait(min(5.0, 0.25 * 2**failures))
                 continue
@@ -428,7 +507,7 @@ class Link:
                     self.reconnects += 1
                     self._supervisor = None
                     self._ready.set()
-                    log.warning("mqkit: reconnected to %s", self.url)
+                    log.warning("reconnected %s to %s", self.name, self.url)
                     return
         with self._lock:
             self._supervisor = None

@@ -19,6 +19,16 @@ channel gets through. What was in flight on the old channel is sent again on the
 after a lost link. A nacked message is sent once more on the new channel
 (:func:`mqkit.publishing.retry_nacked`) and fails with :class:`~mqkit.PublishNacked` only if
 it is nacked again (or no new channel can be had within ``confirm_timeout``).
+
+**Size.** A message whose body is above ``max_message_size`` (:class:`~mqkit.publishing.SizeLimit`)
+fails with :class:`~mqkit.PublishTooLarge` before it is sent. If the broker's own limit is
+lower, the broker closes the channel over it: then only the messages in flight above the limit
+it names fail, the others are sent again on a new channel, and the broker's limit is checked
+from then on.
+
+**Alarms.** The publisher's link is a connection of its own: while a memory or disk alarm
+blocks it, publishes get no confirm and raise :class:`~mqkit.PublishTimeout` after
+``confirm_timeout`` (saying why), and consumers, on the other connection, keep going.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pika.exceptions as pex
@@ -43,7 +54,7 @@ from mqkit._sync.connection import Link, translate
 from mqkit._sync.io_thread import settle
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.messages import Envelope
-from mqkit.publishing import ChannelRenewal, retry_nacked
+from mqkit.publishing import ChannelRenewal, SizeLimit, retry_nacked
 
 __all__ = ["WINDOW", "Batch", "Publisher", "properties"]
 
@@ -147,6 +158,7 @@ class Publisher:
         self._held: list[_Message] = []  # nacked once: sent again on the next channel
         self._renewal = ChannelRenewal()
         self._renewing: Channel | None = None  # a channel that nacked, to be replaced
+        self._limit = SizeLimit(link.settings.max_message_size)
 
     @property
     def channel(self) -> Channel | None:
@@ -179,8 +191,21 @@ class Publisher:
         one whose ``unconfirmed`` lists the ids not confirmed.
         """
         batch = Batch([envelope.message_id for envelope in envelopes])
+        # Messages too large fail here, before the IO thread sees the batch (it settles the
+        # others); only the rest is sent.
+        limit = self._limit.limit
+        too_large = {i for i, envelope in enumerate(envelopes) if len(envelope.body) > limit}
+        for index in too_large:
+            key = routing_keys[index] if routing_keys is not None else routing_key
+            envelope = envelopes[index]
+            what = partial(explain.publishing, envelope.message_id, exchange, key)
+            error = self._limit.check(len(envelope.body), what)
+            assert error is not None
+            batch.settle(index, error)
         chunk: list[_Message] = []
         for index, envelope in enumerate(envelopes):
+            if index in too_large:
+                continue
             key = routing_keys[index] if routing_keys is not None else routing_key
             chunk.append(
                 _Message(
@@ -220,9 +245,9 @@ class Publisher:
                 if len(batch.ids) == 1
                 else f"publish {pending} message(s) to {explain.target(exchange, routing_key)}"
             )
-            errors.append(
-                explain.confirm_timeout(what, self._confirm_timeout, self._link.last_error)
-            )
+            blocked = self._link.blocked
+            cause = explain.publishing_blocked(blocked) if blocked else self._link.last_error
+            errors.append(explain.confirm_timeout(what, self._confirm_timeout, cause))
         return explain.many_failed(errors, total=len(batch.ids), unconfirmed=unconfirmed)
 
     # -- IO thread -------------------------------------------------------------------------
@@ -241,6 +266,9 @@ class Publisher:
         while waiting and len(inflight) < WINDOW:
             message = waiting.popleft()
             if message.batch.abandoned:
+                continue
+            if len(message.body) > self._limit.limit:  # above the broker's limit, learned since
+                self._fail_too_large(message)
                 continue
             try:
                 publish(
@@ -363,6 +391,9 @@ class Publisher:
         if not isinstance(reason, pex.ChannelClosedByBroker):
             self._requeue_inflight()  # the connection is gone: the link restores us
             return
+        if self._limit.refused(reason.reply_text) is not None:
+            self._refused_too_large()
+            return
         log.warning("mqkit: the broker closed the publishing channel: %s", reason)
         # A missing exchange fails the messages to it (sent or not); the others go again on a
         # new channel. Any other reason cannot be pinned on one message: all sent ones fail.
@@ -376,6 +407,29 @@ class Publisher:
         self._requeue_inflight()
         self._waiting = deque(m for m in self._waiting if not m.settled)
         self._reopen()
+
+    def _refused_too_large(self) -> None:
+        """IO thread: the broker closed the channel over a message above its size limit (now
+        :attr:`_limit`). Fail the messages in flight above it, send the others again."""
+        limit = self._limit.limit
+        log.warning(
+            "the broker refused a message above its max_message_size (%d bytes); failing "
+            "the messages above it, sending the others again on a new channel (set "
+            "max_message_size=%d to fail such messages before sending them)",
+            limit,
+            limit,
+        )
+        for message in self._inflight:
+            if not message.settled and not message.held and len(message.body) > limit:
+                self._fail_too_large(message)
+        self._requeue_inflight()
+        self._reopen()
+
+    def _fail_too_large(self, message: _Message) -> None:
+        message.settled = True
+        error = self._limit.check(len(message.body), lambda: _what(message))
+        assert error is not None
+        message.batch.settle(message.index, error)
 
     def _requeue_inflight(self) -> None:
         """Put what was in flight, and the nacked messages held for a retry, back at the
