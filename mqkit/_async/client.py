@@ -24,7 +24,7 @@ from mqkit import explain, running
 from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.declaring import expand
 from mqkit.handlers import check_handler, role
-from mqkit.health import Health
+from mqkit.health import Health, health_of
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
@@ -70,7 +70,8 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         urls = ", ".join(mask_url(u) for u in self._settings.all_urls)
-        state = "closed" if self._closed else ("connected" if self._link.connected else "idle")
+        connected = self._link.connected and self._link.publish_link.connected
+        state = "closed" if self._closed else ("connected" if connected else "idle")
         return f"<AsyncClient service={self._settings.service!r} {urls} {state}>"
 
     # ----------------------------------------------------------------- properties
@@ -380,15 +381,14 @@ class AsyncClient:
     # ----------------------------------------------------------------- health
 
     def health(self) -> Health:
-        """A snapshot for liveness/readiness probes; no I/O."""
+        """A snapshot for liveness/readiness probes; no I/O. ``publishing_blocked`` says the
+        broker blocks publishing (a memory or disk alarm): consumers keep going meanwhile."""
         started = self._link.restorables
-        return Health(
-            connected=self._link.connected,
-            url=self._link.url if self._link.connected else "",
+        return health_of(
+            self._link,
+            self._link.publish_link,
             consumers=len(started),
             consumers_attached=sum(1 for c in started if c.attached),
-            reconnects=self._link.reconnects,
-            last_error=self._link.last_error,
         )
 
 

@@ -7,6 +7,12 @@ known bugs) and a supervisor that replaces it when it is lost: it tries ``settin
 order with tenacity backoff, re-declares everything in :attr:`Link.topology`, then asks every
 registered :class:`Restorable` (the started consumers) to attach again.
 
+A client's link publishes on a second link of its own (:attr:`Link.publish_link`), as RabbitMQ
+advises: a broker in a memory or disk alarm blocks every connection that publishes until the
+alarm clears, and consumers and declares on the other connection keep going meanwhile. Each
+link logs the broker's ``connection.blocked`` / ``connection.unblocked`` and keeps the reason
+in :attr:`Link.blocked`.
+
 Hot paths (publishing, acking) talk to the aiormq channel under the aio-pika channel: the same
 protocol objects aio-pika itself uses, without building an aio-pika message per delivery.
 """
@@ -17,7 +23,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import aio_pika
@@ -220,13 +226,27 @@ class Link:
 
     ``open()`` connects (raising :class:`ConnectionFailed` within ``connect_timeout``);
     afterwards the link reconnects by itself until ``close()``.
+
+    ``purpose`` names the connection in log lines. ``separate_publishing`` (the default) gives
+    the link a second link, :attr:`publish_link`, opened and closed with it, on which
+    :attr:`publishing` publishes; without it the link publishes on its own connection.
     """
 
-    def __init__(self, settings: Settings, *, name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        purpose: str = "consuming",
+        separate_publishing: bool = True,
+    ) -> None:
         self.settings = settings
         self.name = name
+        self.purpose = purpose
         self.reconnects = 0
-        self.last_error: str | None = None
+        self.last_error_at = 0.0  # loop-independent time.monotonic() of the last error
+        self._last_error: str | None = None
+        self.blocked: str | None = None  # why the broker blocks this connection, if it does
         self.url = ""
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._ready = asyncio.Event()
@@ -236,7 +256,14 @@ class Link:
         # The import is here because publisher.py builds on this module.
         from .publisher import Publisher
 
-        self.publishing = Publisher(self)
+        self.publish_link = self
+        if separate_publishing:
+            self.publish_link = Link(
+                settings, name=f"{name} publishing", purpose="publishing", separate_publishing=False
+            )
+            self.publishing: Publisher = self.publish_link.publishing
+        else:
+            self.publishing = Publisher(self)
         self._declarer: aiormq.abc.AbstractChannel | None = None
         self._declare_lock = asyncio.Lock()
         self._topology: dict[Entity, None] = {}
@@ -245,6 +272,16 @@ class Link:
         self._background: set[asyncio.Future[Any]] = set()
 
     # ----------------------------------------------------------------- state
+
+    @property
+    def last_error(self) -> str | None:
+        """The last connection-level error, password masked (``None``: none yet)."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, error: str | None) -> None:
+        self._last_error = error
+        self.last_error_at = time.monotonic()
 
     @property
     def connected(self) -> bool:
@@ -317,6 +354,21 @@ class Link:
         self._install(connection, url)
         self._opened = True
         self._ready.set()
+        if self.publish_link is not self:
+            try:
+                await self.publish_link.open()
+            except BaseException:
+                await self._unopen()
+                raise
+
+    async def _unopen(self) -> None:
+        """Back to before :meth:`open` (the publishing link could not connect): a later
+        ``open()`` tries again."""
+        connection, self._connection = self._connection, None
+        self._ready.clear()
+        self._opened = False
+        if connection is not None:
+            await _discard(connection)
 
     async def _connect_any(
         self,
@@ -377,7 +429,34 @@ class Link:
         self._connection = connection
         self.url = mask_url(url)
         self._declarer = None
+        self.blocked = None
         connection.close_callbacks.add(self._on_connection_closed)
+        _watch_blocked(connection, self._on_blocked, self._on_unblocked)
+
+    def _on_blocked(self, connection: aio_pika.abc.AbstractConnection, reason: str) -> None:
+        """The broker blocks this connection (a memory or disk alarm)."""
+        if connection is not self._connection:
+            return
+        self.blocked = reason or "a resource alarm"
+        log.warning(
+            "the broker blocked the %s connection to %s (%s): publishes get no confirm until "
+            "its memory or disk alarm clears",
+            self.purpose,
+            self.url,
+            self.blocked,
+        )
+
+    def _on_unblocked(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        """The broker's alarm cleared."""
+        if connection is not self._connection:
+            return
+        if self.blocked is not None:
+            self.blocked = None
+            log.info(
+                "the broker unblocked the %s connection to %s; publishing resumes",
+                self.purpose,
+                self.url,
+            )
 
     def _on_connection_closed(self, sender: Any, exc: BaseException | None = None) -> None:
         connection = self._connection
@@ -386,7 +465,10 @@ class Link:
         self.last_error = describe(exc)
         self._drop(connection)  # its transport is gone; release the object too
         log.warning(
-            "mqkit: lost the connection to %s (%s); reconnecting", self.url, self.last_error
+            "lost the %s connection to %s (%s); reconnecting",
+            self.purpose,
+            self.url,
+            self.last_error,
         )
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
@@ -420,7 +502,12 @@ class Link:
                 self.reconnects += 1
                 # Restoring consumers opens channels, which waits for the link to be ready.
                 self._ready.set()
-                log.warning("mqkit: reconnected to %s (reconnect #%d)", self.url, self.reconnects)
+                log.warning(
+                    "reconnected the %s connection to %s (reconnect #%d)",
+                    self.purpose,
+                    self.url,
+                    self.reconnects,
+                )
                 for item in list(self._restorables):
                     try:
                         await item._restore()
@@ -448,6 +535,7 @@ class Link:
             self._ready.clear()
             self._connection = None
             self._declarer = None
+            self.blocked = None
             self._spawn(_discard(connection))
 
     async def _connect_until_up(self) -> tuple[aio_pika.abc.AbstractConnection, str]:
@@ -470,7 +558,10 @@ class Link:
         raise AssertionError("unreachable: tenacity retries until success")
 
     async def close(self) -> None:
-        """Close the connection and stop reconnecting; idempotent."""
+        """Close the connection (and :attr:`publish_link`'s) and stop reconnecting;
+        idempotent."""
+        if self.publish_link is not self:
+            await self.publish_link.close()
         if self._closing:
             return
         self._closing = True
@@ -629,6 +720,44 @@ class Link:
             self._declarer = None  # a channel error closed it; the next declare opens another
             advice = missing_advice(entity, missing) if missing else None
             raise translate(exc, what=what, missing=advice) from exc
+
+
+# aiormq handles the broker's connection.blocked / connection.unblocked frames in private
+# methods and offers no callback: wrap them, per connection. Tested against aiormq 7.2 (see
+# tests/unit/test_private_hooks.py, which fails loudly if the names go away); without them the
+# link still works, it only cannot report a block.
+_BLOCKED_HOOKS = (
+    "_Connection__handle_connection_blocked",
+    "_Connection__handle_connection_unblocked",
+)
+
+
+def _watch_blocked(
+    connection: aio_pika.abc.AbstractConnection,
+    on_blocked: Callable[[aio_pika.abc.AbstractConnection, str], None],
+    on_unblocked: Callable[[aio_pika.abc.AbstractConnection], None],
+) -> bool:
+    """Have ``on_blocked(connection, reason)`` / ``on_unblocked(connection)`` called when
+    the broker blocks / unblocks ``connection``; whether that could be arranged."""
+    underlay = getattr(connection, "transport", None)  # aio-pika's UnderlayConnection
+    amqp_connection: Any = getattr(underlay, "connection", None)  # aiormq's Connection
+    hooks: list[Any] = [getattr(amqp_connection, name, None) for name in _BLOCKED_HOOKS]
+    if amqp_connection is None or not all(callable(hook) for hook in hooks):
+        log.debug("cannot watch %r for connection.blocked (aiormq changed?)", connection)
+        return False
+    handle_blocked, handle_unblocked = hooks
+
+    async def blocked(frame: Any) -> None:
+        await handle_blocked(frame)
+        on_blocked(connection, str(getattr(frame, "reason", "") or ""))
+
+    async def unblocked(frame: Any) -> None:
+        await handle_unblocked(frame)
+        on_unblocked(connection)
+
+    setattr(amqp_connection, _BLOCKED_HOOKS[0], blocked)
+    setattr(amqp_connection, _BLOCKED_HOOKS[1], unblocked)
+    return True
 
 
 def cancelling() -> bool:

@@ -14,6 +14,16 @@ after a lost link. A nacked message is sent once more on the new channel
 (:func:`mqkit.publishing.retry_nacked`) and fails with :class:`~mqkit.PublishNacked` only if
 it is nacked again (or no new channel can be had within ``confirm_timeout``). A publish pinned
 to one channel (an RPC request, whose reply comes on that channel) is not sent again.
+
+**Size.** A message whose body is above ``max_message_size`` (:class:`~mqkit.publishing.SizeLimit`)
+fails with :class:`~mqkit.PublishTooLarge` before it is sent. If the broker's own limit is
+lower, the broker closes the channel over it: then only the publishes above the limit it names
+fail, the others are sent again on a new channel, and the broker's limit is checked from then
+on.
+
+**Alarms.** The publisher's link is a connection of its own: while a memory or disk alarm
+blocks it, publishes get no confirm and raise :class:`~mqkit.PublishTimeout` after
+``confirm_timeout`` (saying why), and consumers, on the other connection, keep going.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from pamqp.header import ContentHeader
 from mqkit import explain
 from mqkit.errors import ConnectionFailed, MqkitError, PublishError, PublishTimeout
 from mqkit.messages import Envelope
-from mqkit.publishing import ChannelRenewal, retry_nacked
+from mqkit.publishing import ChannelRenewal, SizeLimit, retry_nacked
 
 from .connection import AMQP_ERRORS, RPC_TIMEOUT, cancelling, describe, reply_text, translate
 
@@ -81,6 +91,15 @@ class Publisher:
         self._renewal = ChannelRenewal()
         self._renew_lock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
+        self._limit = SizeLimit(link.settings.max_message_size)
+
+    def _why(self, default: str | None = None) -> str | None:
+        """Why confirms do not come, when known: the broker blocks publishing, or the link's
+        last error (else ``default``)."""
+        blocked = self._link.blocked
+        if blocked is not None:
+            return explain.publishing_blocked(blocked)
+        return self._link.last_error or default
 
     async def _renew(self, nacked_on: aiormq.abc.AbstractChannel) -> None:
         """Replace the publishing channel ``nacked_on``, which nacked a publish, now or once
@@ -128,7 +147,7 @@ class Publisher:
             return explain.confirm_timeout(
                 "publish",
                 self._link.settings.confirm_timeout if timeout is None else timeout,
-                self._link.last_error or "not connected",
+                self._why("not connected"),
             )
 
         # Another publish may be opening the channel on a link that does not answer: wait
@@ -174,17 +193,20 @@ class Publisher:
         nacks = 0
         if self._link.closed or not self._link.opened:
             self._link.require_open(what())
+        too_large = self._limit.check(len(envelope.body), what, [envelope.message_id])
+        if too_large is not None:
+            raise too_large
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise explain.confirm_timeout(
-                    what(), budget, self._link.last_error, unconfirmed=[envelope.message_id]
+                    what(), budget, self._why(), unconfirmed=[envelope.message_id]
                 )
             try:
                 ch = channel or await self.channel(left)
             except PublishTimeout:
                 raise explain.confirm_timeout(
-                    what(), budget, self._link.last_error, unconfirmed=[envelope.message_id]
+                    what(), budget, self._why(), unconfirmed=[envelope.message_id]
                 ) from None
             except ConnectionFailed:
                 if self._link.closed:
@@ -207,8 +229,9 @@ class Publisher:
                     raise
                 lost: BaseException = ConnectionFailed("the channel closed")
             except asyncio.TimeoutError:
+                why = explain.publishing_blocked(self._link.blocked) if self._link.blocked else None
                 raise explain.confirm_timeout(
-                    what(), budget, unconfirmed=[envelope.message_id]
+                    what(), budget, why, unconfirmed=[envelope.message_id]
                 ) from None
             except AMQP_ERRORS as exc:
                 if _nacked(exc):
@@ -218,7 +241,13 @@ class Publisher:
                         await self._renew(ch)
                         continue
                     self._renew_later(ch)
-                if _broker_refused(exc, exchange):
+                if _refused_size(exc, self._limit):
+                    # Ours, if above the broker's limit; else another publish's refusal closed
+                    # the channel under this one: it goes again on a new channel.
+                    too_large = self._limit.check(len(envelope.body), what, [envelope.message_id])
+                    if too_large is not None:
+                        raise too_large from exc
+                elif _broker_refused(exc, exchange):
                     mapped = translate(exc, what=what())
                     if isinstance(mapped, PublishError):
                         mapped.unconfirmed = [envelope.message_id]
@@ -248,7 +277,13 @@ class Publisher:
         budget = self._link.settings.confirm_timeout
         failures: dict[int, BaseException] = {}
         nacks: dict[int, int] = {}
-        todo = list(range(len(jobs)))
+        limit = self._limit.limit
+        todo = [i for i, (envelope, _, _) in enumerate(jobs) if len(envelope.body) <= limit]
+        if len(todo) < len(jobs):  # the ones too large fail without being sent
+            for index in sorted(set(range(len(jobs))) - set(todo)):
+                error = self._limit.check(len(jobs[index][0].body), partial(_what, jobs[index]))
+                assert error is not None
+                failures[index] = error
         deadline: float | None = None
         while todo:
             if deadline is not None:
@@ -256,7 +291,7 @@ class Publisher:
                 if left <= 0 or not await self._link.wait_ready(left):
                     for index in todo:
                         failures[index] = explain.confirm_timeout(
-                            _what(jobs[index]), budget, self._link.last_error or "link lost"
+                            _what(jobs[index]), budget, self._why("link lost")
                         )
                     break
             try:
@@ -294,7 +329,7 @@ class Publisher:
                 await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
             todo = sorted(lost + again)
         if failures:
-            raise _many_error(jobs, failures, budget)
+            raise _many_error(jobs, failures, budget, self._why())
 
     async def _window(
         self,
@@ -311,7 +346,7 @@ class Publisher:
         inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
 
         async def drain(count: int) -> None:
-            await _drain(inflight, count, budget, jobs, failures, lost)
+            await _drain(inflight, count, budget, jobs, failures, lost, self._limit)
 
         try:
             for position, index in enumerate(todo):
@@ -353,7 +388,7 @@ class Publisher:
         inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
 
         async def drain(count: int) -> None:
-            await _drain(inflight, count, budget, jobs, failures, lost)
+            await _drain(inflight, count, budget, jobs, failures, lost, self._limit)
 
         position = 0
         while position < len(todo):
@@ -380,9 +415,12 @@ async def _drain(
     jobs: Sequence[tuple[Envelope, str, str]],
     failures: dict[int, BaseException],
     lost: list[int],
+    limit: SizeLimit,
 ) -> None:
     """Wait (up to ``budget`` seconds) for the oldest ``count`` confirms in flight: a refusal
-    goes to ``failures``, a publish the link lost to ``lost``, no confirm is a timeout."""
+    goes to ``failures``, a publish the link lost to ``lost``, no confirm is a timeout.
+    The broker closing the channel over a message too large fails the ones above its limit
+    (``limit`` learns it); the others are lost (sent again)."""
     batch = [inflight.popleft() for _ in range(min(count, len(inflight)))]
     _, pending = await asyncio.wait([future for _, future in batch], timeout=budget)
     for future in pending:
@@ -396,7 +434,13 @@ async def _drain(
         exc = future.exception()
         if exc is None:
             continue
-        if _broker_refused(exc, jobs[index][1]):
+        if _refused_size(exc, limit):
+            too_large = limit.check(len(jobs[index][0].body), partial(_what, jobs[index]))
+            if too_large is not None:
+                failures[index] = too_large
+            else:
+                lost.append(index)
+        elif _broker_refused(exc, jobs[index][1]):
             failures[index] = exc
         else:
             lost.append(index)
@@ -412,6 +456,7 @@ _PIPELINE_ATTRS = (
     "publisher_confirms",
     "write_queue",
     "_split_body",
+    "_Channel__close_event",
 )
 
 
@@ -440,6 +485,11 @@ async def _send_batch(
     frames: list[Any] = []
     sent: list[tuple[int, asyncio.Future[Any]]] = []
     async with channel.lock:
+        # The broker closed the channel and aiormq answered close-ok, but is_closed (which
+        # the lock checks) lags behind: a publish frame sent now would make the broker close
+        # the whole connection (504 CHANNEL_ERROR).
+        if channel._Channel__close_event.is_set():
+            raise amqp.ChannelInvalidStateError(f"{channel!r} is closing")
         first = channel.delivery_tag
         for index in chunk:
             envelope, exchange, routing_key = jobs[index]
@@ -499,6 +549,12 @@ async def _close_replaced(channel: aiormq.abc.AbstractChannel) -> None:
         log.debug("mqkit: closing a replaced publishing channel: %s", describe(exc))
 
 
+def _refused_size(exc: BaseException, limit: SizeLimit) -> bool:
+    """Whether ``exc`` is the broker closing the channel over a message above its size limit
+    (which ``limit`` then learns)."""
+    return isinstance(exc, amqp.AMQPChannelError) and limit.refused(reply_text(exc)) is not None
+
+
 def _broker_refused(exc: BaseException, exchange: str) -> bool:
     """A definitive answer about this message (not a lost link): returned, nacked, or the
     exchange it was sent to does not exist."""
@@ -514,13 +570,16 @@ def _broker_refused(exc: BaseException, exchange: str) -> bool:
 
 
 def _many_error(
-    jobs: Sequence[tuple[Envelope, str, str]], failures: dict[int, BaseException], budget: float
+    jobs: Sequence[tuple[Envelope, str, str]],
+    failures: dict[int, BaseException],
+    budget: float,
+    why: str | None = None,
 ) -> MqkitError:
     errors: list[MqkitError] = []
     for index in sorted(failures):
         exc = failures[index]
         if isinstance(exc, asyncio.TimeoutError):
-            errors.append(explain.confirm_timeout(_what(jobs[index]), budget))
+            errors.append(explain.confirm_timeout(_what(jobs[index]), budget, why))
         else:
             errors.append(translate(exc, what=_what(jobs[index])))
     ids = [jobs[i][0].message_id for i in sorted(failures)]
