@@ -822,7 +822,8 @@ async def test_reconnect_restores_consumers_and_publishing(
             await got.wait(1)
             assert client.health().ready
             marker = client._id
-            assert await asyncio.to_thread(_close_connection, broker_ctl, marker) == 1
+            # Both of the client's connections: publishing, and consuming/declaring.
+            assert await asyncio.to_thread(_close_connection, broker_ctl, marker) == 2
             await eventually(
                 lambda: client.health().reconnects >= 1 and client.health().ready,
                 timeout=20,

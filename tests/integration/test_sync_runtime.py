@@ -915,7 +915,8 @@ def test_reconnect_after_the_broker_closes_the_connection(
             producer.publish(order(1))
             got.wait(1)
             assert client.health().ready
-            assert _close_connection(broker_ctl, f"mqkit:{service}") == 1
+            # Both of the client's connections: publishing, and consuming/declaring.
+            assert _close_connection(broker_ctl, f"mqkit:{service}") == 2
             eventually(
                 lambda: client.health().reconnects >= 1 and client.health().ready,
                 timeout=20,
@@ -975,7 +976,7 @@ def test_reconnect_fails_over_to_the_next_url(names, broker_url) -> None:
         first.refuse(True)
         first.cut()
         eventually(
-            lambda: client.health().connected and client.health().reconnects == 1,
+            lambda: client.health().connected and client.health().reconnects >= 1,
             timeout=20,
             what="the fail-over",
         )
