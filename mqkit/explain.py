@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from mqkit.errors import (
+    ConfigError,
     ConnectionFailed,
     MqkitError,
     PublishError,
@@ -45,6 +46,9 @@ __all__ = [
     "handler_is_generator",
     "handler_not_callable",
     "handler_signature",
+    "inbox_handler_runtime",
+    "inbox_no_message_id",
+    "inbox_outside_handler",
     "link_lost",
     "many_failed",
     "missing_dlq",
@@ -52,6 +56,17 @@ __all__ = [
     "no_answer",
     "not_connected",
     "on_dead_letters",
+    "outbox_bad_value",
+    "outbox_dialect",
+    "outbox_header_not_json",
+    "outbox_key_for_queue",
+    "outbox_no_file_lock",
+    "outbox_no_target",
+    "outbox_not_a_connection",
+    "outbox_not_a_model",
+    "outbox_not_an_engine",
+    "outbox_relay_runtime",
+    "outbox_two_targets",
     "plain_to_tls",
     "publishing",
     "publishing_blocked",
@@ -493,4 +508,140 @@ def handler_signature(role: str, name: str, signature: str, why: str) -> TypeErr
     return TypeError(
         f"{role}: the handler {name}{signature} cannot be called as handler(message, ctx) "
         f"({why}); give it two positional parameters, e.g. def {name}(message, ctx): ..."
+    )
+
+
+# -------------------------------------------------------------------------- outbox and inbox
+
+
+def outbox_not_a_model(message: object) -> TypeError:
+    """``outbox.publish`` was given something that is not a pydantic model."""
+    return TypeError(
+        f"outbox.publish expects a message (a pydantic model instance), got "
+        f"{type(message).__name__}; pass e.g. OrderPlaced(...), not a dict or its JSON"
+    )
+
+
+def outbox_two_targets(queue: str, exchange: str) -> ConfigError:
+    """``outbox.publish`` was given both ``queue=`` and ``exchange=``."""
+    return ConfigError(
+        f"outbox.publish got queue={queue!r} and exchange={exchange!r}; a message goes to a "
+        "queue, or to an exchange with a routing key: pass one of them"
+    )
+
+
+def outbox_key_for_queue(queue: str, routing_key: str) -> ConfigError:
+    """``routing_key=`` given with ``queue=`` (and not equal to it)."""
+    return ConfigError(
+        f"outbox.publish(queue={queue!r}) sends to that queue; routing_key={routing_key!r} "
+        "does not apply (use exchange= with routing_key= to route by key)"
+    )
+
+
+def outbox_no_target(type_name: str) -> ConfigError:
+    """A message that is not an Event given no ``queue=`` / ``exchange=``."""
+    return ConfigError(
+        f"outbox.publish({type_name}) needs queue= or exchange=: only an mqkit.Event goes to "
+        "the event bus when no target is given"
+    )
+
+
+def outbox_header_not_json(path: str, value: object) -> TypeError:
+    """A header ``outbox.publish`` cannot keep in its row (the row keeps headers as JSON)."""
+    return TypeError(
+        f"outbox.publish: header {path} is {type(value).__name__} {value!r:.80}, which the "
+        "outbox cannot store: headers must map strings to strings, numbers, booleans, None, "
+        "or lists and string-keyed objects of those"
+    )
+
+
+def outbox_bad_value(what: str, value: object, need: str) -> ConfigError:
+    """An outbox or inbox argument ``what`` with a value it cannot take (``need``: what it
+    needs)."""
+    return ConfigError(f"{what}={value!r:.80} is not usable: it must be {need}")
+
+
+def outbox_not_an_engine(role: str, value: object) -> TypeError:
+    """``Outbox(...)`` / ``Inbox(...)`` given something that is not a SQLAlchemy engine."""
+    return TypeError(
+        f"{role} expects a SQLAlchemy Engine (or AsyncEngine), got {type(value).__name__}; "
+        "make one with sqlalchemy.create_engine(url) or "
+        "sqlalchemy.ext.asyncio.create_async_engine(url)"
+    )
+
+
+def outbox_dialect(role: str, dialect: str) -> ConfigError:
+    """An engine of a database the outbox does not support."""
+    return ConfigError(
+        f"{role} works on PostgreSQL and SQLite, not on {dialect}: its relay needs "
+        "PostgreSQL's FOR UPDATE SKIP LOCKED or SQLite's single writer to claim rows safely"
+    )
+
+
+def outbox_not_a_connection(value: object, *, expects_async: bool | None) -> TypeError:
+    """``outbox.publish`` given something other than the connection of a transaction."""
+    kind = type(value).__name__
+    hint = (
+        "async with engine.begin() as conn: await outbox.publish(conn, message)"
+        if expects_async
+        else "with engine.begin() as conn: outbox.publish(conn, message)"
+    )
+    extra = (
+        "; an Engine has no transaction of yours to write in"
+        if kind in ("Engine", "AsyncEngine")
+        else ""
+    )
+    return TypeError(
+        f"outbox.publish expects the Connection (or Session) of your transaction, got "
+        f"{kind}{extra}; write it as: {hint}"
+    )
+
+
+def outbox_relay_runtime(client: str, engine: str) -> ConfigError:
+    """A relay whose client and outbox engine are of different runtimes."""
+    other = "AsyncClient" if client == "Client" else "Client"
+    return ConfigError(
+        f"a {client}'s outbox relay needs an Outbox on a "
+        f"{'AsyncEngine' if client == 'AsyncClient' else 'blocking Engine'}, but this one is "
+        f"on a {engine}; use {other}.outbox_relay(outbox), or make the Outbox on "
+        f"{'create_async_engine(url)' if client == 'AsyncClient' else 'create_engine(url)'}"
+    )
+
+
+def inbox_handler_runtime(name: str, *, handler_async: bool, engine_async: bool) -> TypeError:
+    """``inbox.handler(fn)`` where ``fn`` and the inbox's engine are of different runtimes."""
+    if handler_async:
+        return TypeError(
+            f"inbox.handler({name}): {name} is an async def function but this Inbox is on a "
+            "blocking Engine; make the Inbox on an AsyncEngine (create_async_engine), or make "
+            f"{name} a plain function"
+        )
+    return TypeError(
+        f"inbox.handler({name}): {name} is a plain function but this Inbox is on an "
+        f"AsyncEngine, whose transactions must be awaited; make {name} an async def function, "
+        "or make the Inbox on a blocking Engine (create_engine)"
+    )
+
+
+def inbox_no_message_id(queue: str) -> str:
+    """The reason a message without a ``message_id`` is dead-lettered by an inbox handler."""
+    return (
+        f"the message on {queue!r} has no message_id, so the inbox cannot tell a redelivery "
+        "from a new message; publish it with a message_id (mqkit publishers always set one)"
+    )
+
+
+def inbox_outside_handler() -> LookupError:
+    """``inbox.connection()`` called outside a handler the inbox wrapped."""
+    return LookupError(
+        "inbox.connection() is only available while a handler wrapped by inbox.handler(...) "
+        "runs; call it from that handler (or from code it calls)"
+    )
+
+
+def outbox_no_file_lock(path: str) -> ConfigError:
+    """No ``fcntl`` here to make SQLite relays take turns."""
+    return ConfigError(
+        f"the outbox relay cannot lock {path}: this platform has no fcntl.flock, which makes "
+        "SQLite relays take turns; run the relay on PostgreSQL, or on a POSIX system"
     )
