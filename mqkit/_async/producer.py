@@ -23,8 +23,8 @@ class AsyncProducer(Generic[T]):
     Every publish is mandatory and confirmed: ``await producer.publish(msg)`` returns the
     message id once the broker has taken responsibility for it, or raises
     :class:`~mqkit.PublishUnroutable`, :class:`~mqkit.PublishNacked` (nacked again after being
-    sent once more on a new channel) or :class:`~mqkit.PublishTimeout`. Safe to share across
-    tasks.
+    sent once more on a new channel), :class:`~mqkit.PublishTooLarge` or
+    :class:`~mqkit.PublishTimeout`. Safe to share across tasks.
     """
 
     def __init__(self, link: Link, target: PublishTarget[T]) -> None:
@@ -53,8 +53,12 @@ class AsyncProducer(Generic[T]):
         """Publish one message (``expiration`` in seconds); its id once confirmed.
 
         Raises :class:`~mqkit.PublishUnroutable` (no queue bound), :class:`~mqkit.PublishNacked`,
-        :class:`~mqkit.PublishTimeout` (no confirm within ``confirm_timeout``, the link
-        included), :class:`~mqkit.TopologyError` (no such exchange), ``TypeError`` (not a T).
+        :class:`~mqkit.PublishTooLarge` (above ``max_message_size``, or the broker's own limit:
+        never stored), :class:`~mqkit.PublishTimeout` (no confirm within ``confirm_timeout``,
+        the link included, or while a broker memory or disk alarm blocks publishing; it may
+        have been stored after all: send it again with the same ``message_id=``, so an
+        idempotent consumer drops the duplicate), :class:`~mqkit.TopologyError` (no such
+        exchange), ``TypeError`` (not a T).
         """
         [(envelope, key)] = self._target.prepare(
             [message],
@@ -84,7 +88,9 @@ class AsyncProducer(Generic[T]):
     ) -> list[str]:
         """Publish many messages with hundreds of confirms in flight; their ids once all are
         confirmed. On failure raises a :class:`~mqkit.PublishError` (the specific subclass if
-        every failure is of one kind) whose ``unconfirmed`` lists the ids not confirmed."""
+        every failure is of one kind) whose ``unconfirmed`` lists the ids not confirmed: what
+        to send again (each with ``publish(message, message_id=id)``). A message too large
+        fails alone; the others are sent."""
         prepared = self._target.prepare(
             messages,
             service=self._link.settings.service,

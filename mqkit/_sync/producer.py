@@ -23,8 +23,12 @@ class Producer(Generic[T]):
     Every publish is mandatory and confirmed: :meth:`publish` returns the message id once the
     broker has taken responsibility for the message, or raises
     :class:`~mqkit.PublishUnroutable` (no queue bound), :class:`~mqkit.PublishNacked` (nacked
-    again after being sent once more on a new channel) or :class:`~mqkit.PublishTimeout` (no
-    confirm within ``confirm_timeout``, e.g. while the link is down).
+    again after being sent once more on a new channel), :class:`~mqkit.PublishTooLarge` (above
+    ``max_message_size``, or the broker's own limit: never stored) or
+    :class:`~mqkit.PublishTimeout` (no confirm within ``confirm_timeout``, e.g. while the link
+    is down or a broker memory or disk alarm blocks publishing). A message that timed out may
+    have been stored after all: to send it again, publish it with the same ``message_id=``
+    (its id is in ``.unconfirmed``), so an idempotent consumer drops the duplicate.
 
     **Thread safety.** A producer may be shared by any number of threads. It holds no I/O
     state: each call encodes on the calling thread, hands the message to the client's IO
@@ -89,8 +93,10 @@ class Producer(Generic[T]):
         (in order) once all are confirmed.
 
         On failure raises a :class:`~mqkit.PublishError` (the specific subclass when all
-        failures are of one kind) whose ``unconfirmed`` lists the ids not confirmed;
-        re-publishing those is safe. ``message_id=`` with more than one message raises
+        failures are of one kind) whose ``unconfirmed`` lists the ids not confirmed: what to
+        send again (each with ``publish(message, message_id=id)``, so a copy that was stored
+        after all is recognised as a duplicate). A message too large fails alone; the others
+        are sent. ``message_id=`` with more than one message raises
         :class:`~mqkit.ConfigError`: each message gets its own id.
         """
         prepared = self._target.prepare(
