@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import math
 import os
 import sys
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import aio_pika
 import pika
 from pika.exceptions import AMQPError
 from pydantic import BaseModel
@@ -111,6 +113,19 @@ def pika_properties(message: BenchMessage) -> pika.BasicProperties:
     )
 
 
+def aio_message(message: BenchMessage) -> aio_pika.Message:
+    """The same message as an aio-pika row sends it (the properties mqkit sets)."""
+    return aio_pika.Message(
+        message_body(message),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=uuid.uuid4().hex,
+        timestamp=int(time.time()),
+        type=type(message).__name__,
+        app_id=SERVICE,
+    )
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -153,7 +168,7 @@ def record_timed(result: Result, seconds: float, done: int, wanted: int) -> Resu
 
 @dataclass
 class Config:
-    """The command line."""
+    """The command line (``--quick`` scales the counts down; see bench.py)."""
 
     url: str
     messages: int
@@ -163,6 +178,13 @@ class Config:
     phase_seconds: float
     memory: bool
     memory_messages: int
+    quick: bool = False
+    latency_loads: tuple[int, ...] = (500, 1500)
+    latency_seconds: float = 10.0
+    latency_warmup_seconds: float = 1.0
+    rss_messages: int = 100_000
+    rss_first: int = 10_000
+    footprint_consumers: int = 100
 
 
 # --------------------------------------------------------------------------- queues
@@ -329,6 +351,24 @@ class RssSampler:
     @property
     def growth_kib(self) -> int:
         return (self.peak - self.start) // 1024
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_kib() -> int:
+    """This process's resident set size now, in KiB (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE // 1024
+    except OSError:
+        return 0
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile (0 < q <= 100) of an ascending, non-empty list."""
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
 
 
 @contextlib.contextmanager

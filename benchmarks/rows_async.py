@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,10 +17,10 @@ from common import (
     Queues,
     Result,
     Stamps,
+    aio_message,
     make_messages,
     maybe_await,
     memory,
-    message_body,
     record_timed,
     set_error,
 )
@@ -36,21 +35,10 @@ MQKIT_ROWS = (
 )
 
 
-def _aio_message(message: BenchMessage) -> aio_pika.Message:
-    return aio_pika.Message(
-        message_body(message),
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=uuid.uuid4().hex,
-        timestamp=int(time.time()),
-        type=type(message).__name__,
-        app_id=SERVICE,
-    )
-
-
-async def _publish_loop(
+async def publish_loop(
     publish: Callable[[BenchMessage], Awaitable[Any]], messages: list[BenchMessage], deadline: float
 ) -> int:
+    """Await ``publish`` for each message in turn, stopping after ``deadline``; how many."""
     done = 0
     for message in messages:
         await publish(message)
@@ -60,7 +48,7 @@ async def _publish_loop(
     return done
 
 
-async def _timed(result: Result, cfg: Config, run: Run) -> Result:
+async def timed(result: Result, cfg: Config, run: Run) -> Result:
     """Warm up with ``run``, then time it over ``cfg.messages`` messages."""
     try:
         await run(make_messages(cfg.warmup), time.perf_counter() + cfg.phase_seconds)
@@ -73,7 +61,7 @@ async def _timed(result: Result, cfg: Config, run: Run) -> Result:
     return result
 
 
-async def _consume_row(
+async def consume_row(
     result: Result, cfg: Config, once: Callable[[int, int, bool], Awaitable[Stamps]]
 ) -> Result:
     """A timed pass of ``once`` (after ``cfg.warmup`` messages), then its memory pass."""
@@ -101,12 +89,12 @@ async def async_section(cfg: Config, queues: Queues) -> list[Result]:
 
             async def raw_each(messages: list[BenchMessage], deadline: float) -> int:
                 async def one(m: BenchMessage) -> Any:
-                    return await exchange.publish(_aio_message(m), routing_key=q, mandatory=True)
+                    return await exchange.publish(aio_message(m), routing_key=q, mandatory=True)
 
-                return await _publish_loop(one, messages, deadline)
+                return await publish_loop(one, messages, deadline)
 
             label = "raw aio-pika publish, await each confirm"
-            results.append(await _timed(Result("async", "raw_publish_each", label), cfg, raw_each))
+            results.append(await timed(Result("async", "raw_publish_each", label), cfg, raw_each))
 
         with queues.fresh_queue("async-raw-windowed") as q2:
 
@@ -116,7 +104,7 @@ async def async_section(cfg: Config, queues: Queues) -> list[Result]:
                     chunk = messages[start : start + cfg.window]
                     await asyncio.gather(
                         *(
-                            exchange.publish(_aio_message(m), routing_key=q2, mandatory=True)
+                            exchange.publish(aio_message(m), routing_key=q2, mandatory=True)
                             for m in chunk
                         )
                     )
@@ -127,7 +115,7 @@ async def async_section(cfg: Config, queues: Queues) -> list[Result]:
 
             label = f"raw aio-pika publish, gather windows of {cfg.window}"
             row = Result("async", "raw_publish_windowed", label)
-            results.append(await _timed(row, cfg, raw_windowed))
+            results.append(await timed(row, cfg, raw_windowed))
 
         results.append(await _raw_consume(cfg, queues, connection))
     finally:
@@ -163,12 +151,12 @@ async def _mqkit_publish(cfg: Config, queues: Queues, client: Any, publish_many:
             producer = await maybe_await(client.producer(BenchMessage, queue=q))
 
             async def each(messages: list[BenchMessage], deadline: float) -> int:
-                return await _publish_loop(producer.publish, messages, deadline)
+                return await publish_loop(producer.publish, messages, deadline)
 
             async def many(messages: list[BenchMessage], deadline: float) -> int:
                 return len(await producer.publish_many(messages))
 
-            await _timed(row, cfg, many if publish_many else each)
+            await timed(row, cfg, many if publish_many else each)
         except Exception as exc:
             set_error(row, exc)
     return row
@@ -201,7 +189,7 @@ async def _raw_consume(
             await channel.close()
             return stamps
 
-    return await _consume_row(result, cfg, once)
+    return await consume_row(result, cfg, once)
 
 
 async def _mqkit_consume(cfg: Config, queues: Queues, client: Any) -> Result:
@@ -224,4 +212,4 @@ async def _mqkit_consume(cfg: Config, queues: Queues, client: Any) -> Result:
                 await consumer.stop()
             return stamps
 
-    return await _consume_row(result, cfg, once)
+    return await consume_row(result, cfg, once)
