@@ -17,22 +17,26 @@ they refuse unless given ``--yes``.
 Exit codes:
 
 == ==========================================================================================
-0  success (also when there was nothing to do, e.g. no dead letter matched a replay filter)
+0  success (also when there was nothing to do, e.g. no dead letter matched --error-type)
 1  aborted at the confirmation prompt, or an unexpected mqkit error
 2  usage error: bad arguments or settings, or confirmation needed but stdin is not a terminal
 3  cannot connect: broker unreachable, wrong credentials, unknown vhost
 4  the queue (its DLQ) does not exist, or other topology error
 5  replay failed part-way: some dead letters were replayed, the rest are still in the DLQ
+6  ``replay --message-id ID``: no dead letter has that id (nothing was replayed)
 == ==========================================================================================
 
-No output ever shows a password (:func:`mqkit.settings.mask_url`).
+The commands read only the settings they use: a bad value of another ``MQKIT_*`` variable
+(``MQKIT_PREFETCH=abc``, say) is ignored with a warning instead of stopping them. No output
+ever shows a password (:func:`mqkit.settings.mask_url`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import IO, Annotated, Any, cast
@@ -63,6 +67,7 @@ __all__ = [
     "EXIT_ABORTED",
     "EXIT_CONNECT",
     "EXIT_MISSING",
+    "EXIT_NO_MATCH",
     "EXIT_OK",
     "EXIT_PARTIAL",
     "EXIT_USAGE",
@@ -76,6 +81,19 @@ EXIT_USAGE = 2
 EXIT_CONNECT = 3
 EXIT_MISSING = 4
 EXIT_PARTIAL = 5
+EXIT_NO_MATCH = 6
+
+# Settings no dlq command uses: a bad MQKIT_* value of one of these is ignored, with a
+# warning, rather than a reason to refuse to look at dead letters. (A setting not listed
+# here is treated as used: a new one errs on the side of refusing.)
+UNUSED_SETTINGS = (
+    "prefetch",
+    "drain_timeout",
+    "queue_type",
+    "delivery_limit",
+    "events_exchange",
+    "declare",
+)
 
 app = typer.Typer(
     name="mqkit",
@@ -88,7 +106,8 @@ app = typer.Typer(
 dlq_app = typer.Typer(
     help=(
         "Inspect and act on a queue's dead letters (QUEUE.dlq). Exit codes: 0 ok, 1 aborted, "
-        "2 usage, 3 cannot connect, 4 queue missing, 5 replay failed part-way."
+        "2 usage, 3 cannot connect, 4 queue missing, 5 replay failed part-way, "
+        "6 no dead letter has the --message-id."
     ),
     no_args_is_help=True,
 )
@@ -160,7 +179,7 @@ def _client(
     if connect_timeout is not None:
         overrides["connect_timeout"] = connect_timeout
     try:
-        settings = Settings(**overrides)
+        settings = _settings(overrides)
         with mqkit.Client(settings) as client:
             yield client
     except ConfigError as exc:
@@ -173,6 +192,51 @@ def _client(
         raise _fail(EXIT_PARTIAL, str(exc)) from None
     except MqkitError as exc:
         raise _fail(EXIT_ABORTED, f"{type(exc).__name__}: {exc}") from None
+
+
+def _settings(overrides: dict[str, Any]) -> Settings:
+    """Settings from ``overrides`` and the environment, where a bad ``MQKIT_*`` value of a
+    setting the dlq commands do not use (:data:`UNUSED_SETTINGS`) is left out, with a warning
+    naming it; any other bad value raises ConfigError as usual."""
+    try:
+        return Settings(**overrides)
+    except ConfigError:
+        unused = _unused_variables()
+        if not unused:
+            raise
+        with _hidden(unused):
+            Settings(**overrides)  # still invalid without them: a setting we use is wrong
+        bad: list[str] = []
+        for name in sorted(unused):
+            with _hidden(unused - {name}):
+                try:
+                    Settings(**overrides)
+                except ConfigError as exc:
+                    bad.append(name)
+                    reason = str(exc).removeprefix("invalid mqkit settings: ")
+                    setting = name.upper().removeprefix("MQKIT_").lower()
+                    err.print(
+                        Text("warning: ", style="bold yellow")
+                        + Text(f"ignoring {reason} (mqkit dlq does not use {setting})")
+                    )
+        with _hidden(set(bad)):
+            return Settings(**overrides)
+
+
+def _unused_variables() -> set[str]:
+    """The environment variables (as spelled there) of :data:`UNUSED_SETTINGS`."""
+    wanted = {f"MQKIT_{name.upper()}" for name in UNUSED_SETTINGS}
+    return {name for name in os.environ if name.upper() in wanted}
+
+
+@contextmanager
+def _hidden(names: Collection[str]) -> Iterator[None]:
+    """Leave ``names`` out of the environment meanwhile (the command line is one thread)."""
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _need_terminal(yes: bool, action: str) -> None:
@@ -212,11 +276,14 @@ def _progress(*, disable: bool = False) -> Progress:
     )
 
 
-def _when(value: datetime | None) -> str:
+def _when(value: datetime | None, *, short: bool = False) -> str:
     if value is None:
         return "-"
     if value.tzinfo is not None:
         value = value.astimezone(timezone.utc)
+    if short:  # a narrow table: the year only when it is not this one
+        this_year = value.year == datetime.now(timezone.utc).year
+        return value.strftime("%m-%d %H:%M" if this_year else "%Y-%m-%d")
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -252,25 +319,60 @@ def list_(
         title=f"{dlq_name(queue)}: {_plural(total)}",
         caption=f"showing {len(letters)} of {total}" if len(letters) < total else None,
     )
-    # Long error messages are cut to one line (_short). On a narrow terminal every column may
-    # wrap, so that none is squeezed away entirely; on a wide one ids stay whole (copyable).
-    wide = out.width >= 120
-    table.add_column("message id", overflow="fold", no_wrap=wide, min_width=32 if wide else 8)
+    if out.width >= _WIDE:
+        _wide_rows(table, letters, queue)
+    else:
+        _narrow_rows(table, letters, queue)
+    out.print(table)
+
+
+_WIDE = 120  # columns from which list shows one line per dead letter
+
+
+def _wide_rows(table: Table, letters: list[DeadLetter], queue: str) -> None:
+    """One line per dead letter; long error messages are cut to one line (_short), ids
+    stay whole (copyable, for ``replay --message-id``). The original queue is shown only
+    when some dead letter came from another queue than ``queue``."""
+    elsewhere = any(letter.original_queue not in ("", queue) for letter in letters)
+    table.add_column("message id", overflow="fold", no_wrap=True, min_width=32)
     table.add_column("error type", style="red", overflow="fold", min_width=8)
     table.add_column("error message", min_width=16)
     table.add_column("attempts", justify="right", min_width=3)
-    table.add_column("original queue", overflow="fold", min_width=8)
-    table.add_column("failed at (UTC)", min_width=10)
+    if elsewhere:
+        table.add_column("original queue", overflow="fold", min_width=8)
+    table.add_column("failed at (UTC)", no_wrap=True, min_width=19)
     for letter in letters:
-        table.add_row(
+        cells: list[Text | str] = [
             Text(letter.message_id or "-"),
             Text(letter.error_type),
             Text(_short(letter.error_message)),
             str(letter.attempts),
-            Text(letter.original_queue),
-            _when(letter.failed_at),
+        ]
+        if elsewhere:
+            cells.append(Text(letter.original_queue))
+        table.add_row(*cells, _when(letter.failed_at))
+
+
+def _narrow_rows(table: Table, letters: list[DeadLetter], queue: str) -> None:
+    """Two lines per dead letter, for a terminal of 80 columns: the id whole (copyable), then
+    the error cut to the width left; the original queue only where it is not ``queue``."""
+    table.show_lines = True
+    # What the other two columns and the padding take (at 80 columns: 48 for the first).
+    room = max(32, out.width - 32)
+    table.add_column("message id / error", no_wrap=True, min_width=32, max_width=room)
+    table.add_column("tries", justify="right", no_wrap=True, min_width=5)
+    table.add_column("failed at (UTC)", no_wrap=True, min_width=15)
+    for letter in letters:
+        error = letter.error_type
+        if letter.error_message.strip():
+            error += ": " + letter.error_message
+        if letter.original_queue not in ("", queue):
+            error = f"(from {letter.original_queue}) {error}"
+        table.add_row(
+            Text(letter.message_id or "-") + Text("\n") + Text(_short(error, room), style="red"),
+            str(letter.attempts),
+            _when(letter.failed_at, short=True),
         )
-    out.print(table)
 
 
 def _body(body: bytes) -> Any:
@@ -361,7 +463,9 @@ def replay(
     service: ServiceOpt = None,
     connect_timeout: TimeoutOpt = None,
 ) -> None:
-    """Send dead letters back to their original queues (each confirmed, then removed)."""
+    """Send dead letters back to QUEUE (each confirmed, then removed).
+
+    With --message-id, finding no dead letter with that id is an error (exit 6)."""
     _need_terminal(yes, "replay")
     name = dlq_name(queue)
     done = 0
@@ -369,31 +473,35 @@ def replay(
     def advance(count: int) -> None:
         nonlocal done
         done = count
-        progress.update(task, completed=count)
+        progress.update(task, completed=count, total=max(count, expected))
 
     with _client(url, service, connect_timeout) as client:
         dead = client.dead_letters(queue)
         total = dead.count()
         if total == 0:
+            if message_id is not None:
+                raise _no_such_id(queue, message_id, error_type, left=0)
             out.print(f"{name} is empty: nothing to replay")
             return
         filtered = error_type is not None or message_id is not None
+        # What the bar counts up to: all of them, the one with the id, or (by error type) at
+        # most all of them; it ends at what was replayed.
+        expected = min(total, limit or total, 1 if message_id is not None else total)
         what = "matching dead letters" if filtered else "dead letters"
         scope = f"up to {limit} " if limit is not None and limit < total else ""
-        _confirm(
-            f"Replay {scope}{what} from {name!r} ({total} in it) to their original queues?",
-            yes,
-            "replay",
-        )
+        _confirm(f"Replay {scope}{what} from {name!r} ({total} in it) to {queue!r}?", yes, "replay")
+        by_type_only = error_type is not None and message_id is None
         progress = _progress()
         task = progress.add_task(
-            "replaying", total=None if filtered else min(total, limit or total)
+            f"replaying (at most {expected})" if by_type_only else "replaying", total=expected
         )
         try:
             with progress:
                 replayed = dead.replay(
                     limit, error_type=error_type, message_id=message_id, progress=advance
                 )
+                # Ends at what was replayed; nothing replayed: no bar (a message says why).
+                progress.update(task, total=replayed, completed=replayed, visible=replayed > 0)
         except MqkitError as exc:
             remaining = _count_quietly(dead)
             raise _fail(
@@ -402,10 +510,22 @@ def replay(
                 f"{type(exc).__name__}: {exc}",
             ) from None
         left = dead.count()
+    if replayed == 0 and message_id is not None:
+        raise _no_such_id(queue, message_id, error_type, left=left)
     if replayed == 0 and filtered:
         out.print(f"no dead letter in {name} matched; nothing replayed ({left} left)")
         return
     out.print(f"replayed {_plural(replayed)} from {name}; {left} left")
+
+
+def _no_such_id(queue: str, message_id: str, error_type: str | None, *, left: int) -> typer.Exit:
+    """``replay --message-id`` found no such dead letter: an error (exit 6), not a no-op."""
+    also = f" and error type {error_type!r}" if error_type is not None else ""
+    return _fail(
+        EXIT_NO_MATCH,
+        f"no dead letter in {dlq_name(queue)} has message id {message_id!r}{also}; nothing "
+        f"replayed ({_plural(left)} in it: `mqkit dlq list {queue}` shows their ids)",
+    )
 
 
 def _count_quietly(dead: mqkit.DeadLetterQueue) -> str:

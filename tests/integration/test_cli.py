@@ -23,6 +23,7 @@ import pytest
 from conftest import wait_until
 
 import mqkit
+from mqkit import cli
 from mqkit.topology import Queue, consumer_topology, queue_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,17 +36,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m mqkit.cli ARGS`` with no terminal on stdin and no MQKIT_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MQKIT_")}
-    env["COLUMNS"] = "250"  # rich wraps tables at 80 columns otherwise
-    env["PYTHONIOENCODING"] = "utf-8"
+def run_cli(
+    *args: str, timeout: float = 60.0, columns: int = 250, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mqkit.cli ARGS`` with no terminal on stdin, no MQKIT_* settings but
+    those in ``env``, and a terminal ``columns`` wide (rich's default is 80)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MQKIT_")}
+    environment.update(env or {})
+    environment["COLUMNS"] = str(columns)
+    environment["PYTHONIOENCODING"] = "utf-8"
     return subprocess.run(
         [sys.executable, "-m", "mqkit.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=environment,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         check=False,
@@ -156,6 +161,49 @@ def test_list_shows_the_dead_letters(broker_url, dlq, raw):
     assert raw.count(f"{queue}.dlq") == 3  # nothing removed
 
 
+def test_list_is_readable_in_80_columns(broker_url, dlq, names):
+    queue, ids = dlq
+    other = names.queue()
+    dead_letter(broker_url, queue, "C-1", error_type="TimeoutError", original_queue=other)
+    result = run_cli("dlq", "list", queue, "--url", broker_url, columns=80)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    assert f"{queue}.dlq: 4 dead letters" in result.stdout
+    # Every id on a line of its own, whole (to copy into replay --message-id).
+    for message_id in ids.values():
+        assert any(line.strip().startswith(message_id) for line in lines), result.stdout
+    # The error type and the start of the message on the next line; attempts and time
+    # stay in their columns.
+    assert "ValueError: card declined" in result.stdout
+    assert "KeyError: 'sku'" in result.stdout
+    assert "xxxxxxxx…" in result.stdout
+    row = next(line for line in lines if line.strip().startswith(ids["A-1"]))
+    assert row.split()[1:] and row.split()[1] == "3"  # attempts
+    assert len(row.split()) == 4  # id, attempts, date, time: nothing wrapped or cut
+    # The original queue is named only where it differs from QUEUE.
+    assert f"(from {other})" in result.stdout
+    assert result.stdout.count("(from ") == 1
+
+
+def test_an_unused_bad_setting_does_not_stop_the_dlq_commands(broker_url, dlq):
+    queue, ids = dlq
+    env = {"MQKIT_PREFETCH": "abc", "MQKIT_QUEUE_TYPE": "fast", "MQKIT_HEARTBEAT": "5"}
+    result = run_cli("dlq", "list", queue, "--url", broker_url, env=env)
+    assert result.returncode == 0, result.stderr
+    assert ids["A-1"] in result.stdout
+    warnings = " ".join(result.stderr.split())
+    assert "warning: ignoring MQKIT_PREFETCH='abc': not an integer" in warnings
+    assert "mqkit dlq does not use prefetch" in warnings
+    assert "warning: ignoring MQKIT_QUEUE_TYPE='fast'" in warnings
+    assert "HEARTBEAT" not in warnings  # a valid value is neither ignored nor warned about
+    # A bad value of a setting the commands use still stops them, naming it.
+    env["MQKIT_CONNECT_TIMEOUT"] = "soon"
+    result = run_cli("dlq", "list", queue, "--url", broker_url, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "MQKIT_CONNECT_TIMEOUT='soon'" in " ".join(result.stderr.split())
+
+
 def test_list_limit_says_how_many_are_shown(broker_url, dlq):
     queue, _ = dlq
     result = run_cli("dlq", "list", queue, "--limit", "1", "--url", broker_url)
@@ -251,20 +299,76 @@ def test_replay_filters(broker_url, dlq, raw):
     assert raw.count(f"{queue}.dlq") == 1
 
 
-def test_replay_to_a_missing_queue_fails_part_way_with_5(broker_url, names, raw):
-    queue, gone = names.queue(), names.queue()  # `gone` is never declared
+def test_replay_of_a_message_id_that_matches_nothing_says_so_and_fails(broker_url, dlq, raw):
+    queue, ids = dlq
+    result = run_cli(
+        "dlq", "replay", queue, "--message-id", "no-such-id", "--yes", "--url", broker_url
+    )
+    assert result.returncode == cli.EXIT_NO_MATCH == 6, result.stdout + result.stderr
+    error = " ".join(result.stderr.split())  # rich wraps long lines
+    assert f"no dead letter in {queue}.dlq has message id 'no-such-id'" in error
+    assert "nothing replayed (3 dead letters in it" in error
+    assert f"mqkit dlq list {queue}" in error
+    assert "replaying" not in result.stderr  # no empty progress bar before the error
+    assert "Traceback" not in result.stderr
+    # An id that exists, but not with that error type, matches nothing either.
+    result = run_cli(
+        "dlq", "replay", queue, "--message-id", ids["A-1"], "--error-type", "KeyError",
+        "--yes", "--url", broker_url,
+    )  # fmt: skip
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert "and error type 'KeyError'" in " ".join(result.stderr.split())
+    assert raw.count(f"{queue}.dlq") == 3
+
+
+def test_replay_of_a_message_id_in_an_empty_dlq_fails_too(broker_url, names):
+    queue = names.queue()
     declare(broker_url, queue)
-    dead_letter(broker_url, queue, "ok-1")
-    stuck = dead_letter(broker_url, queue, "stuck-1", original_queue=gone)
-    dead_letter(broker_url, queue, "ok-2")
+    result = run_cli("dlq", "replay", queue, "--message-id", "x", "--yes", "--url", broker_url)
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert "nothing replayed (0 dead letters in it" in " ".join(result.stderr.split())
+
+
+def test_replay_progress_shows_the_total_it_knows(broker_url, dlq):
+    queue, ids = dlq
+    by_id = run_cli(
+        "dlq", "replay", queue, "--message-id", ids["A-1"], "--yes", "--url", broker_url
+    )
+    assert by_id.returncode == 0, by_id.stderr
+    assert "1/1" in by_id.stderr and "?" not in by_id.stderr
+    by_type = run_cli(
+        "dlq", "replay", queue, "--error-type", "ValueError", "--yes", "--url", broker_url
+    )
+    assert by_type.returncode == 0, by_type.stderr
+    # 2 dead letters left, so at most 2 can match; it ends at what was replayed.
+    assert "replaying (at most 2)" in by_type.stderr and "1/1" in by_type.stderr
+    everything = run_cli("dlq", "replay", queue, "--yes", "--url", broker_url)
+    assert everything.returncode == 0, everything.stderr
+    assert "1/1" in everything.stderr and "?" not in everything.stderr
+
+
+def test_replay_that_fails_part_way_exits_5(broker_url, names, raw):
+    """The work queue (declared by someone else) takes 2 messages and refuses the rest."""
+    queue = names.queue()
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(
+            queue, durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"}
+        )
+        channel.queue_declare(f"{queue}.dlq", durable=True)
+    finally:
+        connection.close()
+    ids = [dead_letter(broker_url, queue, f"o-{n}") for n in range(3)]
     result = run_cli("dlq", "replay", queue, "--yes", "--url", broker_url)
     assert result.returncode == 5, result.stdout + result.stderr
-    assert "replay failed" in result.stderr
-    assert "2 dead letters replayed" in result.stderr
-    wait_until(lambda: raw.count(queue) == 2, what="the 2 replayable messages")
-    wait_until(lambda: raw.count(f"{queue}.dlq") == 1, what="the stuck one left in the DLQ")
+    error = " ".join(result.stderr.split())
+    assert "replay failed after 2 dead letters replayed (1 left in" in error
+    assert "Traceback" not in result.stderr
+    wait_until(lambda: raw.count(queue) == 2, what="the 2 replayed messages")
+    wait_until(lambda: raw.count(f"{queue}.dlq") == 1, what="the refused one left in the DLQ")
     [(_, props, _)] = raw.drain(f"{queue}.dlq")
-    assert props.message_id == stuck
+    assert props.message_id == ids[2]
 
 
 def test_replay_and_purge_refuse_without_a_terminal(broker_url, dlq, raw):
