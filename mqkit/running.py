@@ -127,8 +127,8 @@ def warn_never_started(
             continue
         did = "handled no message" if kind == "consumer" else "answered no request"
         log.warning(
-            "a %s of queue %r was made but never started, so it %s; call %sclient.run(), or "
-            "%s%s.start(), before closing the client",
+            "a %s of queue %r was made but never started, so it %s; start it with %sclient.run() "
+            "or %s%s.start() before closing the client",
             kind,
             consumer.queue,
             did,
@@ -144,8 +144,8 @@ def warn_never_started(
         names = ", ".join(repr(queue) for queue in queues)
         log.warning(
             "an event bus (service %r, exchange %r) was made but never started, so its "
-            "subscriptions (queue%s %s) handled no event; call %sclient.run(), or "
-            "%sbus.start(), before closing the client",
+            "subscriptions (queue%s %s) handled no event; start it with "
+            "%sclient.run() or %sbus.start() before closing the client",
             bus.service,
             bus.exchange,
             "" if len(queues) == 1 else "s",

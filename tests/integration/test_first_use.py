@@ -330,7 +330,7 @@ def test_close_warns_once_about_a_consumer_never_started(rt, names, caplog, coll
     assert responder.getMessage().startswith(f"a responder of queue {responded!r} was made")
     assert "answered no request" in responder.getMessage()
     assert f"queue {subscribed!r}" in bus_record.getMessage()
-    start = "await client.run()" if rt.is_async else "call client.run()"
+    start = "start it with await client.run()" if rt.is_async else "start it with client.run()"
     assert start in consumer.getMessage()
     assert not any(r.getMessage().startswith("mqkit: ") for r in caplog.records)
 
