@@ -65,6 +65,28 @@ def _optional(module: str, name: str) -> tuple[Any, str | None]:
 Client, SYNC_MISSING = _optional("mqkit._sync.client", "Client")
 AsyncClient, ASYNC_MISSING = _optional("mqkit._async.client", "AsyncClient")
 
+
+def faststream_missing() -> str | None:
+    """Why FastStream cannot be used here, or None if it can (it is the ``bench`` extra)."""
+    try:
+        importlib.import_module("faststream.rabbit")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc} (install it: pip install -e '.[bench]')"
+    return None
+
+
+def runtime_missing(runtime: str) -> str | None:
+    """Why a consumer of ``runtime`` (``client``, ``async_client``, ``raw_pika``,
+    ``raw_aio_pika``, ``faststream``) cannot run here, or None if it can."""
+    if runtime == "client" and Client is None:
+        return f"mqkit Client is not importable: {SYNC_MISSING}"
+    if runtime == "async_client" and AsyncClient is None:
+        return f"mqkit AsyncClient is not importable: {ASYNC_MISSING}"
+    if runtime == "faststream":
+        return faststream_missing()
+    return None
+
+
 SERVICE = "mqkit-bench"
 QUEUE_TYPE: Final = "quorum"
 DELIVERY_LIMIT = 20  # Settings' default: the raw declare must match what mqkit declares

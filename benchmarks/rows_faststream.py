@@ -27,7 +27,6 @@ so and the targets that need them are ``n/a``.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import importlib.metadata
 import time
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from common import (
     Queues,
     Result,
     Stamps,
+    faststream_missing,
     make_messages,
     memory,
     set_error,
@@ -53,15 +53,6 @@ ROWS = (
     ("publish_gathered", "FastStream broker.publish, gather windows"),
     ("consume", "FastStream subscriber (model argument, ack after handler)"),
 )
-
-
-def faststream_missing() -> str | None:
-    """Why FastStream cannot be used here, or None if it can."""
-    try:
-        importlib.import_module("faststream.rabbit")
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc} (install it: pip install -e '.[bench]')"
-    return None
 
 
 def faststream_version() -> str | None:
