@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mqkit import explain
 from mqkit.context import Context
+from mqkit.messages import Envelope
 from mqkit.outbox import failpoints, store
 from mqkit.outbox.locking import relay_lock
 from mqkit.outbox.outbox import Outbox
@@ -32,6 +33,7 @@ from mqkit.outbox.relaying import (
     declarations,
     failed_rows,
     groups,
+    one_by_one,
     report,
     settle,
     split,
@@ -167,15 +169,19 @@ class AsyncOutboxRelay:
         broker or the database cannot be reached."""
         await self._prepare()
         total = 0
-        while True:
-            result = await self._pass()
-            if result is None:
-                return total
-            total += result.sent
-            if result.trouble is not None:
-                raise result.trouble
-            if not result.full:
-                return total
+        try:
+            while True:
+                result = await self._pass()
+                if result is None:
+                    return total
+                total += result.sent
+                if result.trouble is not None:
+                    raise result.trouble
+                if not result.full:
+                    return total
+        finally:
+            if not self.started and self._lock is not None:
+                self._lock.release()  # not relaying: let other relays have their turn
 
     # -- the task ----------------------------------------------------------------------------
 
@@ -271,16 +277,29 @@ class AsyncOutboxRelay:
         for group in made:
             try:
                 failpoints.arm("relay.publishing")
-                await client._link.publishing.publish_many(
-                    [
-                        (envelope, group.exchange, key)
-                        for envelope, key in zip(group.envelopes, group.keys, strict=True)
-                    ],
-                    mandatory=group.mandatory,
-                )
+                await self._publish(group.exchange, group.mandatory, group.envelopes, group.keys)
             except Exception as exc:
-                errors.update(failed_rows(group.rows, exc))
+                failed = failed_rows(group.rows, exc)
+                for row in one_by_one(group.rows, failed):
+                    index = group.rows.index(row)
+                    try:
+                        await self._publish(
+                            group.exchange,
+                            group.mandatory,
+                            [group.envelopes[index]],
+                            [row.routing_key],
+                        )
+                        del failed[row.id]
+                    except Exception as alone:
+                        failed[row.id] = alone
+                errors.update(failed)
         return errors
+
+    async def _publish(
+        self, exchange: str, mandatory: bool, envelopes: list[Envelope], keys: list[str]
+    ) -> None:
+        jobs = [(envelope, exchange, key) for envelope, key in zip(envelopes, keys, strict=True)]
+        await self._client._link.publishing.publish_many(jobs, mandatory=mandatory)
 
     def _count(self, outcome: Settlement) -> None:
         self.sent += len(outcome.sent)

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine
 
 from mqkit import explain
 from mqkit.context import Context
+from mqkit.messages import Envelope
 from mqkit.outbox import failpoints, store
 from mqkit.outbox.locking import relay_lock
 from mqkit.outbox.outbox import Outbox
@@ -30,6 +31,7 @@ from mqkit.outbox.relaying import (
     declarations,
     failed_rows,
     groups,
+    one_by_one,
     report,
     settle,
     split,
@@ -159,15 +161,19 @@ class OutboxRelay:
         self._client.connect()
         self._prepare()
         total = 0
-        while True:
-            result = self._pass()
-            if result is None:
-                return total
-            total += result.sent
-            if result.trouble is not None:
-                raise result.trouble
-            if not result.full:
-                return total
+        try:
+            while True:
+                result = self._pass()
+                if result is None:
+                    return total
+                total += result.sent
+                if result.trouble is not None:
+                    raise result.trouble
+                if not result.full:
+                    return total
+        finally:
+            if not self.started and self._lock is not None:
+                self._lock.release()  # not relaying: let other relays have their turn
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -250,16 +256,30 @@ class OutboxRelay:
         for group in made:
             try:
                 failpoints.arm("relay.publishing")
-                client._publisher.publish(
-                    group.exchange,
-                    group.keys[0],
-                    group.envelopes,
-                    mandatory=group.mandatory,
-                    routing_keys=group.keys,
-                )
+                self._publish(group.exchange, group.mandatory, group.envelopes, group.keys)
             except Exception as exc:
-                errors.update(failed_rows(group.rows, exc))
+                failed = failed_rows(group.rows, exc)
+                for row in one_by_one(group.rows, failed):
+                    index = group.rows.index(row)
+                    try:
+                        self._publish(
+                            group.exchange,
+                            group.mandatory,
+                            [group.envelopes[index]],
+                            [row.routing_key],
+                        )
+                        del failed[row.id]
+                    except Exception as alone:
+                        failed[row.id] = alone
+                errors.update(failed)
         return errors
+
+    def _publish(
+        self, exchange: str, mandatory: bool, envelopes: list[Envelope], keys: list[str]
+    ) -> None:
+        self._client._publisher.publish(
+            exchange, keys[0], envelopes, mandatory=mandatory, routing_keys=keys
+        )
 
     def _count(self, outcome: Settlement) -> None:
         self.sent += len(outcome.sent)

@@ -219,7 +219,7 @@ class Outbox:
         return str(row["message_id"])
 
     def _write(self, conn: Connection, row: dict[str, Any]) -> None:
-        if not self._ready:
+        if not self._ready and not conn.info.get(self._created):
             # In the caller's transaction: SQLite would wait on its own write lock if the
             # table were created on a connection of its own.
             self.create_tables(conn)

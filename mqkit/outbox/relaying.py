@@ -41,6 +41,7 @@ __all__ = [
     "describe",
     "failed_rows",
     "groups",
+    "one_by_one",
     "report",
     "seconds",
     "settle",
@@ -176,6 +177,16 @@ def groups(
         group.rows.append(row)
         group.envelopes.append(envelope)
     return list(made.values()), broken
+
+
+def one_by_one(rows: Sequence[Pending], failed: Mapping[int, BaseException]) -> list[Pending]:
+    """The rows to publish again, each alone, after a publish of ``rows`` together failed
+    for the ``failed`` ones: the error of a batch sums up its failures, and each row should
+    record (and be judged by) its own. None when one row was published, or when the error is
+    not the rows' fault (each would only wait for the same outage)."""
+    if len(rows) < 2 or not failed or any(_not_the_rows_fault(e) for e in failed.values()):
+        return []
+    return [row for row in rows if row.id in failed]
 
 
 def failed_rows(rows: Sequence[Pending], error: BaseException) -> dict[int, BaseException]:
