@@ -236,6 +236,11 @@ def test_reconnect_fails_over_when_the_first_host_goes_down(
             before = client.health()
             go_down()
             _retry_until_confirmed(lambda: producer.publish(Tick(run="fo", seq=2)))
+            # The publish proves the publishing connection failed over; the consuming one
+            # reconnects on its own schedule.
+            deadline = time.monotonic() + 20
+            while not client.health().connected and time.monotonic() < deadline:
+                time.sleep(0.05)
             after = client.health()
     else:
 
@@ -253,6 +258,10 @@ def test_reconnect_fails_over_when_the_first_host_goes_down(
                     except mqkit.PublishError:
                         if time.monotonic() > deadline:
                             raise
+                # The publish proves the publishing connection failed over; the consuming
+                # one reconnects on its own schedule.
+                while not client.health().connected and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
                 return before, client.health()
 
         before, after = asyncio.run(body())
