@@ -41,6 +41,8 @@ from mqkit.messages import Incoming, to_datetime
 from mqkit.settings import Settings, mask_url
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
 
+from . import lenient
+
 __all__ = [
     "AMQP_ERRORS",
     "LINK_ERRORS",
@@ -192,7 +194,7 @@ def incoming_of(message: aiormq.abc.DeliveredMessage) -> Incoming:
         app_id=props.app_id,
         content_type=props.content_type,
         timestamp=to_datetime(props.timestamp),
-        headers=props.headers or {},
+        headers=lenient.encodable(props.headers) if props.headers else {},
         priority=props.priority,
         expiration=props.expiration,
         redelivered=bool(delivery.redelivered),
@@ -412,6 +414,7 @@ class Link:
             ssl_context=_ssl_context(self.settings) if tls.uses_tls(url) else None,
             client_properties={"connection_name": self.name},
         )
+        lenient.install(connection, url)  # content headers pamqp cannot decode: repaired
         try:
             await connection.connect(timeout=timeout)
         except BaseException as exc:
