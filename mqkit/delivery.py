@@ -23,8 +23,8 @@ from pydantic import BaseModel
 from mqkit.context import Context
 from mqkit.dead_letters import dead_letter_headers, retry_headers
 from mqkit.errors import DecodeError
-from mqkit.messages import Envelope, Incoming, decode, decode_event
-from mqkit.retry import GiveUp, Outcome, RetryLater, attempt_of
+from mqkit.messages import Envelope, Incoming, bad_body, decode, decode_event
+from mqkit.retry import DEFAULT_POLICY, GiveUp, Outcome, RetryLater, RetryPolicy, attempt_of
 from mqkit.topology import dlq_name, retry_queue_name
 
 __all__ = ["Decoder", "FollowUp", "follow_up", "format_traceback", "prepare"]
@@ -55,22 +55,32 @@ class FollowUp:
 
 
 def prepare(
-    incoming: Incoming, *, queue: str, decoder: Decoder
+    incoming: Incoming,
+    *,
+    queue: str,
+    decoder: Decoder,
+    policy: RetryPolicy = DEFAULT_POLICY,
 ) -> tuple[Any, Context, GiveUp | None]:
     """Decode a delivery and build its :class:`Context`.
 
     Returns ``(message, ctx, None)``, or ``(None, ctx, GiveUp(...))`` when the body cannot
-    be decoded: such a message is dead-lettered at once, with the validation error.
+    be decoded: such a message is dead-lettered at once, with the reason. Whatever decoding
+    raises counts (a model validator's ``TypeError`` too): a body is never retried.
+
+    Nothing in the context is taken from headers a publisher can set: ``exchange`` and
+    ``routing_key`` are the delivery's (a retried copy comes back by the default exchange,
+    routed by the queue's name; the first route is in its ``x-mqkit-original-*`` headers,
+    for information), and the attempt is read within ``policy`` (:func:`attempt_of`).
     """
-    attempt = attempt_of(incoming.headers)
+    attempt = attempt_of(incoming.headers, policy.max_attempts)
     ctx = Context(
         message_id=incoming.message_id,
         correlation_id=incoming.correlation_id,
         headers=incoming.headers,
         attempt=attempt,
         redelivered=incoming.redelivered,
-        exchange=incoming.headers.get("x-mqkit-original-exchange", incoming.exchange),
-        routing_key=incoming.headers.get("x-mqkit-original-routing-key", incoming.routing_key),
+        exchange=incoming.exchange,
+        routing_key=incoming.routing_key,
         queue=queue,
         event_type=incoming.type,
         timestamp=incoming.timestamp,
@@ -79,7 +89,12 @@ def prepare(
     try:
         return decoder(incoming.body, incoming.type), ctx, None
     except DecodeError as exc:
-        return None, ctx, GiveUp("DecodeError", str(exc), attempt)
+        cause = exc.__cause__  # not a validation error: where it was raised helps
+        trace = "" if cause is None or isinstance(cause, ValueError) else format_traceback(cause)
+        return None, ctx, GiveUp("DecodeError", str(exc), attempt, trace)
+    except Exception as exc:  # a decoder of the caller's that does not raise DecodeError
+        reason = bad_body(exc, incoming.type or "the message type")
+        return None, ctx, GiveUp("DecodeError", reason, attempt, format_traceback(exc))
 
 
 def follow_up(

@@ -12,26 +12,32 @@ their client's message object and an incoming delivery into an :class:`Incoming`
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from mqkit.errors import DecodeError
+from mqkit.wire import INT64_MAX, MAX_SECONDS, SHORTSTR_MAX
 
 __all__ = [
     "CONTENT_TYPE",
     "Envelope",
     "Event",
     "Incoming",
+    "bad_body",
     "decode",
     "decode_event",
     "encode",
     "event_class",
+    "portable",
+    "to_datetime",
     "type_name",
 ]
 
@@ -126,7 +132,12 @@ def encode(
 
 @dataclass(slots=True)
 class Incoming:
-    """A delivery as the core sees it, whatever client received it."""
+    """A delivery as the core sees it, whatever client received it.
+
+    Whatever the wire held, the fields have their declared types: a short string that is not
+    UTF-8 (pika hands over ``bytes``) becomes text with U+FFFD for the bad bytes, and so do
+    such header names.
+    """
 
     body: bytes
     delivery_tag: int
@@ -144,6 +155,17 @@ class Incoming:
     exchange: str = ""
     routing_key: str = ""
 
+    def __post_init__(self) -> None:
+        # Cheap for what mqkit and other clients send (every check is a type test); only
+        # bytes (pika's value for a short string that is not UTF-8) are converted.
+        for name in _TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and type(value) is not str:
+                setattr(self, name, _short_text(value))
+        headers = self.headers
+        if headers and not all(type(key) is str for key in headers):
+            self.headers = {_short_text(key): value for key, value in headers.items()}
+
     def republished(self, headers: Mapping[str, Any]) -> Envelope:
         """An envelope for this delivery's body and properties with ``headers`` merged in.
 
@@ -152,13 +174,14 @@ class Incoming:
         """
         merged = dict(self.headers)
         merged.update(headers)
+        merged = {k: portable(v) for k, v in merged.items() if v is not None}
         return Envelope(
             body=self.body,
             message_id=self.message_id or uuid.uuid4().hex,
             type=self.type or "",
             app_id=self.app_id or "",
             timestamp=int(self.timestamp.timestamp()) if self.timestamp else int(time.time()),
-            headers={k: v for k, v in merged.items() if v is not None},
+            headers=merged,
             correlation_id=self.correlation_id,
             reply_to=self.reply_to,
             priority=self.priority,
@@ -167,13 +190,73 @@ class Incoming:
         )
 
 
+_TEXT_FIELDS = (
+    "message_id",
+    "correlation_id",
+    "reply_to",
+    "type",
+    "app_id",
+    "content_type",
+    "expiration",
+)
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _short_text(value: Any) -> str:
+    """A short string (or header name) from the wire as text of at most 255 UTF-8 bytes."""
+    if isinstance(value, (bytes, bytearray)):
+        encoded = bytes(value).decode("utf-8", "replace").encode("utf-8")
+        return encoded[:SHORTSTR_MAX].decode("utf-8", "ignore")
+    return str(value)
+
+
+def portable(value: Any) -> Any:
+    """A header value as both pika and pamqp encode it again, for a copy of a message
+    (a retry, a dead letter, a replay): what only one of them decodes becomes text.
+
+    An integer beyond 64 bits (pika reads a large double as one) and a float beyond single
+    precision or not finite (pamqp writes floats as single precision) become their text;
+    tables and arrays are converted inside. Everything else is kept as it is.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        return value if -INT64_MAX - 1 <= value <= INT64_MAX else str(value)
+    if kind is float:
+        return value if math.isfinite(value) and abs(value) <= _FLOAT32_MAX else repr(value)
+    if isinstance(value, Mapping):
+        return {_short_text(k) if type(k) is not str else k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, Decimal) and not value.is_finite():
+        return str(value)
+    return value
+
+
 def to_datetime(value: Any) -> datetime | None:
-    """AMQP timestamps arrive as ``datetime`` (pika may give an int); normalise to UTC."""
+    """An AMQP timestamp as an aware UTC ``datetime``, or ``None`` when there is none or it
+    cannot be one (beyond the year 9999, not a number).
+
+    pamqp gives a ``datetime``, pika the integer: like pamqp, a value above ``2**32`` (the
+    year 2106 in seconds) is read as milliseconds, so both runtimes see the same time.
+    """
     if value is None:
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return datetime.fromtimestamp(int(value), tz=timezone.utc)
+    try:
+        seconds: float = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if seconds > 0xFFFFFFFF:
+        seconds /= 1000.0
+    if not 0 <= seconds < MAX_SECONDS + 1:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    except (ValueError, OverflowError, OSError):  # the platform's time_t may hold less
+        return None
 
 
 def decode(body: bytes, message_type: type[M]) -> M:
@@ -184,6 +267,14 @@ def decode(body: bytes, message_type: type[M]) -> M:
         raise DecodeError(_explain(exc, message_type.__name__)) from exc
     except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError(f"body is not valid JSON for {message_type.__name__}: {exc}") from exc
+    except Exception as exc:  # a validator raising TypeError (pydantic does not wrap it), ...
+        raise DecodeError(bad_body(exc, message_type.__name__)) from exc
+
+
+def bad_body(exc: BaseException, name: str) -> str:
+    """The reason a body could not be decoded into ``name`` when decoding raised ``exc``,
+    something other than a validation error (a validator's own ``TypeError``, a bug)."""
+    return f"decoding the body as {name} raised {type(exc).__name__}: {exc}"
 
 
 def decode_event(body: bytes, event_type: str | None) -> Event:

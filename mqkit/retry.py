@@ -13,6 +13,7 @@ from mqkit.errors import ConfigError, DecodeError
 
 __all__ = [
     "ATTEMPT_HEADER",
+    "MAX_ATTEMPT",
     "Ack",
     "GiveUp",
     "Outcome",
@@ -174,10 +175,27 @@ def decide(
     )
 
 
-def attempt_of(headers: dict[str, Any]) -> int:
-    """The attempt number a delivery carries (1 when the header is absent or garbled)."""
+# The most attempts a header is believed to count when the policy is not known.
+MAX_ATTEMPT = 10_000
+
+
+def attempt_of(headers: dict[str, Any], max_attempts: int = MAX_ATTEMPT) -> int:
+    """The attempt number a delivery carries, 1 when the header is absent or not one mqkit
+    could have written under a policy of ``max_attempts``.
+
+    The header comes from the wire: anyone who may publish to the queue can set it. mqkit
+    writes 2 to ``max_attempts``; anything else (garbage, 0, negative, ``10**12``, a float
+    that is not whole) reads as 1, so a forged count never skips the retries.
+    """
     value = headers.get(ATTEMPT_HEADER)
-    try:
-        return max(1, int(value)) if value is not None else 1
-    except (TypeError, ValueError):
+    if value is None or isinstance(value, bool):
         return 1
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            value = value.decode("ascii")
+        number = int(value)
+        if isinstance(value, float) and number != value:
+            return 1
+    except (TypeError, ValueError, OverflowError, UnicodeDecodeError):
+        return 1
+    return number if 1 <= number <= min(max_attempts, MAX_ATTEMPT) else 1

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from mqkit.context import Context
 from mqkit.delivery import (
@@ -18,7 +18,7 @@ from mqkit.delivery import (
     typed_decoder,
 )
 from mqkit.messages import Event, Incoming
-from mqkit.retry import ATTEMPT_HEADER, Ack, GiveUp, RetryLater
+from mqkit.retry import ATTEMPT_HEADER, Ack, GiveUp, RetryLater, RetryPolicy, decide
 
 
 class Refund(BaseModel):
@@ -72,8 +72,9 @@ def test_prepare_decodes_and_builds_the_context() -> None:
     )
 
 
-def test_prepare_reads_the_attempt_and_original_route_of_a_retried_copy() -> None:
-    # A retried copy comes back through the default exchange from the retry queue.
+def test_prepare_reads_the_attempt_and_takes_the_route_of_the_delivery() -> None:
+    # A retried copy comes back through the default exchange from the retry queue. The
+    # route is the delivery's: headers a publisher can set are not trusted for it.
     retried = _incoming(
         exchange="",
         routing_key="refunds",
@@ -86,7 +87,8 @@ def test_prepare_reads_the_attempt_and_original_route_of_a_retried_copy() -> Non
     _, ctx, failure = prepare(retried, queue="refunds", decoder=typed_decoder(Refund))
     assert failure is None
     assert ctx.attempt == 3
-    assert (ctx.exchange, ctx.routing_key) == ("shop", "refunds.new")
+    assert (ctx.exchange, ctx.routing_key) == ("", "refunds")
+    assert ctx.headers["x-mqkit-original-routing-key"] == "refunds.new"  # for information
 
 
 @pytest.mark.parametrize(
@@ -197,3 +199,76 @@ def test_format_traceback_keeps_the_last_frames() -> None:
     assert "ValueError: deep failure 17" in text
     assert "_fail_deep" in text
     assert text.count("_fail_deep") <= 3 * 2  # at most `limit` frames (name + source line)
+
+
+class Validated(BaseModel):
+    order_id: str
+
+    @field_validator("order_id")
+    @classmethod
+    def _explode(cls, value: str) -> str:
+        raise TypeError(f"cannot take {value!r}")  # pydantic does not wrap a TypeError
+
+
+def test_any_exception_while_validating_is_a_bad_body() -> None:
+    incoming = _incoming(body=b'{"order_id": "1"}')
+    message, _, failure = prepare(incoming, queue="q", decoder=typed_decoder(Validated))
+    assert message is None
+    assert isinstance(failure, GiveUp)
+    assert failure.error_type == "DecodeError"
+    assert "TypeError" in failure.error_message and "cannot take '1'" in failure.error_message
+    assert failure.attempts == 1
+    assert "_explode" in failure.traceback  # where it was raised goes to the DLQ too
+
+
+def test_any_exception_of_a_decoder_is_a_bad_body() -> None:
+    def decoder(body: bytes, event_type: str | None) -> BaseModel:
+        raise RuntimeError("decoder bug")
+
+    message, ctx, failure = prepare(_incoming(), queue="q", decoder=decoder)
+    assert message is None and ctx.message_id == "mid-9"
+    assert isinstance(failure, GiveUp) and failure.error_type == "DecodeError"
+    assert "RuntimeError" in failure.error_message and "decoder bug" in failure.error_message
+
+
+def test_the_route_in_the_context_is_the_deliverys_not_the_headers() -> None:
+    forged = _incoming(
+        exchange="public",
+        routing_key="orders.new",
+        headers={
+            "x-mqkit-original-exchange": "admin",
+            "x-mqkit-original-routing-key": "admin.grant",
+        },
+    )
+    _, ctx, _ = prepare(forged, queue="q", decoder=typed_decoder(Refund))
+    assert (ctx.exchange, ctx.routing_key) == ("public", "orders.new")
+
+
+@pytest.mark.parametrize(
+    ("value", "attempt"),
+    [(2, 2), (3, 3), (10**12, 1), (4, 1), (0, 1), (-5, 1), ("abc", 1), (b"2", 2), (2.5, 1)],
+)
+def test_the_attempt_header_is_read_within_the_policy(value: object, attempt: int) -> None:
+    policy = RetryPolicy(max_attempts=3, delays=(1.0,))
+    incoming = _incoming(headers={ATTEMPT_HEADER: value})
+    _, ctx, _ = prepare(incoming, queue="q", decoder=typed_decoder(Refund), policy=policy)
+    assert ctx.attempt == attempt
+
+
+def test_a_forged_attempt_does_not_skip_the_retries() -> None:
+    policy = RetryPolicy(max_attempts=3, delays=(1.0,))
+    incoming = _incoming(headers={ATTEMPT_HEADER: 10**12})
+    _, ctx, _ = prepare(incoming, queue="q", decoder=typed_decoder(Refund), policy=policy)
+    assert decide(RuntimeError("x"), ctx.attempt, policy) == RetryLater(delay=1.0, attempt=2)
+
+
+def test_a_first_delivery_records_its_own_route_not_forged_headers() -> None:
+    forged = _incoming(
+        exchange="shop",
+        routing_key="refunds.new",
+        headers={"x-mqkit-original-exchange": "elsewhere"},
+    )
+    copy = follow_up(forged, GiveUp("E", "m", 1), queue="refunds", service="s")
+    assert copy is not None
+    assert copy.envelope.headers["x-mqkit-original-exchange"] == "shop"
+    assert copy.envelope.headers["x-mqkit-original-routing-key"] == "refunds.new"

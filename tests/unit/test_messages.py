@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from mqkit.errors import DecodeError, MqkitError
 from mqkit.messages import (
@@ -241,3 +241,74 @@ def test_to_datetime() -> None:
     assert naive is not None and naive.utcoffset() == timedelta(0)
     aware = datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2)))
     assert to_datetime(aware) is aware
+
+
+def test_to_datetime_reads_what_pamqp_reads_and_nothing_it_cannot() -> None:
+    # pika hands the timestamp property over as an int; pamqp as a datetime, reading a value
+    # above 2**32 as milliseconds. to_datetime does the same, so both runtimes agree.
+    assert to_datetime(1_700_000_000_000) == datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc)
+    assert to_datetime(2**32) == datetime.fromtimestamp(2**32 / 1000, tz=timezone.utc)
+    # Beyond the year 9999, or not a number at all: no timestamp, never an error.
+    for hostile in (2**62, 2**64 - 1, 253_402_300_800_000, -1, "soon", b"\xff", [1], 1e300):
+        assert to_datetime(hostile) is None
+    last = to_datetime(253_402_300_799_999)  # the last millisecond (as a float, like pamqp)
+    assert last is not None and last.year == 9999 and last.second == 59
+
+
+def test_incoming_turns_bytes_from_the_wire_into_text() -> None:
+    # pika hands a short string that is not UTF-8 over as bytes, header names too.
+    incoming = _incoming(
+        message_id=b"\xff-id",
+        type=b"orders.\xfe",
+        app_id=b"shop",
+        headers={b"\xffkey": 1, "ok": b"\xff"},
+    )
+    assert incoming.message_id == "\ufffd-id"
+    assert incoming.type == "orders.\ufffd"
+    assert incoming.app_id == "shop"
+    assert incoming.headers == {"\ufffdkey": 1, "ok": b"\xff"}  # values are left alone
+    long_key = _incoming(headers={b"\xff" * 200: 1})
+    [name] = long_key.headers
+    assert len(name.encode()) <= 255  # still a valid short string when copied
+
+
+def test_republished_headers_are_encodable_by_both_clients() -> None:
+    # pika reads a double as an int (of any size); pamqp writes floats as single precision.
+    incoming = _incoming(
+        headers={
+            "huge": 10**300,
+            "fine": 2**63 - 1,
+            "float": 1e300,
+            "small": 1.5,
+            "nested": {"deep": [10**30, "x"]},
+            "decimal": Decimal("1.25"),
+            "flag": True,
+        }
+    )
+    headers = incoming.republished({}).headers
+    assert headers["huge"] == str(10**300)
+    assert headers["fine"] == 2**63 - 1
+    assert headers["float"] == "1e+300"
+    assert headers["small"] == 1.5
+    assert headers["nested"] == {"deep": [str(10**30), "x"]}
+    assert headers["decimal"] == Decimal("1.25")
+    assert headers["flag"] is True
+
+
+class Strict(BaseModel):
+    order_id: str
+
+    @field_validator("order_id")
+    @classmethod
+    def _no_type_errors_here(cls, value: str) -> str:
+        if value == "boom":
+            raise TypeError("validator exploded")  # pydantic does not wrap a TypeError
+        return value
+
+
+def test_decode_turns_any_exception_of_a_validator_into_a_decode_error() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(b'{"order_id": "boom"}', Strict)
+    assert "TypeError" in str(info.value) and "validator exploded" in str(info.value)
+    assert "Strict" in str(info.value)
+    assert isinstance(info.value.__cause__, TypeError)

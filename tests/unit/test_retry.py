@@ -10,6 +10,7 @@ from mqkit.errors import ConfigError, DecodeError, MqkitError
 from mqkit.retry import (
     ATTEMPT_HEADER,
     DEFAULT_POLICY,
+    MAX_ATTEMPT,
     Ack,
     GiveUp,
     Reject,
@@ -197,6 +198,25 @@ def test_attempt_of() -> None:
     assert attempt_of({ATTEMPT_HEADER: 0}) == 1
     assert attempt_of({ATTEMPT_HEADER: -4}) == 1
     assert attempt_of({"x-death": [{"count": 5}]}) == 1  # x-death is not trusted
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [10**12, 2**63, "9" * 5000, float("inf"), float("nan"), 2.5, True, b"\xff", [3], {"n": 3}],
+)
+def test_attempt_of_reads_a_forged_count_as_a_first_attempt(forged: object) -> None:
+    # The header comes from the wire: a count mqkit could not have written must not skip
+    # the retries (10**12 would dead-letter at the first failure).
+    assert attempt_of({ATTEMPT_HEADER: forged}) == 1
+
+
+def test_attempt_of_is_bounded_by_the_policy() -> None:
+    assert attempt_of({ATTEMPT_HEADER: 3}, max_attempts=3) == 3
+    assert attempt_of({ATTEMPT_HEADER: 4}, max_attempts=3) == 1
+    assert attempt_of({ATTEMPT_HEADER: b"2"}, max_attempts=3) == 2
+    assert attempt_of({ATTEMPT_HEADER: 2.0}, max_attempts=3) == 2
+    assert attempt_of({ATTEMPT_HEADER: MAX_ATTEMPT}) == MAX_ATTEMPT
+    assert attempt_of({ATTEMPT_HEADER: MAX_ATTEMPT + 1}) == 1
 
 
 def test_immediate_delay_paces_quick_retries() -> None:
