@@ -65,14 +65,15 @@ class Acks:
             except _SETTLE_ERRORS as exc:  # the broker redelivers what we could not ack
                 log.debug("mqkit: ack failed: %s", describe(exc))
 
-    async def nack(self, tag: int) -> None:
-        """Return one delivery to its queue."""
+    async def nack(self, tag: int, *, requeue: bool = True) -> None:
+        """Return one delivery to its queue; ``requeue=False``: reject it (the broker
+        dead-letters it by the queue's DLX, or drops it if the queue has none)."""
         async with self.lock:
             if not self.window.returned(tag):
                 return
             if self.alive:
                 try:
-                    await self.underlay.basic_nack(tag, requeue=True, wait=False)
+                    await self.underlay.basic_nack(tag, requeue=requeue, wait=False)
                 except _SETTLE_ERRORS as exc:
                     log.debug("mqkit: nack failed: %s", describe(exc))
 

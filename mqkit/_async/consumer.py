@@ -376,16 +376,24 @@ class AsyncConsumer(Generic[T]):
                 continue
             try:
                 await self._handle(session, message)
-            except Exception:  # a bug here must not kill the worker
+            except Exception:  # a bug here must kill neither the worker nor the queue
+                # Left unsettled, it would hold a prefetch slot for good; requeued, it would
+                # come straight back and fail the same way: the broker dead-letters it.
                 log.exception(
-                    "mqkit: unexpected error handling a message from %r", self._plan.queue
+                    "unexpected error handling a message from %r; rejecting it (its "
+                    "dead-letter queue gets it, with reason 'rejected')",
+                    self._plan.queue,
                 )
+                delivery: Any = message.delivery
+                await session.nack(delivery.delivery_tag, requeue=False)
 
     async def _handle(self, session: Acks, message: aiormq.abc.DeliveredMessage) -> None:
         incoming = incoming_of(message)
         tag = incoming.delivery_tag
         plan = self._plan
-        value, ctx, failure = prepare(incoming, queue=plan.queue, decoder=plan.decoder)
+        value, ctx, failure = prepare(
+            incoming, queue=plan.queue, decoder=plan.decoder, policy=plan.policy
+        )
         if self._reply is not None:
             await self._reply(incoming, value, ctx, failure)
             await self._finish(session, tag)
@@ -422,6 +430,15 @@ class AsyncConsumer(Generic[T]):
                     plan.queue,
                 )
                 await session.nack(tag)
+                return
+            except Exception:  # the copy cannot be encoded: it would fail on every retry
+                log.exception(
+                    "cannot copy message %s to %r; rejecting it (its dead-letter queue gets "
+                    "it, with reason 'rejected')",
+                    ctx.message_id,
+                    copy.routing_key,
+                )
+                await session.nack(tag, requeue=False)
                 return
         await self._finish(session, tag)
 

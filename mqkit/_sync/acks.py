@@ -15,13 +15,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
+from typing import Literal
 
 from pika.channel import Channel
 
 from mqkit.acks import AckWindow
 from mqkit.errors import MqkitError
 
-__all__ = ["Acks"]
+__all__ = ["ACK", "REJECT", "REQUEUE", "Acks", "Settle"]
+
+# What becomes of a finished delivery: acked, returned to its queue, or rejected (not
+# requeued: the broker dead-letters it by the queue's DLX, or drops it if it has none).
+Settle = Literal["ack", "requeue", "reject"]
+ACK: Settle = "ack"
+REQUEUE: Settle = "requeue"
+REJECT: Settle = "reject"
 
 
 class Acks:
@@ -32,7 +40,7 @@ class Acks:
         self.channel: Channel | None = None  # IO thread: the consumer's current channel
         self.generation = 0
         self._window = AckWindow()  # IO thread: the current channel's deliveries
-        self._done: SimpleQueue[tuple[int, int, bool]] = SimpleQueue()
+        self._done: SimpleQueue[tuple[int, int, Settle]] = SimpleQueue()
         self._flush_pending = False
 
     def reset(self) -> None:
@@ -49,9 +57,9 @@ class Acks:
         """IO thread: ``tag`` was nacked directly (a prefetched message returned on stop)."""
         self._window.returned(tag)
 
-    def finish(self, generation: int, tag: int, ack: bool) -> None:
-        """Any thread: a handler is done with ``tag`` (``ack`` False: return it to the queue)."""
-        self._done.put((generation, tag, ack))
+    def finish(self, generation: int, tag: int, settle: Settle) -> None:
+        """Any thread: a handler is done with ``tag``: ack it, requeue it or reject it."""
+        self._done.put((generation, tag, settle))
         if not self._flush_pending:
             self._flush_pending = True
             # closed: nothing to ack on; the broker requeues what was not acked
@@ -63,22 +71,22 @@ class Acks:
         self.flush()
 
     def flush(self) -> None:
-        """IO thread: send the acks (and requeue-nacks) of what finished so far."""
+        """IO thread: send the acks (and nacks) of what finished so far."""
         channel = self.channel
         usable = channel is not None and channel.is_open
         generation, window = self.generation, self._window
         while True:
             try:
-                item_generation, tag, ack = self._done.get_nowait()
+                item_generation, tag, settle = self._done.get_nowait()
             except Empty:
                 break
             if item_generation != generation or not usable:
                 continue
-            if ack:
+            if settle == ACK:
                 window.finished(tag)
             elif window.returned(tag):
                 assert channel is not None
-                channel.basic_nack(tag, requeue=True)
+                channel.basic_nack(tag, requeue=settle == REQUEUE)
         if not usable:
             return
         assert channel is not None

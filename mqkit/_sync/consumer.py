@@ -31,7 +31,7 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 from pydantic import BaseModel
 
-from mqkit._sync.acks import Acks
+from mqkit._sync.acks import ACK, REJECT, REQUEUE, Acks, Settle
 from mqkit._sync.channel import to_incoming
 from mqkit._sync.connection import LinkDown, translate
 from mqkit._sync.io_thread import settle
@@ -56,7 +56,7 @@ T = TypeVar("T", bound=BaseModel)
 # Instead of running the handler, a responder runs this (it replies and never raises).
 ReplyStep = Callable[[Incoming, Any, Context, "GiveUp | None"], None]
 
-_ACK, _REQUEUE = True, False
+_ACK, _REQUEUE, _REJECT = ACK, REQUEUE, REJECT
 _ACKED = Ack()
 _Delivery = tuple[int, Any, BasicProperties, bytes]  # (generation, method, props, body)
 
@@ -360,16 +360,24 @@ class Consumer(Generic[T]):
             if generation != self._acks.generation:
                 continue  # its channel is gone; the broker redelivers it
             try:
-                ack = self._process(method, props, body)
-            except Exception:  # a bug of ours must not kill the worker
-                log.exception("mqkit: error processing a delivery from %r", self._queue)
-                ack = _REQUEUE
-            self._acks.finish(generation, method.delivery_tag, ack)
+                settle = self._process(method, props, body)
+            except Exception:  # a bug of ours must kill neither the worker nor the queue
+                # Requeued, it would come straight back and fail the same way (a hot loop):
+                # the broker dead-letters it instead (the work queue's DLX is its DLQ).
+                log.exception(
+                    "unexpected error processing a delivery from %r; rejecting it (its "
+                    "dead-letter queue gets it, with reason 'rejected')",
+                    self._queue,
+                )
+                settle = _REJECT
+            self._acks.finish(generation, method.delivery_tag, settle)
 
-    def _process(self, method: Basic.Deliver, props: BasicProperties, body: bytes) -> bool:
+    def _process(self, method: Basic.Deliver, props: BasicProperties, body: bytes) -> Settle:
         incoming = to_incoming(method, props, body)
         plan = self._plan
-        message, ctx, failure = prepare(incoming, queue=plan.queue, decoder=plan.decoder)
+        message, ctx, failure = prepare(
+            incoming, queue=plan.queue, decoder=plan.decoder, policy=plan.policy
+        )
         if self._reply is not None:
             self._reply(incoming, message, ctx, failure)
             return _ACK
@@ -395,6 +403,14 @@ class Consumer(Generic[T]):
                 self._queue,
             )
             return _REQUEUE
+        except Exception:  # the copy cannot be encoded: it would fail again on every retry
+            log.exception(
+                "cannot copy message %s to %r; rejecting it (its dead-letter queue gets it, "
+                "with reason 'rejected')",
+                ctx.message_id,
+                copy.routing_key,
+            )
+            return _REJECT
         return _ACK
 
     def _run_handler(self, message: Any, ctx: Context) -> Outcome:
