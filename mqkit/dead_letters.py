@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import Any
 
 from mqkit.errors import MqkitError, PublishError
 from mqkit.messages import Envelope, Incoming
-from mqkit.retry import ATTEMPT_HEADER, GiveUp
+from mqkit.retry import ATTEMPT_HEADER, MAX_ATTEMPT, GiveUp
 
 __all__ = [
     "DEAD_LETTER_HEADERS",
@@ -79,8 +80,7 @@ def dead_letter_headers(
     incoming: Incoming, outcome: GiveUp, *, queue: str, service: str
 ) -> dict[str, Any]:
     """The headers added to a message sent to ``queue``'s DLQ."""
-    original_exchange = incoming.headers.get(ORIGINAL_EXCHANGE, incoming.exchange)
-    original_key = incoming.headers.get(ORIGINAL_ROUTING_KEY, incoming.routing_key)
+    original_exchange, original_key = _first_route(incoming)
     return {
         ERROR_TYPE: outcome.error_type,
         ERROR_MESSAGE: outcome.error_message[:4000],
@@ -99,11 +99,23 @@ def retry_headers(incoming: Incoming, attempt: int) -> dict[str, Any]:
     """Headers for a copy sent to a retry queue: the next attempt number, and where the
     message was first published (a retry queue dead-letters it back by the default
     exchange, which would otherwise be all a later dead letter could name)."""
+    original_exchange, original_key = _first_route(incoming)
     return {
         ATTEMPT_HEADER: attempt,
-        ORIGINAL_EXCHANGE: incoming.headers.get(ORIGINAL_EXCHANGE, incoming.exchange),
-        ORIGINAL_ROUTING_KEY: incoming.headers.get(ORIGINAL_ROUTING_KEY, incoming.routing_key),
+        ORIGINAL_EXCHANGE: original_exchange,
+        ORIGINAL_ROUTING_KEY: original_key,
     }
+
+
+def _first_route(incoming: Incoming) -> tuple[str, str]:
+    """Where ``incoming`` was first published, for the record: its own route, unless it came
+    by the default exchange, the way a retried copy comes back from its retry queue (then the
+    route its ``x-mqkit-original-*`` headers name, if any). Information only: nothing is
+    routed by it."""
+    headers = incoming.headers
+    if incoming.exchange or ORIGINAL_EXCHANGE not in headers:
+        return incoming.exchange, incoming.routing_key
+    return _text(headers.get(ORIGINAL_EXCHANGE)), _text(headers.get(ORIGINAL_ROUTING_KEY))
 
 
 def replay_headers(headers: dict[str, Any]) -> dict[str, Any]:
@@ -125,9 +137,35 @@ def replay_headers(headers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+    """A header value as text, whatever type it arrived as."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
     return "" if value is None else str(value)
+
+
+def _count(value: Any) -> int:
+    """A count from a header (``x-mqkit-attempts``, ``x-death``'s ``count``): at least 1,
+    whatever arrived (a forged ``"abc"`` reads as 1)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", "replace")
+    if isinstance(value, bool) or value is None:
+        return 1
+    try:
+        return max(1, min(int(value), MAX_ATTEMPT))
+    except (TypeError, ValueError, OverflowError):
+        return 1
+
+
+def _when(value: Any) -> datetime | None:
+    """``x-mqkit-failed-at`` (ISO 8601 text) or ``x-death``'s ``time`` as an aware datetime,
+    or ``None``."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    try:
+        when = datetime.fromisoformat(_text(value))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -146,38 +184,39 @@ class DeadLetter:
 
     @classmethod
     def from_incoming(cls, incoming: Incoming, *, dlq: str) -> DeadLetter:
-        """Read the failure headers (or the broker's ``x-death``) of a DLQ delivery."""
+        """Read the failure headers (or the broker's ``x-death``) of a DLQ delivery.
+
+        Headers come from the wire and are read leniently: one of the wrong type or out of
+        range gives a default (attempts 1, no time), never an error, so one forged dead
+        letter cannot break a peek or a replay. They are shown, not trusted: :class:`Replay`
+        sends a dead letter back to the DLQ's own queue, whatever ``original_queue`` says.
+        """
         headers = incoming.headers
         if ERROR_TYPE in headers:
-            failed_at_text = _text(headers.get(FAILED_AT))
-            try:
-                failed_at: datetime | None = datetime.fromisoformat(failed_at_text)
-            except ValueError:
-                failed_at = None
             return cls(
                 message_id=incoming.message_id,
                 body=incoming.body,
                 headers=headers,
                 error_type=_text(headers.get(ERROR_TYPE)),
                 error_message=_text(headers.get(ERROR_MESSAGE)),
-                attempts=int(headers.get(ATTEMPTS) or 1),
+                attempts=_count(headers.get(ATTEMPTS)),
                 original_queue=_text(headers.get(ORIGINAL_QUEUE)),
-                failed_at=failed_at,
+                failed_at=_when(headers.get(FAILED_AT)),
                 incoming=incoming,
             )
         death = _first_death(headers)
         reason = _text(death.get("reason")) or "dead-lettered by the broker"
         original = _text(death.get("queue")) or dlq.removesuffix(".dlq")
-        when = death.get("time")
+        count = death.get("count")
         return cls(
             message_id=incoming.message_id,
             body=incoming.body,
             headers=headers,
             error_type=f"broker:{reason}",
             error_message=f"the broker dead-lettered it from {original!r} ({reason})",
-            attempts=int(death.get("count") or headers.get("x-delivery-count") or 1),
+            attempts=_count(count if count is not None else headers.get("x-delivery-count")),
             original_queue=original,
-            failed_at=when if isinstance(when, datetime) else None,
+            failed_at=_when(death.get("time")) if death.get("time") is not None else None,
             incoming=incoming,
         )
 
@@ -196,7 +235,7 @@ class DeadLetter:
             "failed_at": self.failed_at.isoformat() if self.failed_at else None,
             "type": self.incoming.type,
             "correlation_id": self.incoming.correlation_id,
-            "headers": {k: _jsonable(v) for k, v in self.headers.items()},
+            "headers": {_text(k): _jsonable(v) for k, v in self.headers.items()},
             "body": body,
         }
 
@@ -209,12 +248,14 @@ def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no NaN or infinity
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {_text(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -248,6 +289,11 @@ class Replay:
     :meth:`target` (mandatory, confirmed), then ack it and call :meth:`replayed`; if that
     publish fails, call :meth:`failed` and leave it. At the end :meth:`result` returns how
     many were replayed, or raises what failed.
+
+    Every dead letter goes back to ``queue`` (the DLQ's own), or to ``to`` when the caller
+    names another, never to the queue a dead letter's ``x-mqkit-original-queue`` header
+    names: anyone who may publish to the DLQ could forge that and have a replay deliver to a
+    queue of their choosing.
     """
 
     def __init__(
@@ -260,8 +306,10 @@ class Replay:
         error_type: str | None = None,
         message_id: str | None = None,
         progress: Callable[[int], object] | None = None,
+        to: str | None = None,
     ) -> None:
         self.queue = queue
+        self.to = to or queue
         self.dlq = dlq
         self.limit = limit
         self.error_type = error_type
@@ -289,8 +337,9 @@ class Replay:
         return self.message_id is None or letter.message_id == self.message_id
 
     def target(self, letter: DeadLetter) -> str:
-        """The queue to send ``letter`` back to: its original queue, else this DLQ's queue."""
-        return letter.original_queue or self.queue
+        """The queue to send ``letter`` back to: the DLQ's own queue, or the caller's ``to``
+        (never the one its headers name; see the class)."""
+        return self.to
 
     def envelope(self, letter: DeadLetter) -> Envelope:
         """``letter`` as it was published: the failure headers and attempt count go."""

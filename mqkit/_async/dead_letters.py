@@ -51,8 +51,7 @@ class AsyncDeadLetterQueue:
 
     @property
     def queue(self) -> str:
-        """The work queue these dead letters came from (and where :meth:`replay` sends one
-        whose ``original_queue`` is not known)."""
+        """The work queue these dead letters came from, where :meth:`replay` sends them."""
         return self._queue
 
     @property
@@ -122,8 +121,11 @@ class AsyncDeadLetterQueue:
         error_type: str | None = None,
         message_id: str | None = None,
         progress: Callable[[int], Any] | None = None,
+        to: str | None = None,
     ) -> int:
-        """Send dead letters back to their original queue; how many were replayed.
+        """Send dead letters back to :attr:`queue` (or to ``to``); how many were replayed.
+        A dead letter's ``x-mqkit-original-queue`` header is not trusted: it could be forged
+        to send it anywhere.
 
         Each re-publish is confirmed before its dead letter is removed. Only dead letters
         matching ``error_type`` / ``message_id`` (when given) are replayed, at most ``limit``;
@@ -143,6 +145,7 @@ class AsyncDeadLetterQueue:
                 error_type=error_type,
                 message_id=message_id,
                 progress=progress,
+                to=to,
             )
             while not replay.finished:
                 message = await channel.basic_get(self._name, no_ack=False, timeout=RPC_TIMEOUT)

@@ -43,8 +43,7 @@ class DeadLetterQueue:
 
     @property
     def queue(self) -> str:
-        """The work queue these dead letters came from (and where :meth:`replay` sends one
-        whose ``original_queue`` is not known)."""
+        """The work queue these dead letters came from, where :meth:`replay` sends them."""
         return self._queue
 
     @property
@@ -95,8 +94,11 @@ class DeadLetterQueue:
         error_type: str | None = None,
         message_id: str | None = None,
         progress: Callable[[int], object] | None = None,
+        to: str | None = None,
     ) -> int:
-        """Send dead letters back to their original queue; return how many were replayed.
+        """Send dead letters back to :attr:`queue` (or to ``to``); return how many were
+        replayed. A dead letter's ``x-mqkit-original-queue`` header is not trusted: it could
+        be forged to send it anywhere.
 
         Only those matching ``error_type`` / ``message_id`` (when given) are replayed, at most
         ``limit``; the rest stay untouched. Each re-publish is confirmed before its dead letter
@@ -111,6 +113,7 @@ class DeadLetterQueue:
             error_type=error_type,
             message_id=message_id,
             progress=progress,
+            to=to,
         )
         handle = ChannelHandle(self._client._link, reopen=False)
         publisher = self._client._publisher

@@ -6,16 +6,20 @@ import base64
 import json
 import socket
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
 
 from mqkit.dead_letters import (
     DEAD_LETTER_HEADERS,
     DeadLetter,
+    Replay,
     dead_letter_headers,
     replay_headers,
     retry_headers,
 )
 from mqkit.messages import Incoming
-from mqkit.retry import ATTEMPT_HEADER, GiveUp
+from mqkit.retry import ATTEMPT_HEADER, MAX_ATTEMPT, GiveUp
 
 
 def _incoming(**overrides: object) -> Incoming:
@@ -201,3 +205,73 @@ def test_to_json_is_json_ready() -> None:
 def test_to_json_base64_for_binary_bodies() -> None:
     dead = _dead({}, body=b"\xff\x00\xfe")
     assert dead.to_json()["body"] == {"base64": base64.b64encode(b"\xff\x00\xfe").decode()}
+
+
+@pytest.mark.parametrize(
+    "forged", ["abc", b"abc", -3, 0, 10**12, 2.5, float("nan"), None, [1], {"n": 1}, True]
+)
+def test_forged_attempts_never_break_reading_a_dead_letter(forged: object) -> None:
+    dead = _dead({"x-mqkit-error-type": "E", "x-mqkit-attempts": forged})
+    assert 1 <= dead.attempts <= MAX_ATTEMPT
+    json.dumps(dead.to_json())  # and it can be shown
+
+
+def test_every_header_of_a_dead_letter_is_read_leniently() -> None:
+    dead = _dead(
+        {
+            "x-mqkit-error-type": {"not": "text"},
+            "x-mqkit-error-message": [1, 2],
+            "x-mqkit-original-queue": 42,
+            "x-mqkit-failed-at": datetime(2024, 1, 1),  # a datetime, naive
+        }
+    )
+    assert dead.error_type == "{'not': 'text'}"
+    assert dead.original_queue == "42"
+    assert dead.failed_at == datetime(2024, 1, 1, tzinfo=timezone.utc)
+    broker = _dead({"x-death": [{"count": "lots", "reason": b"rejected", "time": "?"}]})
+    assert broker.attempts == 1 and broker.error_type == "broker:rejected"
+    assert broker.failed_at is None
+
+
+def test_to_json_survives_whatever_the_wire_held() -> None:
+    headers = {
+        "x-mqkit-error-type": "E",
+        b"\xffkey": bytearray(b"\xfe"),
+        "n": float("inf"),
+        "d": Decimal("1.5"),
+    }
+    incoming = Incoming(body=b"{}", delivery_tag=1, headers={})
+    incoming.headers = headers  # as a client library might hand them over
+    data = json.loads(json.dumps(DeadLetter.from_incoming(incoming, dlq="q.dlq").to_json()))
+    assert data["headers"]["\ufffdkey"] == "\ufffd"
+    assert data["headers"]["n"] == "inf" and data["headers"]["d"] == "1.5"
+
+
+def _replay(**kwargs: object) -> Replay:
+    return Replay("orders", "orders.dlq", count=1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_replay_sends_back_to_the_dlqs_own_queue_whatever_the_headers_say() -> None:
+    forged = _dead({"x-mqkit-error-type": "E", "x-mqkit-original-queue": "payments"})
+    assert forged.original_queue == "payments"  # shown as it came...
+    assert _replay().target(forged) == "orders"  # ...but not trusted
+    broker = _dead({"x-death": [{"reason": "rejected", "queue": "payments"}]})
+    assert _replay().target(broker) == "orders"
+    assert _replay(to="orders-v2").target(forged) == "orders-v2"  # the caller may choose
+
+
+def test_the_first_route_is_the_deliverys_unless_it_came_back_from_a_retry_queue() -> None:
+    forged = _incoming(
+        exchange="shop",
+        routing_key="orders.placed",
+        headers={"x-mqkit-original-exchange": "admin", "x-mqkit-original-routing-key": "x"},
+    )
+    assert retry_headers(forged, 2)["x-mqkit-original-exchange"] == "shop"
+    back = _incoming(
+        exchange="",
+        routing_key="orders",
+        headers={"x-mqkit-original-exchange": b"shop", "x-mqkit-original-routing-key": 7},
+    )
+    headers = retry_headers(back, 3)
+    assert headers["x-mqkit-original-exchange"] == "shop"
+    assert headers["x-mqkit-original-routing-key"] == "7"
