@@ -12,9 +12,11 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from mqkit.delivery import Decoder, registry_decoder, typed_decoder
-from mqkit.errors import ConfigError
-from mqkit.messages import Event
+from pydantic import BaseModel
+
+from mqkit.delivery import Decoder, typed_decoder
+from mqkit.errors import ConfigError, DecodeError
+from mqkit.messages import Event, decode_event
 from mqkit.retry import DEFAULT_POLICY, RetryPolicy
 from mqkit.topology import (
     Binding,
@@ -27,7 +29,13 @@ from mqkit.topology import (
     dlq_name,
 )
 
-__all__ = ["Subscription", "plan_subscription", "subscription_queue_name"]
+__all__ = [
+    "Subscription",
+    "pattern_decoder",
+    "plan_subscription",
+    "subscription_queue_name",
+    "topic_matches",
+]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
@@ -40,6 +48,46 @@ def subscription_queue_name(service: str, key: str) -> str:
     """
     safe = key.replace("*", "_star_").replace("#", "_hash_")
     return f"{service}.{_UNSAFE.sub('_', safe)}"
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """Whether routing key ``key`` matches topic ``pattern`` as RabbitMQ's topic exchange
+    matches them: words split at ``.``, ``*`` is exactly one word, ``#`` zero or more."""
+    words, keys = pattern.split("."), key.split(".")
+    # reachable[j]: the pattern so far can match the first j words of the key.
+    reachable = [True] + [False] * len(keys)
+    for word in words:
+        if word == "#":
+            for j in range(1, len(keys) + 1):
+                reachable[j] = reachable[j] or reachable[j - 1]
+            continue
+        after = [False] * (len(keys) + 1)
+        for j, ok in enumerate(reachable[:-1]):
+            if ok and (word in ("*", keys[j])):
+                after[j + 1] = True
+        reachable = after
+    return reachable[-1]
+
+
+def pattern_decoder(pattern: str) -> Decoder:
+    """The decoder of a subscription to topic ``pattern``: the :class:`~mqkit.Event` class
+    is picked by the ``type`` property, which must match ``pattern``.
+
+    The ``type`` property comes from the wire: without the check, anyone who may publish
+    to the subscription's queue (or to the exchange with a routing key it binds) could hand
+    the handler any registered event class, ``AdminGrant`` to an ``orders.*`` handler. Such a
+    message is a :class:`DecodeError`: dead-lettered at once, with the reason.
+    """
+
+    def _decode(body: bytes, event_type: str | None) -> BaseModel:
+        if event_type is None or not topic_matches(pattern, event_type):
+            raise DecodeError(
+                f"event type {event_type!r} does not match this subscription's pattern "
+                f"{pattern!r}; publish it with a routing key and type the pattern covers"
+            )
+        return decode_event(body, event_type)
+
+    return _decode
 
 
 @dataclass(frozen=True)
@@ -75,8 +123,9 @@ def plan_subscription(
     """Plan a subscription of ``service`` to ``target`` on ``exchange``.
 
     ``target`` is an :class:`~mqkit.Event` subclass (bound by its ``event_type``, decoded as
-    that class) or a topic pattern (decoded by the ``type`` property through the registry, so
-    an unknown type is dead-lettered with the reason).
+    that class) or a topic pattern (decoded by the ``type`` property through the registry,
+    :func:`pattern_decoder`: a type that is unknown or outside the pattern is dead-lettered
+    with the reason).
 
     One durable queue per (service, subscription): the service's instances compete on it.
     ``broadcast=True`` gives each instance its own exclusive, auto-delete queue instead;
@@ -87,7 +136,7 @@ def plan_subscription(
     decoder: Decoder
     message_type: type[Event] | None
     if isinstance(target, str):
-        key, decoder, message_type = target, registry_decoder, None
+        key, decoder, message_type = target, pattern_decoder(target), None
     elif isinstance(target, type) and issubclass(target, Event):
         key, decoder, message_type = target.event_type, typed_decoder(target), target
     else:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import mqkit
-from mqkit.subscriptions import plan_subscription, subscription_queue_name
+from mqkit.errors import DecodeError
+from mqkit.subscriptions import plan_subscription, subscription_queue_name, topic_matches
 from mqkit.topology import Binding, Exchange, Queue
 
 
@@ -65,3 +66,46 @@ def test_explicit_queue_name_wins() -> None:
 def test_anything_else_is_a_config_error() -> None:
     with pytest.raises(mqkit.ConfigError, match="Event subclass or a topic pattern"):
         plan(42)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("orders.*", "orders.placed", True),
+        ("orders.*", "orders.placed.eu", False),
+        ("orders.*", "orders", False),
+        ("orders.*", "admin.grant", False),
+        ("orders.#", "orders", True),
+        ("orders.#", "orders.placed.eu", True),
+        ("#", "anything.at.all", True),
+        ("*.placed", "orders.placed", True),
+        ("a.#.z", "a.z", True),
+        ("a.#.z", "a.b.c.z", True),
+        ("a.#.z", "a.b.c", False),
+        ("orders.placed", "orders.placed", True),
+        ("orders.placed", "orders.placedx", False),
+    ],
+)
+def test_topic_matches_like_a_topic_exchange(pattern: str, key: str, matches: bool) -> None:
+    assert topic_matches(pattern, key) is matches
+
+
+class UnitOrderNew(mqkit.Event, event_type="unitsub.orders.new"):
+    order_id: str
+
+
+class UnitAdminGrant(mqkit.Event, event_type="unitsub.admin.grant"):
+    user: str
+
+
+def test_a_pattern_subscription_decodes_only_types_its_pattern_covers() -> None:
+    subscription = plan("unitsub.orders.*")
+    decoder = subscription.decoder  # type: ignore[attr-defined]
+    assert decoder(b'{"order_id": "1"}', "unitsub.orders.new") == UnitOrderNew(order_id="1")
+    # A registered type from elsewhere, on a message that reached the queue: not handed over.
+    with pytest.raises(DecodeError, match="does not match this subscription's pattern"):
+        decoder(b'{"user": "mallory"}', "unitsub.admin.grant")
+    with pytest.raises(DecodeError):
+        decoder(b"{}", None)
+    with pytest.raises(DecodeError, match="no Event class"):
+        decoder(b"{}", "unitsub.orders.unknown")
