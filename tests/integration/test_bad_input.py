@@ -158,8 +158,9 @@ def test_fail_over_tries_every_url(rt, broker_url, names, collector):
 
 
 def test_conflicting_queue_declare_is_a_topology_error(rt, names):
+    # declare="strict": by default a queue declared in another shape is used as it is.
     queue = names.queue()
-    with rt.client() as client:
+    with rt.client(declare="strict") as client:
         client.declare(mqkit.Queue(queue, type="classic"))
         client.declare(mqkit.Queue(queue, type="classic"))  # the same again is fine
         with pytest.raises(mqkit.TopologyError) as info:
@@ -176,7 +177,7 @@ def test_conflicting_queue_declare_is_a_topology_error(rt, names):
 
 def test_consumer_on_a_queue_of_another_type_is_a_topology_error(rt, names):
     queue = names.queue()
-    with rt.client(queue_type="quorum") as client:
+    with rt.client(queue_type="quorum", declare="strict") as client:
         client.declare(mqkit.Queue(queue, type="classic"))
         consumer = client.consumer(mqkit.Queue(queue, type="quorum"), Order, lambda m, c: None)
         with pytest.raises(mqkit.TopologyError, match=queue):
