@@ -37,6 +37,7 @@ def supported() -> bool:
 
 
 _SUPPORTED = "transport_factory" in inspect.signature(aiormq.Connection.__init__).parameters
+_warned = False
 
 
 class RepairingReader:
@@ -124,6 +125,15 @@ def install(connection: aio_pika.Connection, url: str) -> bool:
     """Make ``connection`` (not connected yet) repair content headers; whether it could
     (an aiormq older than 6.9 cannot)."""
     if not supported():
+        global _warned
+        if not _warned:
+            _warned = True
+            log.warning(
+                "aiormq %s takes no transport_factory: a message whose content header pamqp "
+                "cannot decode (a timestamp beyond the year 9999) will cost the connection; "
+                "upgrade aiormq to 6.9 or later",
+                getattr(aiormq, "__version__", "?"),
+            )
         return False
     inner = TLSTransportFactory() if URL(url).scheme == "amqps" else TCPTransportFactory()
     connection.kwargs["transport_factory"] = RepairingTransport(inner)

@@ -8,6 +8,7 @@ import struct
 from datetime import datetime, timezone
 from typing import Any
 
+import aio_pika
 import pika
 import pika.frame
 import pytest
@@ -308,3 +309,24 @@ def _encoded(headers: dict[str, Any]) -> bytes:
     pieces: list[bytes] = []
     pika.data.encode_table(pieces, headers)
     return b"".join(pieces)
+
+
+async def test_install_gives_only_this_connection_the_repairing_transport() -> None:
+    mine = aio_pika.Connection("amqp://guest:guest@localhost/")
+    other = aio_pika.Connection("amqp://guest:guest@localhost/")
+    assert async_lenient.install(mine, "amqp://guest:guest@localhost/")
+    assert isinstance(mine.kwargs["transport_factory"], async_lenient.RepairingTransport)
+    assert "transport_factory" not in other.kwargs  # nothing process-wide
+
+
+async def test_install_on_an_old_aiormq_warns_once_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(async_lenient, "_SUPPORTED", False)
+    monkeypatch.setattr(async_lenient, "_warned", False)
+    connection = aio_pika.Connection("amqp://guest:guest@localhost/")
+    assert not async_lenient.install(connection, "amqp://guest:guest@localhost/")
+    assert not async_lenient.install(connection, "amqp://guest:guest@localhost/")
+    assert "transport_factory" not in connection.kwargs
+    warnings = [r for r in caplog.records if "transport_factory" in r.getMessage()]
+    assert len(warnings) == 1 and "6.9" in warnings[0].getMessage()
