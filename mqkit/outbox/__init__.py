@@ -28,20 +28,16 @@ Modules: :mod:`~mqkit.outbox.tables` (the tables), :mod:`~mqkit.outbox.rows` (me
 
 from __future__ import annotations
 
-try:
-    import sqlalchemy
-    import sqlalchemy.ext.asyncio  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on what is installed
-    raise ImportError(
-        f"mqkit.outbox needs SQLAlchemy 2 ({exc}); install it with: pip install 'mqkit[outbox]'"
-    ) from exc
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from mqkit.outbox._async import AsyncOutboxRelay
-from mqkit.outbox._sync import OutboxRelay
-from mqkit.outbox.inbox import Inbox
-from mqkit.outbox.outbox import Outbox
-from mqkit.outbox.relaying import RelayPolicy
-from mqkit.outbox.store import OutboxStats, ParkedRow
+if TYPE_CHECKING:
+    from mqkit.outbox._async import AsyncOutboxRelay
+    from mqkit.outbox._sync import OutboxRelay
+    from mqkit.outbox.inbox import Inbox
+    from mqkit.outbox.outbox import Outbox
+    from mqkit.outbox.relaying import RelayPolicy
+    from mqkit.outbox.store import OutboxStats, ParkedRow
 
 __all__ = [
     "AsyncOutboxRelay",
@@ -52,3 +48,30 @@ __all__ = [
     "ParkedRow",
     "RelayPolicy",
 ]
+
+# Imported on first use, so that ``mqkit.outbox.cli`` (part of the ``mqkit`` command) loads
+# without SQLAlchemy, which only the ``mqkit[outbox]`` extra installs.
+_WHERE = {
+    "AsyncOutboxRelay": "mqkit.outbox._async",
+    "Inbox": "mqkit.outbox.inbox",
+    "Outbox": "mqkit.outbox.outbox",
+    "OutboxRelay": "mqkit.outbox._sync",
+    "OutboxStats": "mqkit.outbox.store",
+    "ParkedRow": "mqkit.outbox.store",
+    "RelayPolicy": "mqkit.outbox.relaying",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mqkit.outbox' has no attribute {name!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith(("sqlalchemy", "greenlet")):
+            raise
+        raise ImportError(
+            f"mqkit.outbox needs SQLAlchemy 2 with asyncio support ({exc}); install it with: "
+            "pip install 'mqkit[outbox]'"
+        ) from exc
