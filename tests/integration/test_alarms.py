@@ -142,3 +142,25 @@ def test_an_alarm_blocks_publishing_but_consumers_keep_going(
     blocked = [m for level, m in logged if level == logging.WARNING and "blocked" in m]
     assert blocked and kind in blocked[0], logged
     assert any(level == logging.INFO and "unblocked" in m for level, m in logged), logged
+
+
+def test_a_client_closes_at_once_while_the_broker_blocks_it(
+    rt: Any, node: RabbitNode, names: Any
+) -> None:
+    """The broker does not read a blocked connection, so it never answers its close: the
+    client drops the socket instead of waiting (a leaked socket would fail the test with a
+    ResourceWarning)."""
+    queue = names.queue()
+    try:
+        with alarm(node, "memory"):
+            client = rt.make_client(url=node.url, confirm_timeout=CONFIRM_TIMEOUT)
+            with client:
+                producer = client.producer(Job, queue=queue)
+                with pytest.raises(mqkit.PublishTimeout):
+                    producer.publish(Job(n=1))
+                assert client.health().publishing_blocked
+                started = time.monotonic()
+            took = time.monotonic() - started
+            assert took < 4.0, f"closing a blocked client took {took:.1f}s"
+    finally:
+        delete_queues(node, names.base)

@@ -1,11 +1,13 @@
-"""The private parts of aiormq the async shell relies on, pinned: if an upgrade removes
-them, these fail loudly instead of the shell quietly losing a feature.
+"""The private parts of aiormq and pika the shells rely on, pinned: if an upgrade removes
+them, these fail loudly instead of a shell quietly losing a feature.
 
 - ``_watch_blocked`` wraps aiormq's handlers of connection.blocked / unblocked (aiormq has
   no callback for them): without them ``health()`` cannot report a broker alarm.
 - The pipelined ``publish_many`` writes frames with aiormq's own confirm bookkeeping and
   checks the channel's close event (``is_closed`` lags behind a close-ok): without them it
   falls back to the slower one-task-per-message path.
+- The blocking client drops a connection the broker no longer answers (it blocks it during an
+  alarm) with pika's ``_adapter_disconnect_stream``: without it, closing waits in vain.
 """
 
 from __future__ import annotations
@@ -88,3 +90,12 @@ def test_watching_a_connection_reports_block_and_unblock_after_aiormq_did() -> N
 def test_a_connection_without_the_handlers_is_not_watched() -> None:
     connection: Any = _FakeConnection(object())
     assert not async_connection._watch_blocked(connection, print, print)
+
+
+def test_pika_still_has_the_call_that_drops_a_connection_at_once() -> None:
+    from pika.adapters.base_connection import BaseConnection
+
+    assert callable(getattr(BaseConnection, "_adapter_disconnect_stream", None)), (
+        "pika's BaseConnection._adapter_disconnect_stream is gone: Client.close() waits for a "
+        "close-ok a blocked connection never gets, and leaves its socket open"
+    )
