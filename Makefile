@@ -16,12 +16,13 @@ DEFAULT_URL := amqp://guest:guest@localhost:5672/
 # password never passes through make).
 TEST_URL := "$${MQKIT_TEST_URL:-$${MQKIT_URL:-$(DEFAULT_URL)}}"
 PYTEST_ARGS ?=
-# make test then runs the suites that talk to a broker by URL again on RabbitMQ 4: at
-# MQKIT_TEST_URL4 (with MQKIT_TEST_CTL4, a command that runs rabbitmqctl against it) when set,
-# else on the node scripts/rabbitmq4.sh starts. Fault tests that start nodes of their own
-# from the local RabbitMQ install (marker own_nodes) ran in the first pass already.
-SUITES4 := tests/integration tests/examples tests/faults
-MARKS4 := not own_nodes
+# make test4 runs every test that uses the test broker (integration, example, fault tests...)
+# again on RabbitMQ 4: at MQKIT_TEST_URL4 (with MQKIT_TEST_CTL4, a command that runs
+# rabbitmqctl against it) when set, else on the node scripts/rabbitmq4.sh starts. Tests that
+# start nodes of their own from the local RabbitMQ install run in make test's main pass only.
+# (Markers set by tests/conftest.py. No cache: the main pass may write .pytest_cache then.)
+SUITES4 := tests
+MARKS4 := broker and not own_nodes
 
 .PHONY: help venv install broker check test test4 demo bench fmt clean
 
@@ -58,14 +59,32 @@ check: install ## lint, format check and type check (ruff, mypy)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: install ## everything: checks, all tests on the main broker, then test4
+# The two passes run at the same time (mostly waiting on brokers, they fit on two cores);
+# test4's output is shown after the main pass's.
+test: install ## everything: checks, then all tests on the main broker with test4 alongside
 	@bash scripts/broker.sh $(TEST_URL)
 	@$(MAKE) --no-print-directory check
-	@echo "$(VENV)/bin/pytest $(PYTEST_ARGS)"
-	@MQKIT_TEST_URL=$(TEST_URL) $(VENV)/bin/pytest $(PYTEST_ARGS)
-	@$(MAKE) --no-print-directory test4
+	@if [ -z "$${MQKIT_TEST_URL4:-}" ]; then \
+		MQKIT_TEST_URL4="$$(bash scripts/rabbitmq4.sh start)"; \
+		MQKIT_TEST_CTL4="bash '$(CURDIR)/scripts/rabbitmq4.sh' ctl"; \
+		export MQKIT_TEST_URL4 MQKIT_TEST_CTL4; \
+	fi; \
+	log4="$$(mktemp)"; \
+	trap 'rm -f "$$log4"' EXIT; \
+	$(MAKE) --no-print-directory test4 >"$$log4" 2>&1 & \
+	pid4=$$!; \
+	echo "$(VENV)/bin/pytest $(PYTEST_ARGS)   (make test4 runs alongside)"; \
+	status=0; \
+	MQKIT_TEST_URL=$(TEST_URL) $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
+	status4=0; \
+	wait "$$pid4" || status4=$$?; \
+	echo; \
+	echo "=============== make test4 (RabbitMQ 4), run alongside ==============="; \
+	cat "$$log4"; \
+	echo "make test: main pass exit $$status, RabbitMQ 4 pass exit $$status4"; \
+	[ "$$status" = 0 ] && [ "$$status4" = 0 ]
 
-test4: install ## integration, example and fault tests against RabbitMQ 4
+test4: install ## the tests that use a broker (integration, examples, faults) on RabbitMQ 4
 	@if [ -n "$${MQKIT_TEST_URL4:-}" ]; then \
 		url4="$$MQKIT_TEST_URL4"; ctl4="$${MQKIT_TEST_CTL4:-}"; \
 	else \
@@ -75,9 +94,10 @@ test4: install ## integration, example and fault tests against RabbitMQ 4
 	echo "$(VENV)/bin/pytest $(SUITES4) -m '$(MARKS4)' $(PYTEST_ARGS)  (on RabbitMQ 4)"; \
 	status=0; \
 	MQKIT_TEST_URL="$$url4" MQKIT_TEST_CTL="$$ctl4" MQKIT_TEST_EXPECT_VERSION=4. \
-		$(VENV)/bin/pytest $(SUITES4) -m "$(MARKS4)" $(PYTEST_ARGS) || status=$$?; \
+		$(VENV)/bin/pytest -p no:cacheprovider $(SUITES4) -m "$(MARKS4)" $(PYTEST_ARGS) \
+		|| status=$$?; \
 	if [ "$$status" = 5 ]; then \
-		echo "make: PYTEST_ARGS selects none of $(SUITES4): nothing to run on RabbitMQ 4"; \
+		echo "make: PYTEST_ARGS selects no test that uses a broker: none ran on RabbitMQ 4"; \
 		status=0; \
 	fi; \
 	exit "$$status"

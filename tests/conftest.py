@@ -25,6 +25,7 @@ Broker hygiene: every test leaves the broker as it found it, checked after every
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -331,6 +333,7 @@ class Hygiene:
         self.peak_at = ""
         self.samples = 0
         self.tests_checked = 0
+        self.seconds = 0.0  # spent cleaning up after tests
         self.leftovers: dict[str, list[str]] = {}  # test -> what it left, found by listing
         self.problems: list[str] = []
         self._stop = threading.Event()
@@ -409,6 +412,13 @@ class Hygiene:
 
     def end(self) -> str | None:
         """Delete what the test that just ended declared; what is wrong, or None."""
+        started = time.monotonic()
+        try:
+            return self._end()
+        finally:
+            self.seconds += time.monotonic() - started
+
+    def _end(self) -> str | None:
         test, self.current = self.current, None
         if test is None or self.url is None or not (test.clients or test.names):
             return None
@@ -477,8 +487,8 @@ class Hygiene:
         )
         lines.append(
             f"peak queues of this session alive at once: {self.peak} (limit {MAX_QUEUES}; "
-            f"{self.peak_at or 'none seen'}); from {self.tests_checked} test cleanup(s) and "
-            f"{sampled}"
+            f"{self.peak_at or 'none seen'}); from {self.tests_checked} test cleanup(s) "
+            f"({self.seconds:.1f}s in all) and {sampled}"
         )
         if self.peak >= MAX_QUEUES:
             lines.append(
@@ -621,14 +631,40 @@ def _leave_the_broker_clean(request: pytest.FixtureRequest) -> Iterator[None]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "own_nodes: runs on RabbitMQ nodes of its own started from the local install, not on "
-        "the test broker (set automatically for tests using rabbit_node or rabbit_cluster)",
+        "broker: uses the test broker (set automatically on a test that uses broker_url, "
+        "directly or through names, raw, rt...)",
     )
+    config.addinivalue_line(
+        "markers",
+        "own_nodes: runs on RabbitMQ nodes of its own started from the local install, not on "
+        "the test broker (set automatically on a test whose code or fixtures make a "
+        "RabbitNode or RabbitCluster)",
+    )
+
+
+_NODE_CLASSES = {"RabbitNode", "RabbitCluster"}
+
+
+def _starts_nodes(item: pytest.Item) -> bool:
+    """Whether the test, or a fixture it uses, makes a RabbitNode or RabbitCluster (it names
+    one of them in its code)."""
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for name, defs in info.name2fixturedefs.items() if info is not None else ():
+        if name != "_track_clients":  # names RabbitNode to watch for nodes, makes none
+            functions += [d.func for d in defs]
+    for function in functions:
+        code = getattr(inspect.unwrap(function), "__code__", None) if function else None
+        if code is not None and _NODE_CLASSES & set(code.co_names):
+            return True
+    return False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"rabbit_node", "rabbit_cluster"} & set(getattr(item, "fixturenames", ())):
+        if "broker_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.broker)
+        if _starts_nodes(item):
             item.add_marker(pytest.mark.own_nodes)
 
 
