@@ -12,17 +12,30 @@ command for 0.5 s, then 1 s, and after the third attempt it lands in
 :class:`mqkit.DeadLetterQueue`). An expired card (``4000-0000-0000-0069``) is a hard decline:
 :class:`mqkit.Reject` dead-letters it at once. Either way the customer is told
 (:class:`PaymentFailed`); a successful charge publishes :class:`OrderPaid`.
+
+Each charge goes through the idempotent inbox (:class:`mqkit.outbox.Inbox`) on billing's
+SQLite database (``BILLING_DB``, a SQLAlchemy URL; default a file in the temp directory): the
+command's message id is recorded in the same transaction as the charge (a row in
+``charges``) and its :class:`OrderPaid` (written to billing's outbox, published by its relay
+once committed). A charge delivered again (a redelivery after a crash, or orders sending it
+once more) is acked without charging: ``already applied`` in the output.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import tempfile
 import threading
 from decimal import Decimal
+
+from sqlalchemy import Column, Engine, MetaData, Numeric, String, Table, create_engine, insert
 
 import mqkit
 from examples import exit_on_failure, queue_name, record_topology, say, setup_logging
 from examples.models import CURRENCY, ChargeCard, OrderPaid, PaymentFailed, mask_card
+from mqkit.outbox import Inbox, Outbox, OutboxRelay
 
 __all__ = [
     "DECLINING_CARD",
@@ -32,7 +45,9 @@ __all__ = [
     "SERVICE",
     "Billing",
     "CardDeclined",
+    "Ledger",
     "PaymentGateway",
+    "database_url",
     "main",
     "serve",
 ]
@@ -43,6 +58,21 @@ RETRY = mqkit.RetryPolicy(max_attempts=3, delays=(0.5, 1.0))
 
 DECLINING_CARD = "4000-0000-0000-0002"
 EXPIRED_CARD = "4000-0000-0000-0069"
+
+
+CHARGES = Table(
+    "charges",
+    MetaData(),
+    Column("order_id", String(20), primary_key=True),
+    Column("amount", Numeric(10, 2), nullable=False),
+    Column("authorization", String(20), nullable=False),
+)
+
+
+def database_url() -> str:
+    """Billing's database: ``BILLING_DB``, else a SQLite file in the temp directory."""
+    default = os.path.join(tempfile.gettempdir(), "mqkit-example-billing.db")
+    return os.environ.get("BILLING_DB") or f"sqlite:///{default}"
 
 
 class CardDeclined(Exception):
@@ -74,12 +104,41 @@ class PaymentGateway:
             return self.charged[order_id]
 
 
-class Billing:
-    """The service: a gateway, and the bus it tells the outcome on."""
+class Ledger:
+    """Billing's database: the charges, an inbox that applies each command once, and an
+    outbox for the events of a charge, all written in the inbox's transaction."""
 
-    def __init__(self, bus: mqkit.EventBus, gateway: PaymentGateway | None = None) -> None:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        CHARGES.metadata.create_all(engine)
+        self.inbox = Inbox(engine)
+        self.outbox = Outbox(engine)
+
+    def charged(self, command: ChargeCard, authorization: str, paid: OrderPaid) -> None:
+        """Record the charge and its :class:`OrderPaid` in the running handler's
+        transaction: they commit with the message id, or not at all."""
+        conn = self.inbox.connection()
+        conn.execute(
+            insert(CHARGES).values(
+                order_id=command.order_id, amount=command.amount, authorization=authorization
+            )
+        )
+        self.outbox.publish(conn, paid)
+
+
+class Billing:
+    """The service: a gateway, the bus it tells the outcome on, and (when given) the
+    ledger a successful charge is recorded in, its OrderPaid going out through the outbox."""
+
+    def __init__(
+        self,
+        bus: mqkit.EventBus,
+        gateway: PaymentGateway | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.bus = bus
         self.gateway = gateway or PaymentGateway()
+        self.ledger = ledger
 
     def on_charge(self, command: ChargeCard, ctx: mqkit.Context) -> None:
         """Charge the card; on a decline, let the :data:`RETRY` policy decide what follows."""
@@ -110,14 +169,16 @@ class Billing:
             f"order {command.order_id}: charged {command.amount} {CURRENCY} to {card} "
             f"(authorization {authorization})",
         )
-        self.bus.publish(
-            OrderPaid(
-                order_id=command.order_id,
-                customer=command.customer,
-                amount=command.amount,
-                authorization=authorization,
-            )
+        paid = OrderPaid(
+            order_id=command.order_id,
+            customer=command.customer,
+            amount=command.amount,
+            authorization=authorization,
         )
+        if self.ledger is not None:
+            self.ledger.charged(command, authorization, paid)
+        else:
+            self.bus.publish(paid)
 
     def _failed(self, command: ChargeCard, reason: str) -> None:
         self.bus.publish(
@@ -130,16 +191,36 @@ class Billing:
         )
 
 
-def serve(client: mqkit.Client) -> None:
-    """Charge cards on ``client`` until SIGINT/SIGTERM."""
-    service = Billing(client.event_bus(service=queue_name(SERVICE)))
-    consumer = client.consumer(queue_name(QUEUE), ChargeCard, service.on_charge, retry=RETRY)
+class _SaySkipped(logging.Handler):
+    """Tells the story of a duplicate the inbox acked without charging (its INFO line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message_id = getattr(record, "message_id", None)
+        if message_id and record.getMessage().startswith("duplicate"):
+            say(SERVICE, f"{message_id}: already applied (inbox): acked without charging again")
+
+
+def serve(client: mqkit.Client, engine: Engine | None = None) -> None:
+    """Charge cards on ``client`` until SIGINT/SIGTERM, through the inbox on ``engine``
+    (default: :func:`database_url`)."""
+    engine = engine or create_engine(database_url())
+    ledger = Ledger(engine)
+    inbox_log = logging.getLogger("mqkit.outbox.inbox")
+    inbox_log.addHandler(_SaySkipped())
+    inbox_log.setLevel(logging.INFO)
+    service = Billing(client.event_bus(service=queue_name(SERVICE)), ledger=ledger)
+    handler = ledger.inbox.handler(service.on_charge)
+    consumer = client.consumer(queue_name(QUEUE), ChargeCard, handler, retry=RETRY)
+    relay = OutboxRelay(client, ledger.outbox)  # publishes OrderPaid once a charge commits
+    relay.start()
     consumer.start()
     say(SERVICE, f"ready: charging cards from {queue_name(QUEUE)!r}")
     try:
         client.run()
     finally:
+        relay.stop()
         record_topology(client.topology)
+        engine.dispose()
 
 
 def main() -> None:

@@ -10,6 +10,9 @@ processes (``python -m examples.<name>``), waits until each says it is ready, ru
 checkout (``python -m examples.orders``) to place three orders, and follows what happens:
 
 - **RPC**: orders asks pricing for each price (``client.request``, direct reply-to);
+- **outbox**: orders saves each order in its SQLite database together with its
+  ``OrderPlaced`` and ``ChargeCard``, in one transaction, in the outbox; the outbox relay
+  publishes them once committed;
 - **events**: ``OrderPlaced`` reaches inventory and notifications; ``StockReserved``,
   ``OrderPaid`` and ``PaymentFailed`` reach notifications (a topic pattern and a class);
 - **retry**: the kettle's warehouse is busy on the first try; the broker holds the event for
@@ -18,12 +21,16 @@ checkout (``python -m examples.orders``) to place three orders, and follows what
   in ``billing.charges.dlq``. The demo looks at it with :class:`mqkit.DeadLetterQueue`
   (``count``, ``peek``: nothing removed) and replays it: billing tries afresh, is declined
   again, and the charge is back in the DLQ;
+- **inbox**: billing charges through the idempotent inbox; the demo sends ada's charge once
+  more with its message id (as a relay killed between the broker's confirm and its mark
+  would), and billing acks it without charging again;
 - **broadcast**: one ``CacheCleared`` reaches *both* notifications instances, while each order
   event went to only one of them;
 - **shutdown**: every service stops on SIGTERM, finishing what it holds, and exits 0.
 
 The run keeps to its own names: a fresh events exchange (``MQKIT_EVENTS_EXCHANGE``) and a
-queue prefix (``DEMO_PREFIX``), both from ``demo-<run id>``; at the end everything declared is
+queue prefix (``DEMO_PREFIX``), both from ``demo-<run id>``, and SQLite files of its own
+(``ORDERS_DB``, ``BILLING_DB``); at the end everything declared, and those files, are
 deleted. Exits 0 when the story happened as told, 1 (saying what was missing) otherwise.
 """
 
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,10 +53,12 @@ from typing import IO
 
 import pika
 import pika.exceptions
+from sqlalchemy import create_engine, select
 
 import mqkit
 from examples import billing, inventory, notifications, pricing
-from examples.models import CacheCleared, OrderPlaced, StockReserved
+from examples.models import CacheCleared, ChargeCard, OrderPlaced, StockReserved
+from mqkit.outbox.tables import tables
 from mqkit.retry import DEFAULT_POLICY
 from mqkit.settings import mask_url
 from mqkit.topology import dlq_name, retry_queue_name
@@ -243,12 +253,16 @@ class Scenario:
         fd, topology = tempfile.mkstemp(prefix=f"demo-{run_id}-", suffix=".topology")
         os.close(fd)
         self.topology_file = Path(topology)
+        self.data = Path(tempfile.mkdtemp(prefix=f"demo-{run_id}-data-"))
+        self.orders_db = f"sqlite:///{self.data / 'orders.db'}"
         self.env = {
             **os.environ,
             "MQKIT_URL": self.settings.url,
             "MQKIT_EVENTS_EXCHANGE": self.exchange,
             "DEMO_PREFIX": self.prefix,
             "DEMO_TOPOLOGY_FILE": str(self.topology_file),
+            "ORDERS_DB": self.orders_db,
+            "BILLING_DB": f"sqlite:///{self.data / 'billing.db'}",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
         }
@@ -272,6 +286,14 @@ class Scenario:
         self.stop_services()
         tell("the story, in short:")
         tell("  rpc          orders got 3 prices from pricing over direct reply-to")
+        tell(
+            "  outbox       orders saved each order and its 2 messages in one SQLite "
+            "transaction; the relay published them, confirmed"
+        )
+        tell(
+            f"  inbox        billing charged {ada} once; the same charge sent again was "
+            "acked without charging"
+        )
         tell(
             "  events       OrderPlaced -> inventory + notifications; StockReserved, "
             "OrderPaid, PaymentFailed -> notifications"
@@ -361,6 +383,7 @@ class Scenario:
             "notifications to confirm ada's payment (OrderPaid)",
             alive=alive,
         )
+        self.send_charge_again(ada)
         for attempt in (1, 2):
             expect(
                 rf"^\[billing\] order {linus}: .*declined.*\(attempt {attempt}/3\); retry",
@@ -376,6 +399,34 @@ class Scenario:
             r"^\[notifications-\d\] to linus: we could not charge card \*+0002",
             "notifications to tell linus (PaymentFailed)",
             alive=alive,
+        )
+
+    def send_charge_again(self, ada: str) -> None:
+        """Publish ada's ChargeCard once more, from orders' outbox row, with its message id
+        (what a relay killed after the broker's confirm, before marking the row sent, does
+        when it restarts): billing's inbox recognises it and acks it without charging."""
+        outbox = tables().outbox
+        engine = create_engine(self.orders_db)
+        try:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    select(outbox.c.message_id, outbox.c.body).where(
+                        outbox.c.message_id == f"charge-{ada}"
+                    )
+                ).one()
+        finally:
+            engine.dispose()
+        self.story.tell(
+            f"sending ada's charge {row.message_id} again, as the outbox relay does after being "
+            "killed between the broker's confirm and marking the row sent"
+        )
+        with mqkit.Client(self.settings) as client:
+            charges = client.producer(ChargeCard, queue=self.prefix + billing.QUEUE)
+            charges.publish(ChargeCard.model_validate_json(row.body), message_id=row.message_id)
+        self.story.wait_for(
+            rf"^\[billing\] {re.escape(row.message_id)}: already applied",
+            "billing's inbox to skip the charge it already applied",
+            alive=self.services,
         )
 
     def show_dead_letter(self, linus: str) -> None:
@@ -479,6 +530,7 @@ class Scenario:
         queues, exchanges = declared_names(self.run_id)
         reported = self.topology_file.read_text("utf-8").split("\n")
         self.topology_file.unlink(missing_ok=True)
+        shutil.rmtree(self.data, ignore_errors=True)  # the services' SQLite databases
         for line in reported:
             kind, _, name = line.partition(" ")
             # Only what carries this run's name: never anything shared (amq.*, the default).

@@ -269,3 +269,38 @@ def test_publish_pending_publishes_what_is_due_and_parks_a_missing_exchange(
     assert len(drained(raw, queue, 1)) == 1
     assert [row.exchange for row in parked] == [missing]
     assert parked[0].last_error is not None and missing in parked[0].last_error
+
+
+def test_the_tables_can_live_in_a_schema_of_their_own(pg_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    from mqkit.outbox import Inbox, Outbox, store
+
+    schema = f"s{time.time_ns() % 10**9}"
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        outbox = Outbox(engine, schema=schema)
+        inbox = Inbox(engine, schema=schema)
+        with engine.begin() as conn:
+            message_id = outbox.publish(conn, Charge(order_id="1"), queue="q", ordering_key="k")
+            inbox.create_tables(conn)
+            assert store.record(conn, inbox.table, consumer="q", message_id="m", now=1.0)
+        with engine.begin() as conn:
+            [row] = store.claim(conn, outbox.table, now=time.time(), limit=10)
+            tables = {
+                name
+                for (name,) in conn.execute(
+                    text(
+                        "SELECT table_name FROM information_schema.tables WHERE table_schema = :s"
+                    ),
+                    {"s": schema},
+                )
+            }
+        assert row.message_id == message_id
+        assert tables == {"mqkit_outbox", "mqkit_inbox"}
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
