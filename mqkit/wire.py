@@ -106,6 +106,10 @@ _PROPERTIES = (
     (0x0004, "cluster_id", "shortstr"),
 )
 
+_SHORTSTR, _OCTET, _TIMESTAMP, _TABLE = range(4)
+_KIND = {"shortstr": _SHORTSTR, "octet": _OCTET, "timestamp": _TIMESTAMP, "table": _TABLE}
+_LAYOUT = tuple((bit, _KIND[kind]) for bit, _name, kind in _PROPERTIES)
+
 # Field value types of a fixed size (RabbitMQ's set, plus pika's U).
 _FIXED = {
     b"t": 1,
@@ -158,9 +162,39 @@ def repair_header(payload: bytes, codec: Codec) -> Repair | None:
         if pos > len(payload):
             return None
     try:
+        if not _needs_repair(payload, pos, flags, codec):
+            return None
         return _repair_properties(payload, pos, flags, codec)
     except (IndexError, struct.error, _Malformed):
         return None  # not ours to parse: let the library say what is wrong
+
+
+def _needs_repair(payload: bytes, pos: int, flags: int, codec: Codec) -> bool:
+    """Whether any property needs a repair: the fast check every content header gets (the
+    common case builds nothing)."""
+    utf8_only = codec.utf8_only
+    stamp_max = codec.property_stamp_max
+    for bit, kind in _LAYOUT:
+        if not flags & bit:
+            continue
+        if kind == _SHORTSTR:
+            end = pos + 1 + payload[pos]
+            text = payload[pos + 1 : end]
+            if utf8_only and not text.isascii() and _fix_text(text, codec) is not None:
+                return True
+        elif kind == _OCTET:
+            end = pos + 1
+        elif kind == _TIMESTAMP:
+            end = pos + 8
+            if stamp_max is not None and _U64.unpack_from(payload, pos)[0] > stamp_max:
+                return True
+        else:
+            end = pos + 4 + _U32.unpack_from(payload, pos)[0]
+            table = payload[pos + 4 : end]
+            if _suspect(table, codec) and _repair_table(table, codec, []) is not None:
+                return True
+        pos = end
+    return False
 
 
 def _repair_properties(payload: bytes, start: int, flags: int, codec: Codec) -> Repair | None:

@@ -4,9 +4,10 @@ aiormq reads frames from an ``asyncio.StreamReader`` and has pamqp decode them; 
 header pamqp cannot decode (a timestamp beyond the year 9999, a message id that is not
 UTF-8) ends the connection, on every redelivery. aiormq (>= 6.9) takes a
 ``transport_factory`` per connection: :func:`install` gives an aio-pika connection one whose
-reader hands aiormq whole frames, content headers repaired by :func:`mqkit.wire.repair_frame`
-first. Only mqkit's own connections are made this way: pamqp and aiormq are not patched, so
-other code in the process keeps their behaviour.
+reader gets the socket's bytes through a :class:`FrameFilter`, which repairs content headers
+with :func:`mqkit.wire.repair_frame` before aiormq reads them. Only mqkit's own connections
+are made this way: pamqp, aiormq and asyncio are not patched, so other code in the process
+keeps their behaviour.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -24,7 +25,7 @@ from yarl import URL
 
 from mqkit.wire import FRAME_HEADER, PAMQP, repair_frame
 
-__all__ = ["RepairingReader", "RepairingTransport", "encodable", "install", "supported"]
+__all__ = ["FrameFilter", "RepairingTransport", "encodable", "install", "supported"]
 
 log = logging.getLogger("mqkit.wire")
 
@@ -40,85 +41,91 @@ _SUPPORTED = "transport_factory" in inspect.signature(aiormq.Connection.__init__
 _warned = False
 
 
-class RepairingReader:
-    """The reader aiormq's frame receiver reads from: whole frames from ``inner``, content
-    headers repaired. It offers what the receiver uses of an ``asyncio.StreamReader``:
-    ``readexactly``, ``read`` and ``at_eof``."""
+class FrameFilter:
+    """Passes the bytes a transport feeds its reader on to ``feed``, content-header frames
+    repaired: they are held until whole (they are small), every other byte passes at once.
 
-    def __init__(self, inner: asyncio.StreamReader) -> None:
-        self._inner = inner
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
+    A chunk without a content header that needs repair is passed on as it is, uncopied;
+    the per-chunk cost is a walk over the frame heads in it.
+    """
 
-    def at_eof(self) -> bool:
-        return not self._buffered and self._inner.at_eof()
+    def __init__(self, feed: Callable[[bytes], None]) -> None:
+        self._feed = feed
+        self._pending = b""  # the start of a frame whose head or content header is split
+        self._skip = 0  # bytes of the current frame that are passed on without a look
 
-    async def read(self, n: int = -1) -> bytes:
-        if self._buffered:
-            return self._take(self._buffered if n < 0 else min(n, self._buffered))
-        return await self._inner.read(n)
-
-    async def readexactly(self, n: int) -> bytes:
-        while self._buffered < n:
-            await self._fill()
-        return self._take(n)
-
-    async def _fill(self) -> None:
-        """Read one more frame (or the broker's protocol header) from ``inner``."""
-        head = await self._inner.readexactly(_HEAD)
-        if head[:4] == b"AMQP":  # the broker refused our protocol version: pass it on as is
-            self._push(head)
+    def feed_data(self, data: bytes) -> None:
+        data = bytes(data)
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        elif self._skip >= len(data):  # inside a large frame (a body): pass it on
+            self._skip -= len(data)
+            self._feed(data)
             return
-        rest = await self._inner.readexactly(int.from_bytes(head[3:7], "big") + 1)
-        if head[0] == FRAME_HEADER:
-            repaired = repair_frame(head + rest, PAMQP)
+        out: list[bytes] = []
+        start = 0  # where the run of bytes passed on unchanged starts
+        pos = min(self._skip, len(data))  # the next frame's start
+        self._skip -= pos
+        end = len(data)
+        while pos < end:
+            if end - pos < _HEAD:
+                break  # a split head: held until the rest comes
+            if data[pos : pos + 4] == b"AMQP":  # the broker refused our protocol version
+                pos += _HEAD + 1
+                continue
+            size = _HEAD + int.from_bytes(data[pos + 3 : pos + 7], "big") + 1
+            if data[pos] != FRAME_HEADER:
+                pos += size
+                continue
+            if pos + size > end:
+                break  # a split content header: held until whole
+            repaired = _repaired(data[pos : pos + size])
             if repaired is not None:
-                frame, channel, repair = repaired
-                log.warning(
-                    "message %s on channel %d: %s; delivering it with what could be decoded",
-                    repair.message_id,
-                    channel,
-                    "; ".join(repair.changes),
-                )
-                head, rest = frame[:_HEAD], frame[_HEAD:]
-        self._push(head)
-        self._push(rest)
+                out.append(data[start:pos])
+                out.append(repaired)
+                start = pos + size
+            pos += size
+        if pos > end:  # the last frame goes on in the next chunk
+            self._skip = pos - end
+        elif pos < end:
+            self._pending = data[pos:]
+            end = pos
+        if not out:
+            if start < end:
+                self._feed(data if end == len(data) else data[:end])
+            return
+        out.append(data[start:end])
+        self._feed(b"".join(out))
 
-    def _push(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
 
-    def _take(self, n: int) -> bytes:
-        if n <= 0:
-            return b""
-        chunks = self._chunks
-        self._buffered -= n
-        first = chunks[0]
-        if len(first) == n:  # the usual case: the receiver asks for what a chunk holds
-            return chunks.popleft()
-        if len(first) > n:
-            chunks[0] = first[n:]
-            return first[:n]
-        parts = []
-        while n:
-            chunk = chunks.popleft()
-            if len(chunk) > n:
-                chunks.appendleft(chunk[n:])
-                chunk = chunk[:n]
-            parts.append(chunk)
-            n -= len(chunk)
-        return b"".join(parts)
+def _repaired(frame: bytes) -> bytes | None:
+    repaired = repair_frame(frame, PAMQP)
+    if repaired is None:
+        return None
+    fixed, channel, repair = repaired
+    log.warning(
+        "message %s on channel %d: %s; delivering it with what could be decoded",
+        repair.message_id,
+        channel,
+        "; ".join(repair.changes),
+    )
+    return fixed
 
 
 class RepairingTransport(TransportFactory):
-    """aiormq's TCP or TLS transport, its reader a :class:`RepairingReader`."""
+    """aiormq's TCP or TLS transport, its reader fed through a :class:`FrameFilter`."""
 
     def __init__(self, inner: TransportFactory) -> None:
         self._inner = inner
 
-    async def create(self, url: URL, **kwargs: Any) -> tuple[Any, asyncio.StreamWriter]:
+    async def create(
+        self, url: URL, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await self._inner.create(url, **kwargs)
-        return RepairingReader(reader), writer
+        # The transport's protocol hands each chunk to reader.feed_data: this reader's (and
+        # only this reader's) goes through the filter first.
+        reader.feed_data = FrameFilter(reader.feed_data).feed_data  # type: ignore[method-assign,assignment]
+        return reader, writer
 
 
 def install(connection: aio_pika.Connection, url: str) -> bool:
@@ -144,9 +151,11 @@ def encodable(headers: dict[str, Any]) -> dict[str, Any]:
     """``headers`` as pamqp decoded them, made such that pamqp can encode them again (for a
     retry or dead-letter copy): ``bytes``, its value for a long string that is not UTF-8,
     becomes ``bytearray``, its value for a byte array. The same dict when nothing changes."""
-    if not any(_has_bytes(value) for value in headers.values()):
-        return headers
-    return {key: _bytes_to_bytearray(value) for key, value in headers.items()}
+    for value in headers.values():
+        kind = type(value)
+        if kind is bytes or ((kind is dict or kind is list) and _has_bytes(value)):
+            return {key: _bytes_to_bytearray(value) for key, value in headers.items()}
+    return headers
 
 
 def _has_bytes(value: Any) -> bool:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pamqp import frame as pamqp_frame
 from pika.adapters.select_connection import SelectConnection
+from yarl import URL
 
 from mqkit._async import lenient as async_lenient
 from mqkit._sync.lenient import LenientSelectConnection, repair_buffer
@@ -214,44 +215,69 @@ def test_the_async_hook_is_supported_by_this_aiormq() -> None:
     assert async_lenient.supported()
 
 
-async def _read_frames(data: bytes, reads: list[int]) -> list[bytes]:
-    inner = asyncio.StreamReader()
-    inner.feed_data(data)
-    inner.feed_eof()
-    reader = async_lenient.RepairingReader(inner)
-    out = [await reader.readexactly(n) for n in reads]
-    assert reader.at_eof()
-    return out
+def _filtered(chunks: list[bytes]) -> bytes:
+    out: list[bytes] = []
+    frames = async_lenient.FrameFilter(out.append)
+    for chunk in chunks:
+        frames.feed_data(chunk)
+    return b"".join(out)
 
 
-async def test_the_async_reader_hands_over_frames_with_headers_repaired() -> None:
+def test_the_async_filter_repairs_content_headers_in_the_byte_stream() -> None:
     header = header_frame(HOSTILE)
     body = pika.frame.Body(1, b"hello").marshal()
     repaired = repair_frame(header, PAMQP)
     assert repaired is not None
-    fixed = repaired[0]
-    # aiormq reads 1 byte, 6 bytes, then the rest of each frame.
-    reads = [1, 6, len(fixed) - 7, 1, 6, len(body) - 7]
-    parts = await _read_frames(header + body, reads)
-    assert b"".join(parts) == fixed + body
-    decoded = decoded_by_pamqp(b"".join(parts[:3]))
+    assert _filtered([header + body]) == repaired[0] + body
+    decoded = decoded_by_pamqp(repaired[0])
     assert decoded.timestamp is None and decoded.headers["when"] == HUGE
 
 
-async def test_the_async_reader_serves_any_read_sizes() -> None:
-    body = pika.frame.Body(1, b"0123456789").marshal()
-    parts = await _read_frames(body * 3, [3, 20, len(body) * 3 - 23])
-    assert b"".join(parts) == body * 3
+def test_the_async_filter_passes_clean_chunks_on_uncopied() -> None:
+    clean = header_frame(RawProperties(message_id="m", headers={"a": 1}))
+    chunk = (pika.frame.Body(1, b"x" * 50).marshal() + clean) * 3
+    out: list[bytes] = []
+    async_lenient.FrameFilter(out.append).feed_data(chunk)
+    assert out == [chunk] and out[0] is chunk
 
 
-async def test_the_async_reader_passes_a_protocol_header_through() -> None:
-    inner = asyncio.StreamReader()
-    inner.feed_data(b"AMQP\x00\x00\x09\x01")
-    inner.feed_eof()
-    reader = async_lenient.RepairingReader(inner)
-    assert await reader.readexactly(1) == b"A"
-    assert await reader.readexactly(6) == b"MQP\x00\x00\x09"
-    assert await reader.read() == b"\x01"
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(0, 400), max_size=12))
+def test_the_async_filter_copes_with_any_chunking(cuts: list[int]) -> None:
+    # The socket hands over chunks cut anywhere: inside a head, a header, a body.
+    hostile, clean = header_frame(HOSTILE), header_frame(RawProperties(message_id="m"))
+    body = pika.frame.Body(1, b"0123456789" * 7).marshal()
+    stream = body + hostile + body + clean + hostile + body
+    repaired = repair_frame(hostile, PAMQP)
+    assert repaired is not None
+    expected = body + repaired[0] + body + clean + repaired[0] + body
+    points = sorted({min(c, len(stream)) for c in cuts})
+    bounds = zip([0, *points], [*points, len(stream)], strict=True)
+    chunks = [stream[a:b] for a, b in bounds if a < b]
+    assert _filtered(chunks) == expected
+
+
+def test_the_async_filter_passes_a_protocol_header_through() -> None:
+    assert _filtered([b"AMQP\x00\x00", b"\x09\x01"]) == b"AMQP\x00\x00\x09\x01"
+
+
+async def test_the_async_transport_filters_only_its_own_reader() -> None:
+    reader = asyncio.StreamReader()
+    writer: Any = object()
+
+    class Inner(async_lenient.TransportFactory):
+        async def create(self, url: Any, **kwargs: Any) -> Any:
+            return reader, writer
+
+    transport = async_lenient.RepairingTransport(Inner())
+    got_reader, got_writer = await transport.create(URL("amqp://h/"))
+    assert got_reader is reader and got_writer is writer
+    reader.feed_data(header_frame(HOSTILE))
+    reader.feed_eof()
+    repaired = repair_frame(header_frame(HOSTILE), PAMQP)
+    assert repaired is not None
+    assert await reader.read() == repaired[0]
+    assert "feed_data" not in vars(asyncio.StreamReader())  # other readers untouched
 
 
 def test_encodable_turns_bytes_into_bytearray_for_pamqp() -> None:
