@@ -209,7 +209,7 @@ def test_redeclare_conflict_is_a_topology_error_and_the_client_carries_on(
     client_for, names
 ) -> None:
     queue = names.queue()
-    with client_for() as client:
+    with client_for(declare="strict") as client:  # by default it would be used as it is
         client.declare(mqkit.Queue(queue, type="classic"))
         with pytest.raises(mqkit.TopologyError) as info:
             client.declare(mqkit.Queue(queue, type="quorum"))
