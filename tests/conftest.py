@@ -246,16 +246,22 @@ class BrokerCtl:
     def usable(self) -> bool:
         return self.problem is None
 
-    def run(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
-        """Run ``rabbitmqctl ARGS`` against the test broker; its stdout."""
-        if check and self.problem is not None:
+    def require(self) -> None:
+        """Fail the test, saying what to set, when there is no rabbitmqctl for the broker."""
+        if self.problem is not None:
             pytest.fail(
-                f"this test needs rabbitmqctl for the broker at {self.url}, but {self.problem}."
-                " Set MQKIT_TEST_CTL to a command that runs rabbitmqctl against that broker "
-                "(e.g. MQKIT_TEST_CTL='bash scripts/rabbitmq4.sh ctl' for the RabbitMQ 4 node "
-                "that script starts, or 'docker exec CONTAINER rabbitmqctl').",
+                f"this test needs rabbitmqctl for the broker at {_masked(self.url)}, but "
+                f"{self.problem}. Set MQKIT_TEST_CTL (MQKIT_TEST_CTL4 for make test's RabbitMQ 4 "
+                "pass) to a command that runs rabbitmqctl against that broker, e.g. "
+                "'bash scripts/rabbitmq4.sh ctl' for the node that script starts, or "
+                "'docker exec CONTAINER rabbitmqctl'.",
                 pytrace=False,
             )
+
+    def run(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
+        """Run ``rabbitmqctl ARGS`` against the test broker; its stdout."""
+        if check:
+            self.require()
         result = subprocess.run(
             [*self.command, *args],
             capture_output=True,
