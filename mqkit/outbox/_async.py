@@ -27,6 +27,9 @@ from mqkit.outbox import failpoints, store
 from mqkit.outbox.locking import relay_lock
 from mqkit.outbox.outbox import Outbox
 from mqkit.outbox.relaying import (
+    CLEAN_BATCH,
+    CLEAN_ROUNDS,
+    FINAL_PASSES,
     Pace,
     Settlement,
     Timer,
@@ -50,8 +53,6 @@ __all__ = ["AsyncOutboxRelay", "inbox_handler"]
 log = logging.getLogger("mqkit.outbox.relay")
 
 T = TypeVar("T", bound=BaseModel)
-
-_CLEAN_ROUNDS = 10  # batches of sent rows deleted per cleanup, at most
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,11 @@ class AsyncOutboxRelay:
         log.info("relaying %s", self._outbox.table.fullname)
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the pass under way (whose publishes finish and are marked), waiting up
-        to ``timeout`` seconds, then cancel it; idempotent. Rows not yet marked are sent by
-        the next relay."""
+        """Stop, waiting up to ``timeout`` seconds (then cancelling it); idempotent. The
+        pass under way finishes, then what was committed before the call is published (up
+        to ``FINAL_PASSES`` batches, unless the broker is unreachable): stop a relay after
+        the consumers whose handlers write into its outbox. Rows left are sent by the next
+        relay."""
         self._stop = True
         if self._wake is not None:
             self._wake.set()
@@ -211,9 +214,20 @@ class AsyncOutboxRelay:
                     continue
                 wake.clear()
                 self._pace.woken()
+            await self._final()
         finally:
             if self._lock is not None:
                 self._lock.release()
+
+    async def _final(self) -> None:
+        for _ in range(FINAL_PASSES):
+            try:
+                result = await self._pass()
+            except Exception as exc:
+                log.warning("outbox relay's last pass failed: %s: %s", type(exc).__name__, exc)
+                return
+            if result is None or result.trouble is not None or not result.sent:
+                return
 
     async def _cycle(self) -> float:
         result = await self._pass()
@@ -310,12 +324,14 @@ class AsyncOutboxRelay:
         before = time.time() - self._outbox.policy.retention
         table = self._outbox.table
         try:
-            for _ in range(_CLEAN_ROUNDS):
+            for _ in range(CLEAN_ROUNDS):
                 async with self._engine.begin() as conn:
                     deleted = await conn.run_sync(
-                        functools.partial(store.clean, table=table, before=before)
+                        functools.partial(
+                            store.clean, table=table, before=before, limit=CLEAN_BATCH
+                        )
                     )
-                if deleted < 1000:
+                if deleted < CLEAN_BATCH:
                     break
         except Exception as exc:
             log.warning("outbox relay could not delete sent rows: %s: %s", type(exc).__name__, exc)

@@ -25,6 +25,9 @@ from mqkit.outbox import failpoints, store
 from mqkit.outbox.locking import relay_lock
 from mqkit.outbox.outbox import Outbox
 from mqkit.outbox.relaying import (
+    CLEAN_BATCH,
+    CLEAN_ROUNDS,
+    FINAL_PASSES,
     Pace,
     Settlement,
     Timer,
@@ -48,8 +51,6 @@ __all__ = ["OutboxRelay", "inbox_handler"]
 log = logging.getLogger("mqkit.outbox.relay")
 
 T = TypeVar("T", bound=BaseModel)
-
-_CLEAN_ROUNDS = 10  # batches of sent rows deleted per cleanup, at most
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,11 @@ class OutboxRelay:
         log.info("relaying %s", self._outbox.table.fullname)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the pass under way (whose publishes finish and are marked), waiting up
-        to ``timeout`` seconds; idempotent. Rows not yet marked are sent by the next relay."""
+        """Stop, waiting up to ``timeout`` seconds; idempotent. The pass under way
+        finishes, then what was committed before the call is published (up to
+        ``FINAL_PASSES`` batches, unless the broker is unreachable): stop a relay after the
+        consumers whose handlers write into its outbox. Rows left are sent by the next
+        relay."""
         self._stop.set()
         self._wake.set()
         if self._unsubscribe is not None:
@@ -198,9 +202,20 @@ class OutboxRelay:
                 if self._wake.wait(wait):
                     self._wake.clear()
                     self._pace.woken()
+            self._final()
         finally:
             if self._lock is not None:
                 self._lock.release()
+
+    def _final(self) -> None:
+        for _ in range(FINAL_PASSES):
+            try:
+                result = self._pass()
+            except Exception as exc:
+                log.warning("outbox relay's last pass failed: %s: %s", type(exc).__name__, exc)
+                return
+            if result is None or result.trouble is not None or not result.sent:
+                return
 
     def _cycle(self) -> float:
         result = self._pass()
@@ -289,10 +304,12 @@ class OutboxRelay:
     def _clean(self) -> None:
         before = time.time() - self._outbox.policy.retention
         try:
-            for _ in range(_CLEAN_ROUNDS):
+            for _ in range(CLEAN_ROUNDS):
                 with self._engine.begin() as conn:
-                    deleted = store.clean(conn, self._outbox.table, before=before)
-                if deleted < 1000:
+                    deleted = store.clean(
+                        conn, self._outbox.table, before=before, limit=CLEAN_BATCH
+                    )
+                if deleted < CLEAN_BATCH:
                     break
         except Exception as exc:
             log.warning("outbox relay could not delete sent rows: %s: %s", type(exc).__name__, exc)

@@ -30,6 +30,10 @@ from mqkit.outbox.rows import MAX_ERROR, Pending
 from mqkit.topology import Exchange, Queue
 
 __all__ = [
+    "CLEAN_BATCH",
+    "CLEAN_ROUNDS",
+    "FINAL_PASSES",
+    "MAX_BACKOFF",
     "RECHECKS",
     "Failure",
     "Group",
@@ -52,6 +56,9 @@ __all__ = [
 # notification comes as the commit starts): look again after these many seconds.
 RECHECKS = (0.005, 0.02, 0.1)
 MAX_BACKOFF = 30.0  # seconds between passes while the broker or the database is unreachable
+FINAL_PASSES = 10  # passes a stopping relay makes, at most, to publish what was committed
+CLEAN_BATCH = 1000  # sent rows deleted per statement
+CLEAN_ROUNDS = 10  # statements per cleanup, at most
 
 
 def seconds(value: float | timedelta, what: str, *, positive: bool = True) -> float:

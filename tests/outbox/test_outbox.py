@@ -12,6 +12,7 @@ from outbox_helpers import wait_for
 from pydantic import BaseModel
 
 import mqkit
+from mqkit.outbox import Outbox
 
 
 class Charge(BaseModel):
@@ -304,3 +305,21 @@ def test_the_tables_can_live_in_a_schema_of_their_own(pg_url: str) -> None:
         with engine.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         engine.dispose()
+
+
+def test_a_stopping_relay_publishes_what_was_committed_before(side, names, raw) -> None:
+    queue = names.queue()
+    with side.connected() as s:
+        outbox = s.outbox(poll_interval=30.0)
+        relay = s.relay(outbox)
+        relay.start()
+        time.sleep(0.3)  # its first pass found nothing: next look in 30s
+        # Written through another Outbox (as another process would): nothing wakes the relay.
+        other = Outbox(side.db.engine(), table_prefix=side.db.prefix)
+        engine = other.sync_engine
+        with engine.begin() as conn:
+            ids = [other.publish(conn, Charge(order_id=str(n)), queue=queue) for n in range(3)]
+        relay.stop()
+        sent = relay.sent
+    assert sent == 3
+    assert [props.message_id for _, props, _ in drained(raw, queue, 3)] == ids
