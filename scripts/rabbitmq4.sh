@@ -54,6 +54,12 @@ as_root() {
         sudo -n "$@"
     fi
 }
+# as_root with stdout and stderr into a log file that only root may be able to write.
+as_root_logged() {
+    local log="$1"
+    shift
+    as_root sh -c 'log="$1"; shift; exec "$@" >"$log" 2>&1' sh "$log" "$@"
+}
 can_be_root() { ((EUID == 0)) || { command -v sudo >/dev/null && sudo -n true 2>/dev/null; }; }
 
 need_root() {
@@ -97,8 +103,8 @@ bootstrap() {
     say "log: $log"
     as_root rm -rf "$partial"
     as_root mkdir -p "$(dirname "$ROOT")"
-    if ! as_root debootstrap --variant=minbase --include=rabbitmq-server "$SUITE" "$partial" "$m" \
-        >"$log" 2>&1; then
+    if ! as_root_logged "$log" \
+        debootstrap --variant=minbase --include=rabbitmq-server "$SUITE" "$partial" "$m"; then
         tail -n 20 "$log" >&2 || true
         give_up "debootstrap failed (above: the end of $log). A mirror that carries Debian" \
             "$SUITE can be given as RMQ4_MIRROR=http://.../debian."
@@ -159,7 +165,7 @@ EOS
     as_root chmod +x "$ROOT/start-rabbit4.sh"
     say "starting RabbitMQ 4 ($NODE, port $PORT, open-file limit $NOFILE); log: $ROOT.server.log"
     # Its own session, so the node outlives this script (and a Ctrl-C of make).
-    as_root setsid nohup chroot "$ROOT" /start-rabbit4.sh </dev/null >"$ROOT.server.log" 2>&1 &
+    as_root_logged "$ROOT.server.log" setsid nohup chroot "$ROOT" /start-rabbit4.sh </dev/null &
     local start=$SECONDS
     until port_open && [[ -n "$(version)" ]]; do
         if ((SECONDS - start > WAIT_SECONDS)); then
