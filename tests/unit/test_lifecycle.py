@@ -1,0 +1,84 @@
+"""The event pipeline and the one logging policy of both runtimes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from mqkit import lifecycle as lc
+
+DELIVERY = lc.Delivery(
+    queue="orders", message_id="m-1", correlation_id="c-1", attempt=2, service="billing"
+)
+
+
+def test_every_event_has_a_log_rule():
+    events = {
+        cls
+        for cls in vars(lc).values()
+        if isinstance(cls, type)
+        and issubclass(cls, lc.LifecycleEvent)
+        and cls is not lc.LifecycleEvent
+    }
+    assert events == set(lc.LOG_POLICY)
+
+
+def test_fields_are_flat_for_logs_and_middleware():
+    event = lc.Retried(DELIVERY, delay=10.0, next_attempt=3, error_type="KeyError", error="x")
+    fields = event.fields()
+    assert fields["queue"] == "orders" and fields["attempt"] == 2 and fields["delay"] == 10.0
+    assert "delivery" not in fields
+
+
+@pytest.mark.parametrize(
+    ("event", "level"),
+    [
+        (lc.Handled(DELIVERY), logging.DEBUG),
+        (lc.Retried(DELIVERY, 1.0, 3, "E", "e"), logging.WARNING),
+        (lc.DeadLettered(DELIVERY, "orders.dlq", "E", "e"), logging.ERROR),
+        (lc.DeadLettered(DELIVERY, "orders.dlq", "Reject", "no", rejected=True), logging.WARNING),
+        (lc.Undecodable(DELIVERY, "bad json"), logging.WARNING),
+        (lc.ConsumerAttached("orders"), logging.INFO),
+        (lc.ConsumerDetached("orders"), logging.INFO),
+        (lc.ConsumerDetached("orders", reason="channel closed"), logging.WARNING),
+        (lc.LinkLost("amqp://x", "reset"), logging.WARNING),
+        (lc.LinkRestored("amqp://x"), logging.INFO),
+        (lc.PublishingBlocked("low on memory"), logging.WARNING),
+        (lc.PublishingUnblocked(), logging.INFO),
+    ],
+)
+def test_one_level_policy(event, level):
+    assert lc.level_of(event) == level
+
+
+def test_log_observer_puts_every_field_in_extra_and_the_traceback_at_debug(caplog):
+    caplog.set_level(logging.DEBUG, logger="mqkit")
+    event = lc.Retried(
+        DELIVERY, 10.0, 3, "KeyError", "'card'", traceback="Traceback (most recent call last)"
+    )
+    lc.LogObserver().on_event(event)
+    warning, debug = caplog.records
+    assert warning.name == "mqkit.retry" and warning.levelno == logging.WARNING
+    assert "Traceback" not in warning.getMessage()
+    assert "'orders'" in warning.getMessage() and "retrying in 10s" in warning.getMessage()
+    assert warning.queue == "orders" and warning.message_id == "m-1"  # type: ignore[attr-defined]
+    assert warning.correlation_id == "c-1" and warning.mqkit_event == "retried"  # type: ignore[attr-defined]
+    assert debug.levelno == logging.DEBUG and "Traceback" in debug.getMessage()
+    assert not warning.getMessage().startswith("mqkit:")
+
+
+def test_an_observer_that_fails_changes_nothing(caplog):
+    seen: list[str] = []
+
+    class Broken:
+        def on_event(self, event: lc.LifecycleEvent) -> None:
+            raise RuntimeError("boom")
+
+    class Recorder:
+        def on_event(self, event: lc.LifecycleEvent) -> None:
+            seen.append(event.name)
+
+    lc.Pipeline([Broken(), Recorder()]).emit(lc.ConsumerAttached("orders"))
+    assert seen == ["consumer_attached"]
+    assert "an observer failed on consumer_attached" in caplog.text
