@@ -33,17 +33,39 @@ from mqkit.messages import Envelope, Event, encode
 from mqkit.topology import Entity, Exchange, Queue, QueueType, consumer_topology
 
 __all__ = [
+    "CONFIRM_WINDOW",
     "NACK_RETRIES",
     "RENEW_INTERVAL",
+    "SEND_CHUNK",
     "ChannelRenewal",
     "PublishTarget",
     "SizeLimit",
     "check_model",
+    "missing_exchange",
     "plan_producer",
     "retry_nacked",
 ]
 
 T = TypeVar("T", bound=BaseModel)
+
+# Publishes in flight (sent, not yet confirmed) per client: enough to keep the broker busy,
+# bounded memory. Both publishers hold at most this many.
+CONFIRM_WINDOW = 1000
+# publish_many hands messages to the I/O side in chunks of this many, so sending starts while
+# the rest are still being encoded.
+SEND_CHUNK = 256
+
+_MISSING_EXCHANGE = re.compile(r"\bno exchange '(?P<name>[^']*)'")
+
+
+def missing_exchange(reply_code: int | None, reply_text: str) -> str | None:
+    """The exchange the broker says does not exist when it closes a publishing channel
+    (``404 NOT_FOUND - no exchange 'orders' in vhost '/'``), else ``None``. Only publishes to
+    that exchange fail; the others in flight on the channel go again on a new one."""
+    if reply_code not in (None, 404):
+        return None
+    match = _MISSING_EXCHANGE.search(reply_text)
+    return match["name"] if match else None
 
 
 def check_model(message_type: object, what: str) -> None:

@@ -156,3 +156,13 @@ def test_a_nacking_channel_is_replaced_at_once_then_at_most_once_per_interval() 
     assert renewal.wait() == 0.75
     now[0] += 1.0
     assert renewal.wait() == 0.0
+
+
+def test_missing_exchange_names_the_exchange_the_broker_says_is_missing():
+    from mqkit.publishing import missing_exchange
+
+    text = "NOT_FOUND - no exchange 'orders.events' in vhost '/'"
+    assert missing_exchange(404, text) == "orders.events"
+    assert missing_exchange(None, text) == "orders.events"
+    assert missing_exchange(404, "NOT_FOUND - no queue 'orders' in vhost '/'") is None
+    assert missing_exchange(406, text) is None
