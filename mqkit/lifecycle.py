@@ -44,7 +44,9 @@ __all__ = [
     "Retried",
     "Returned",
     "Undecodable",
+    "delivery_of",
     "level_of",
+    "outcome_event",
 ]
 
 _log = logging.getLogger("mqkit")
@@ -240,6 +242,67 @@ class LinkRestored(LifecycleEvent):
     url: str
     reconnects: int = 0
     service: str = ""
+
+
+# -- what a delivery's outcome reports --------------------------------------------------------
+
+
+def delivery_of(ctx: Any, *, service: str = "") -> Delivery:
+    """The :class:`Delivery` of a handler's :class:`~mqkit.Context`."""
+    return Delivery(
+        queue=ctx.queue,
+        message_id=ctx.message_id,
+        correlation_id=ctx.correlation_id,
+        event_type=ctx.event_type,
+        attempt=ctx.attempt,
+        exchange=ctx.exchange,
+        routing_key=ctx.routing_key,
+        service=service,
+    )
+
+
+def outcome_event(
+    delivery: Delivery,
+    outcome: Any,
+    *,
+    dlq: str,
+    error: BaseException | None = None,
+    seconds: float = 0.0,
+) -> LifecycleEvent:
+    """The event that reports how a delivery ended: :class:`Handled` (acked),
+    :class:`Retried` or :class:`DeadLettered` (``outcome``: an ``Ack``, ``RetryLater`` or
+    ``GiveUp`` of :mod:`mqkit.retry`; ``error``: what the handler raised, if anything)."""
+    from mqkit.retry import GiveUp, Reject, RetryLater  # the pipeline itself needs no policy
+
+    if isinstance(outcome, RetryLater):
+        return Retried(
+            delivery,
+            delay=outcome.delay,
+            next_attempt=outcome.attempt,
+            error_type=type(error).__name__ if error else "Retry",
+            error=str(error) if error else "",
+            traceback=_traceback(error),
+            seconds=seconds,
+        )
+    if isinstance(outcome, GiveUp):
+        return DeadLettered(
+            delivery,
+            dlq=dlq,
+            error_type=outcome.error_type,
+            error=outcome.error_message,
+            rejected=isinstance(error, Reject),
+            traceback=outcome.traceback or ("" if isinstance(error, Reject) else _traceback(error)),
+            seconds=seconds,
+        )
+    return Handled(delivery, seconds=seconds)
+
+
+def _traceback(error: BaseException | None) -> str:
+    if error is None or error.__traceback__ is None:
+        return ""
+    import traceback
+
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=-5))
 
 
 # -- observing -----------------------------------------------------------------------------

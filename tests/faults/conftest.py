@@ -11,7 +11,7 @@ client records every delivery. The :class:`Ledger` then says what happened:
     lost        confirmed but never consumed — must be 0
 
 A publish that raises ``PublishError`` is re-published, as a user following the shell
-contract would (SHELL_CONTRACT.md §3); anything else a publish raises is a contract
+contract would (docs/SHELL_CONTRACT.md §3); anything else a publish raises is a contract
 violation and fails the test with the list of what was raised.
 """
 

@@ -1,4 +1,4 @@
-"""Connection loss after connect (SHELL_CONTRACT.md §3), on both runtimes.
+"""Connection loss after connect (docs/SHELL_CONTRACT.md §3), on both runtimes.
 
 Every test goes through a :class:`~mqkit.testing.FaultProxy` or a RabbitMQ node of its own;
 the accounting line of each stream is printed (``-s``) and attached to the report.

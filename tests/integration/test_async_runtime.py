@@ -977,7 +977,7 @@ async def test_publish_and_request_keep_their_deadline_on_a_link_that_does_not_a
 
 
 async def test_factories_that_do_no_io_can_be_awaited_too(client_for, names) -> None:
-    """API.md: AsyncClient's methods are awaitable. consumer(), responder(), event_bus() and
+    """The public API: AsyncClient's methods are awaitable. consumer(), responder(), event_bus() and
     dead_letters() do no I/O and return their object at once; awaiting it gives the same."""
 
     class Ping(BaseModel):

@@ -20,7 +20,7 @@ TWINS = [
 ]
 IDS = [sync.__name__ for sync, _ in TWINS]
 
-# The API.md and SHELL_CONTRACT surface each pair must have.
+# The public API (README) and docs/SHELL_CONTRACT.md surface each pair must have.
 REQUIRED = {
     "Client": {
         "declare",

@@ -82,3 +82,26 @@ def test_an_observer_that_fails_changes_nothing(caplog):
     lc.Pipeline([Broken(), Recorder()]).emit(lc.ConsumerAttached("orders"))
     assert seen == ["consumer_attached"]
     assert "an observer failed on consumer_attached" in caplog.text
+
+
+def test_outcome_events_say_how_a_delivery_ended():
+    from mqkit.retry import Ack, GiveUp, Reject, RetryLater
+
+    try:
+        raise KeyError("card")
+    except KeyError as exc:
+        error = exc
+    retried = lc.outcome_event(DELIVERY, RetryLater(10.0, 3), dlq="orders.dlq", error=error)
+    assert isinstance(retried, lc.Retried) and retried.delay == 10.0 and retried.next_attempt == 3
+    assert retried.error_type == "KeyError" and "raise KeyError" in retried.traceback
+    dead = lc.outcome_event(
+        DELIVERY, GiveUp("KeyError", "'card'", 3), dlq="orders.dlq", error=error
+    )
+    assert isinstance(dead, lc.DeadLettered) and dead.dlq == "orders.dlq" and not dead.rejected
+    rejected = lc.outcome_event(
+        DELIVERY, GiveUp("Reject", "no", 1), dlq="orders.dlq", error=Reject("no")
+    )
+    assert isinstance(rejected, lc.DeadLettered) and rejected.rejected
+    assert lc.level_of(rejected) == logging.WARNING
+    handled = lc.outcome_event(DELIVERY, Ack(), dlq="orders.dlq", seconds=0.5)
+    assert isinstance(handled, lc.Handled) and handled.seconds == 0.5

@@ -1,0 +1,61 @@
+"""The contract between the core and a shell (``mqkit/_sync`` on pika, ``mqkit/_async`` on
+aio-pika), written down once. ``docs/SHELL_CONTRACT.md`` says the same in prose.
+
+The core decides; a shell does the I/O the decision asks for and reports what happened. A
+shell must:
+
+1. **Connect** to ``settings.all_urls`` in order, waiting :data:`mqkit.backoff.LINK_BACKOFF`
+   between rounds, until ``connect_timeout``; an error retrying cannot fix (credentials,
+   vhost, TLS) fails at once (``explain``). After a loss it reconnects with the same
+   back-off, re-declares its topology (:mod:`mqkit.declaring`) and restores every
+   :class:`Restorable` part, then reports :class:`~mqkit.lifecycle.LinkRestored`.
+2. **Declare** each entity as :mod:`mqkit.declaring` says (declare, check, or use what
+   exists), caching what it declared for the replay after a reconnect.
+3. **Publish** with confirms and ``mandatory``: at most
+   :data:`mqkit.publishing.CONFIRM_WINDOW` unconfirmed; a return is ``PublishUnroutable``, a
+   nack is sent again once on a new channel (:func:`mqkit.publishing.retry_nacked`), a
+   closed channel fails only the messages the broker named
+   (:func:`mqkit.publishing.missing_exchange`, :class:`mqkit.publishing.SizeLimit`); on a lost
+   link, unconfirmed messages are sent again within ``confirm_timeout``, else
+   ``PublishTimeout`` naming them.
+4. **Consume** with manual acks: per delivery :func:`mqkit.delivery.prepare`, then the
+   handler, then :func:`mqkit.retry.decide` and :func:`mqkit.delivery.follow_up`; a follow-up
+   copy is published (confirmed) before the ack, and a copy that cannot be published means
+   ``nack(requeue=True)``; acks are batched by :class:`mqkit.acks.AckWindow`.
+5. **Report** every :mod:`mqkit.lifecycle` event at the point it names, to the
+   :class:`~mqkit.lifecycle.Pipeline` it was given (never log those events itself): the
+   pipeline's observers (logging, metrics, tracing, middleware) see the same stream on both
+   runtimes.
+
+The parts of a shell take their collaborators (the link, the publisher, the declarer, the
+pipeline) as arguments, never reach into the client's private members, and carry the same
+names and module names on both sides, so that a normalised ``diff`` of a pair
+(``scripts/twins.py``) shows only I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["AsyncRestorable", "Restorable"]
+
+
+class Restorable(Protocol):
+    """A part of the blocking shell that the link restores after a reconnect (a consumer, the
+    publisher, the declarer). Registered with ``link.register(part)``."""
+
+    def _link_lost(self, reason: BaseException) -> None:
+        """The connection is gone: drop channel state (never block, never raise)."""
+
+    def _restore(self) -> None:
+        """The link is up again and the topology declared: reopen channels, re-attach."""
+
+
+class AsyncRestorable(Protocol):
+    """The asyncio shell's :class:`Restorable`: the same two steps, ``_restore`` awaited."""
+
+    def _link_lost(self, reason: BaseException) -> None:
+        """The connection is gone: drop channel state (never block, never raise)."""
+
+    async def _restore(self) -> None:
+        """The link is up again and the topology declared: reopen channels, re-attach."""
