@@ -60,6 +60,7 @@ from rich.text import Text
 import mqkit
 from mqkit.dead_letters import TRACEBACK, DeadLetter
 from mqkit.errors import ConfigError, ConnectionFailed, MqkitError, PublishError, TopologyError
+from mqkit.outbox.cli import app as outbox_app
 from mqkit.settings import Settings, mask_url
 from mqkit.topology import dlq_name
 
@@ -112,6 +113,9 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(
+    outbox_app, name="outbox"
+)  # loads without SQLAlchemy; its commands say what to install
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
