@@ -545,7 +545,7 @@ class FakeChannel:
 
 
 def test_acks_batch_contiguous_tags_and_never_cover_running_ones() -> None:
-    from mqkit._sync.acks import Acks
+    from mqkit._sync.acks import ACK, REQUEUE, Acks
 
     acks = Acks(lambda fn: None)  # flushed by hand below
     channel = FakeChannel()
@@ -555,18 +555,18 @@ def test_acks_batch_contiguous_tags_and_never_cover_running_ones() -> None:
     for tag in range(1, 8):
         acks.delivered(tag)
     for tag in (2, 1, 3):
-        acks.finish(generation, tag, True)
+        acks.finish(generation, tag, ACK)
     acks.flush()
     assert channel.sent == [("ack", 3, True)]  # 1..3 in one frame
-    acks.finish(generation, 5, True)
+    acks.finish(generation, 5, ACK)
     acks.flush()
     assert channel.sent[-1] == ("ack", 5, False)  # 4 still running: 5 alone
-    acks.finish(generation, 6, False)
-    acks.finish(generation, 4, True)
+    acks.finish(generation, 6, REQUEUE)
+    acks.finish(generation, 4, ACK)
     acks.flush()
     assert channel.sent[-2:] == [("nack", 6, False), ("ack", 4, True)]  # 5 and 6 settled
-    acks.finish(generation - 1, 7, True)  # a delivery of an older channel: dropped
-    acks.finish(generation, 7, True)
+    acks.finish(generation - 1, 7, ACK)  # a delivery of an older channel: dropped
+    acks.finish(generation, 7, ACK)
     acks.flush()
     assert channel.sent[-1] == ("ack", 7, True)
     acks.flush()
