@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from mqkit.correlation import inherit
 from mqkit.errors import DecodeError
 from mqkit.wire import INT64_MAX, MAX_SECONDS, SHORTSTR_MAX
 
@@ -115,15 +116,20 @@ def encode(
     priority: int | None = None,
     expiration: float | None = None,
 ) -> Envelope:
-    """Turn a pydantic model into an :class:`Envelope`. ``expiration`` is in seconds."""
+    """Turn a pydantic model into an :class:`Envelope`. ``expiration`` is in seconds.
+
+    Inside a handler, the message inherits the handled delivery's correlation id (unless
+    ``correlation_id`` is given) and names it in ``x-mqkit-causation-id``
+    (:func:`mqkit.correlation.inherit`)."""
+    own_headers = dict(headers) if headers else {}
     return Envelope(
         body=message.__pydantic_serializer__.to_json(message),
         message_id=message_id or uuid.uuid4().hex,
         type=type_name(type(message)),
         app_id=service,
         timestamp=int(time.time()),
-        headers=dict(headers) if headers else {},
-        correlation_id=correlation_id,
+        headers=own_headers,
+        correlation_id=inherit(correlation_id, own_headers),
         reply_to=reply_to,
         priority=priority,
         expiration=None if expiration is None else max(0, int(expiration * 1000)),

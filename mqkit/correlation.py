@@ -1,0 +1,94 @@
+"""Correlation across messages: what a handler's publishes inherit from the delivery it handles.
+
+While a handler runs, the delivery it handles is the current :class:`Handling` (a context
+variable, so it follows the handler's thread or task, and tasks it creates). A message
+published from inside the handler, on either runtime, by a producer, the event bus or
+``request()``:
+
+- gets the incoming message's correlation id (its message id when it has none), unless the
+  publish names its own ``correlation_id=``;
+- carries the incoming message's id in the ``x-mqkit-causation-id`` header, unless the
+  publish sets that header itself.
+
+:func:`mqkit.messages.encode` applies these defaults (:func:`inherit`), so both clients get
+them without code of their own; the shells only enter :func:`handling` around each delivery::
+
+    with handling(ctx, service="billing") as scope:
+        result = run_the_handler(message, ctx)   # publishes inside inherit the correlation
+    copy = follow_up(..., headers=scope.copy_headers)
+
+A thread the handler starts itself does not inherit the context (``contextvars`` never flows
+into a new ``threading.Thread``); run it with ``contextvars.copy_context().run(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mqkit.context import Context
+
+__all__ = ["CAUSATION_ID", "Handling", "current", "handling", "inherit"]
+
+# The header that names the message whose handler published this one.
+CAUSATION_ID = "x-mqkit-causation-id"
+
+
+@dataclass(slots=True)
+class Handling:
+    """The delivery a handler is handling, as the messages it publishes see it.
+
+    ``correlation_id`` is what they inherit: the delivery's correlation id, else its message
+    id. ``copy_headers`` are headers a retry or dead-letter copy of the delivery gains beyond
+    mqkit's own (middleware fills them while the handler runs: the tracing middleware keeps
+    the first attempt's span there, so later attempts can link to it).
+    """
+
+    message_id: str | None
+    correlation_id: str | None
+    queue: str = ""
+    service: str = ""
+    attempt: int = 1
+    copy_headers: dict[str, Any] = field(default_factory=dict)
+
+
+_current: ContextVar[Handling | None] = ContextVar("mqkit_handling", default=None)
+
+
+def current() -> Handling | None:
+    """The delivery being handled in this thread or task, or ``None`` outside a handler."""
+    return _current.get()
+
+
+@contextmanager
+def handling(ctx: Context, *, service: str = "") -> Iterator[Handling]:
+    """Make ``ctx``'s delivery the current one while the block runs (the shells wrap each
+    handler call in it). The :class:`Handling` stays readable after the block."""
+    scope = Handling(
+        message_id=ctx.message_id,
+        correlation_id=ctx.correlation_id or ctx.message_id,
+        queue=ctx.queue,
+        service=service,
+        attempt=ctx.attempt,
+    )
+    token = _current.set(scope)
+    try:
+        yield scope
+    finally:
+        _current.reset(token)
+
+
+def inherit(correlation_id: str | None, headers: dict[str, Any]) -> str | None:
+    """The correlation id of a message built now, with ``x-mqkit-causation-id`` added to
+    ``headers`` (in place) when a handler is running: ``correlation_id`` if given, else the
+    handled delivery's. Outside a handler: ``correlation_id`` as it is."""
+    scope = _current.get()
+    if scope is None:
+        return correlation_id
+    if scope.message_id is not None and CAUSATION_ID not in headers:
+        headers[CAUSATION_ID] = scope.message_id
+    return correlation_id if correlation_id is not None else scope.correlation_id
