@@ -40,12 +40,16 @@ from mqkit.errors import (
     TopologyError,
 )
 from mqkit.health import Health
+from mqkit.logs import install as _install_logging
 from mqkit.messages import Event
+from mqkit.middleware import Middleware, Outgoing
 from mqkit.retry import Reject, Retry, RetryPolicy
 from mqkit.settings import Settings
 from mqkit.topology import Binding, Exchange, Queue
 
 __version__ = "0.1.0"
+
+_install_logging()  # a NullHandler on "mqkit"; pika's and aiormq's chatter quiet (mqkit.logs)
 
 __all__ = [
     "AsyncClient",
@@ -66,7 +70,9 @@ __all__ = [
     "EventBus",
     "Exchange",
     "Health",
+    "Middleware",
     "MqkitError",
+    "Outgoing",
     "Producer",
     "PublishError",
     "PublishNacked",

@@ -645,3 +645,70 @@ def outbox_no_file_lock(path: str) -> ConfigError:
         f"the outbox relay cannot lock {path}: this platform has no fcntl.flock, which makes "
         "SQLite relays take turns; run the relay on PostgreSQL, or on a POSIX system"
     )
+
+
+# -- middleware and observability (issue 11) ---------------------------------------------------
+
+
+def middleware_not_middleware(value: object, client: str) -> TypeError:
+    """An item of ``middleware=[...]`` that is not a :class:`mqkit.Middleware`."""
+    return TypeError(
+        f"{client}(middleware=...) takes mqkit.Middleware objects, got {value!r} "
+        f"({type(value).__name__}); subclass mqkit.Middleware and override the hooks you need "
+        "(publish / handle for Client, publish_async / handle_async for AsyncClient, "
+        "on_event for both)"
+    )
+
+
+def middleware_runtime(name: str, hook: str, client: str) -> TypeError:
+    """A middleware whose hooks are for the other client (``hook``: the one it defines)."""
+    if client == "AsyncClient":
+        twin = f"{hook}_async"
+        return TypeError(
+            f"middleware {name} defines {hook}(), which Client calls; AsyncClient awaits "
+            f"{twin}() instead: define `async def {twin}(...)` (or give {name} to a Client)"
+        )
+    plain = hook.removesuffix("_async")
+    return TypeError(
+        f"middleware {name} defines {hook}(), which AsyncClient awaits; Client calls "
+        f"{plain}() instead: define a plain `def {plain}(...)` (or give {name} to an AsyncClient)"
+    )
+
+
+def middleware_coroutine_hook(name: str, hook: str) -> TypeError:
+    """A hook that must be a plain function (``publish``, ``handle``, ``on_event``) is an
+    ``async def``."""
+    if hook == "on_event":
+        return TypeError(
+            f"middleware {name}: on_event is an async def function, but the pipeline calls it "
+            "as a plain function on both clients (it must be quick and must not block); make "
+            "it a plain def"
+        )
+    return TypeError(
+        f"middleware {name}: {hook}() is an async def function; Client calls {hook}() as a "
+        f"plain function and AsyncClient awaits {hook}_async(): rename it to {hook}_async"
+    )
+
+
+def middleware_plain_async_hook(name: str, hook: str) -> TypeError:
+    """``publish_async`` / ``handle_async`` defined as a plain function."""
+    return TypeError(
+        f"middleware {name}: {hook}() is a plain function; AsyncClient awaits it, so define "
+        f"it as `async def {hook}(...)`"
+    )
+
+
+def middleware_publish_result(name: str, result: object, count: int) -> TypeError:
+    """A publish hook that did not return one message id per message."""
+    return TypeError(
+        f"middleware {name}: publish hook returned {result!r}, not a list of {count} message "
+        "id(s); return what call_next(messages) returned (one id per message, in order)"
+    )
+
+
+def missing_extra(feature: str, extra: str, module: str) -> ImportError:
+    """An optional feature whose extra is not installed."""
+    return ImportError(
+        f"{feature} needs the {module!r} package, which is not installed; "
+        f"install it with: pip install 'mqkit[{extra}]'"
+    )
