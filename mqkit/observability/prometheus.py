@@ -1,0 +1,380 @@
+"""Prometheus metrics of both clients: :class:`PrometheusMiddleware` (``mqkit[prometheus]``).
+
+```python
+from prometheus_client import start_http_server
+from mqkit.observability import PrometheusMiddleware
+
+start_http_server(9100)   # or mount prometheus_client.make_asgi_app() in your web app
+client = mqkit.Client(service="billing", middleware=[PrometheusMiddleware()])
+```
+
+What it records (:data:`METRICS` lists the names; every one starts with ``mqkit_``):
+
+- ``mqkit_messages_published_total`` (service, exchange, queue, event_type): messages
+  published and confirmed (publish hook);
+- ``mqkit_publish_errors_total`` (the same and error_type): messages not confirmed;
+- ``mqkit_publish_confirm_seconds`` (service, exchange), histogram: send to confirm
+  (``published`` events);
+- ``mqkit_messages_consumed_total`` (service, queue, event_type, outcome): deliveries handled
+  (``handled`` / ``retried`` / ``dead_lettered`` events);
+- ``mqkit_handler_duration_seconds`` (service, queue, event_type), histogram: time in the
+  handler (the same events);
+- ``mqkit_messages_in_flight`` (service, queue), gauge: handlers running now (handle hook);
+- ``mqkit_messages_undecodable_total`` (service, queue): bodies that did not decode;
+- ``mqkit_consumers_attached`` (service, queue), gauge: 1 while consuming, 0 once stopped;
+- ``mqkit_connection_up`` (service), gauge: 0 on ``link_lost``, 1 on ``link_restored`` and on
+  any sign of a live link;
+- ``mqkit_reconnects_total`` (service): ``link_restored`` events after a loss;
+- ``mqkit_publishing_blocked`` (service), gauge: 1 while a broker alarm blocks publishing.
+
+``outcome`` is ``acked``, ``retried``, ``dead_lettered`` or ``rejected`` (the handler raised
+:class:`~mqkit.Reject`). ``queue`` on a publish is the routing key of a message sent to the
+default exchange (a queue), else empty. Label values are bounded: no message or correlation
+ids; RabbitMQ's generated names (direct reply-to, ``amq.gen-*``) collapse to one value; and
+past :data:`MAX_LABEL_VALUES` distinct values of one label (event types are chosen by whoever
+publishes), further ones read ``other``.
+
+Several middlewares (and several clients) on one registry share its metrics: two
+``PrometheusMiddleware()`` in one process both record into ``prometheus_client.REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from mqkit import explain
+from mqkit.context import Context
+from mqkit.correlation import current
+from mqkit.errors import PublishError
+from mqkit.lifecycle import (
+    ConsumerAttached,
+    ConsumerDetached,
+    DeadLettered,
+    Handled,
+    LifecycleEvent,
+    LinkLost,
+    LinkRestored,
+    Published,
+    PublishingBlocked,
+    PublishingUnblocked,
+    Retried,
+    Undecodable,
+)
+from mqkit.middleware import (
+    AsyncHandleNext,
+    AsyncPublishNext,
+    HandleNext,
+    Middleware,
+    Outgoing,
+    PublishNext,
+)
+
+try:
+    import prometheus_client
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+except ImportError as exc:  # pragma: no cover - the extra is installed wherever tests run
+    raise explain.missing_extra(
+        "mqkit.observability.PrometheusMiddleware", "prometheus", "prometheus_client"
+    ) from exc
+
+__all__ = ["MAX_LABEL_VALUES", "METRICS", "PrometheusMiddleware"]
+
+# Distinct values one label of one metric may take before further ones read "other".
+MAX_LABEL_VALUES = 200
+OTHER = "other"
+
+_PUBLISH_LABELS = ("service", "exchange", "queue", "event_type")
+_CONSUME_LABELS = ("service", "queue", "event_type")
+_CONFIRM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# name (as exposed, without a counter's _total): (type, help, labels)
+_SPEC: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "mqkit_messages_published": (
+        "counter",
+        "Messages published and confirmed by the broker",
+        _PUBLISH_LABELS,
+    ),
+    "mqkit_publish_errors": (
+        "counter",
+        "Messages whose publish failed (not confirmed), by error type",
+        (*_PUBLISH_LABELS, "error_type"),
+    ),
+    "mqkit_publish_confirm_seconds": (
+        "histogram",
+        "Seconds from sending a message to the broker's confirm",
+        ("service", "exchange"),
+    ),
+    "mqkit_messages_consumed": (
+        "counter",
+        "Deliveries handled, by outcome (acked, retried, dead_lettered, rejected)",
+        (*_CONSUME_LABELS, "outcome"),
+    ),
+    "mqkit_handler_duration_seconds": (
+        "histogram",
+        "Seconds a handler ran (with the middleware inside mqkit's own)",
+        _CONSUME_LABELS,
+    ),
+    "mqkit_messages_in_flight": (
+        "gauge",
+        "Deliveries whose handler is running now",
+        ("service", "queue"),
+    ),
+    "mqkit_messages_undecodable": (
+        "counter",
+        "Deliveries whose body did not decode (dead-lettered at once)",
+        ("service", "queue"),
+    ),
+    "mqkit_consumers_attached": (
+        "gauge",
+        "Consumers consuming their queue (1) or not (0)",
+        ("service", "queue"),
+    ),
+    "mqkit_connection_up": ("gauge", "1 while the client's link to the broker is up", ("service",)),
+    "mqkit_reconnects": (
+        "counter",
+        "Times the client reconnected after losing its link",
+        ("service",),
+    ),
+    "mqkit_publishing_blocked": (
+        "gauge",
+        "1 while the broker blocks publishing (a memory or disk alarm)",
+        ("service",),
+    ),
+}
+
+# Every metric name as it appears on /metrics (a counter with its _total).
+METRICS: tuple[str, ...] = tuple(
+    f"{name}_total" if kind == "counter" else name for name, (kind, _, _) in _SPEC.items()
+)
+
+
+class _Metrics:
+    """The metric objects of one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        made: dict[str, Any] = {}
+        for name, (kind, help_text, labels) in _SPEC.items():
+            try:
+                if kind == "counter":
+                    made[name] = Counter(name, help_text, labels, registry=registry)
+                elif kind == "gauge":
+                    made[name] = Gauge(name, help_text, labels, registry=registry)
+                else:
+                    buckets = _CONFIRM_BUCKETS if "confirm" in name else _HANDLER_BUCKETS
+                    made[name] = Histogram(
+                        name, help_text, labels, registry=registry, buckets=buckets
+                    )
+            except ValueError as exc:  # a metric of that name, not made here, is there
+                raise ValueError(
+                    f"the Prometheus registry already has a metric named {name!r} that "
+                    f"PrometheusMiddleware did not create ({exc}); give the middleware a "
+                    "registry of its own: PrometheusMiddleware(registry=CollectorRegistry())"
+                ) from exc
+        self.published = made["mqkit_messages_published"]
+        self.publish_errors = made["mqkit_publish_errors"]
+        self.confirm_seconds = made["mqkit_publish_confirm_seconds"]
+        self.consumed = made["mqkit_messages_consumed"]
+        self.handler_seconds = made["mqkit_handler_duration_seconds"]
+        self.in_flight = made["mqkit_messages_in_flight"]
+        self.undecodable = made["mqkit_messages_undecodable"]
+        self.consumers = made["mqkit_consumers_attached"]
+        self.connection_up = made["mqkit_connection_up"]
+        self.reconnects = made["mqkit_reconnects"]
+        self.blocked = made["mqkit_publishing_blocked"]
+
+
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
+_by_registry_lock = threading.Lock()
+
+
+def _metrics_for(registry: CollectorRegistry) -> _Metrics:
+    with _by_registry_lock:
+        metrics = _by_registry.get(registry)
+        if metrics is None:
+            metrics = _by_registry[registry] = _Metrics(registry)
+        return metrics
+
+
+class _Bounded:
+    """Label values kept within :data:`MAX_LABEL_VALUES` per label: RabbitMQ's generated
+    names collapse to one value, and values past the limit read ``other``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.limit = limit
+        self._seen: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, label: str, value: str | None) -> str:
+        if not value:
+            return ""
+        if value.startswith("amq.rabbitmq.reply-to"):
+            return "amq.rabbitmq.reply-to"
+        if value.startswith("amq.gen-"):
+            return "amq.gen"
+        seen = self._seen.get(label)
+        if seen is not None and value in seen:
+            return value
+        with self._lock:
+            seen = self._seen.setdefault(label, set())
+            if value in seen:
+                return value
+            if len(seen) >= self.limit:
+                return OTHER
+            seen.add(value)
+            return value
+
+
+class PrometheusMiddleware(Middleware):
+    """Records what the client publishes and handles into ``registry`` (default:
+    ``prometheus_client.REGISTRY``); serve it with ``prometheus_client.start_http_server``
+    or your web framework. Works on ``Client`` and ``AsyncClient``; see the module's
+    docstring for the metrics.
+
+    ``service``: the ``service`` label of what does not name its service (every event and
+    message of mqkit's clients does: their ``settings.service``).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        service: str = "",
+        max_label_values: int = MAX_LABEL_VALUES,
+    ) -> None:
+        self.registry = registry if registry is not None else prometheus_client.REGISTRY
+        self._m = _metrics_for(self.registry)
+        self._label = _Bounded(max_label_values)
+        self.service = service
+
+    def __repr__(self) -> str:
+        return f"PrometheusMiddleware(registry={self.registry!r})"
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, messages: list[Outgoing], call_next: PublishNext) -> list[str]:
+        try:
+            ids = call_next(messages)
+        except BaseException as exc:
+            self._published(messages, exc)
+            raise
+        self._published(messages, None)
+        return ids
+
+    async def publish_async(
+        self, messages: list[Outgoing], call_next: AsyncPublishNext
+    ) -> list[str]:
+        try:
+            ids = await call_next(messages)
+        except BaseException as exc:
+            self._published(messages, exc)
+            raise
+        self._published(messages, None)
+        return ids
+
+    def _published(self, messages: Sequence[Outgoing], error: BaseException | None) -> None:
+        failed: set[str] | None = None
+        if isinstance(error, PublishError) and error.unconfirmed:
+            failed = set(error.unconfirmed)
+        counts: dict[tuple[str, ...], int] = {}
+        errors: dict[tuple[str, ...], int] = {}
+        for message in messages:
+            labels = self._publish_labels(message)
+            if error is not None and (failed is None or message.message_id in failed):
+                failure: tuple[str, ...] = (*labels, type(error).__name__)
+                errors[failure] = errors.get(failure, 0) + 1
+            else:
+                counts[labels] = counts.get(labels, 0) + 1
+        for key, count in counts.items():
+            self._m.published.labels(*key).inc(count)
+        for key, count in errors.items():
+            self._m.publish_errors.labels(*key).inc(count)
+
+    def _publish_labels(self, message: Outgoing) -> tuple[str, str, str, str]:
+        label = self._label
+        exchange = message.exchange
+        return (
+            label("service", message.envelope.app_id or self.service),
+            label("exchange", exchange),
+            label("queue", message.routing_key) if exchange == "" else "",
+            label("event_type", message.event_type),
+        )
+
+    # -- handling ------------------------------------------------------------------------
+
+    def handle(self, message: Any, ctx: Context, call_next: HandleNext) -> Any:
+        gauge = self._in_flight(ctx)
+        gauge.inc()
+        try:
+            return call_next(message, ctx)
+        finally:
+            gauge.dec()
+
+    async def handle_async(self, message: Any, ctx: Context, call_next: AsyncHandleNext) -> Any:
+        gauge = self._in_flight(ctx)
+        gauge.inc()
+        try:
+            return await call_next(message, ctx)
+        finally:
+            gauge.dec()
+
+    def _in_flight(self, ctx: Context) -> Any:
+        scope = current()
+        service = (scope.service if scope is not None else "") or self.service
+        return self._m.in_flight.labels(
+            self._label("service", service), self._label("queue", ctx.queue)
+        )
+
+    # -- events --------------------------------------------------------------------------
+
+    def on_event(self, event: LifecycleEvent) -> None:
+        m, label = self._m, self._label
+        if isinstance(event, (Handled, Retried, DeadLettered)):
+            d = event.delivery
+            service = label("service", d.service or self.service)
+            queue = label("queue", d.queue)
+            event_type = label("event_type", d.event_type)
+            m.consumed.labels(service, queue, event_type, _outcome(event)).inc()
+            if not (isinstance(event, DeadLettered) and event.error_type == "DecodeError"):
+                m.handler_seconds.labels(service, queue, event_type).observe(event.seconds)
+            m.connection_up.labels(service).set(1)
+        elif isinstance(event, Published):
+            service = label("service", event.service or self.service)
+            m.confirm_seconds.labels(service, label("exchange", event.exchange)).observe(
+                event.seconds
+            )
+            m.connection_up.labels(service).set(1)
+        elif isinstance(event, Undecodable):
+            d = event.delivery
+            m.undecodable.labels(
+                label("service", d.service or self.service), label("queue", d.queue)
+            ).inc()
+        elif isinstance(event, ConsumerAttached):
+            service = label("service", event.service or self.service)
+            m.consumers.labels(service, label("queue", event.queue)).set(1)
+            m.connection_up.labels(service).set(1)
+        elif isinstance(event, ConsumerDetached):
+            service = label("service", event.service or self.service)
+            m.consumers.labels(service, label("queue", event.queue)).set(0)
+        elif isinstance(event, LinkLost):
+            m.connection_up.labels(label("service", event.service or self.service)).set(0)
+        elif isinstance(event, LinkRestored):
+            service = label("service", event.service or self.service)
+            m.connection_up.labels(service).set(1)
+            if event.reconnects:
+                m.reconnects.labels(service).inc()
+        elif isinstance(event, PublishingBlocked):
+            m.blocked.labels(label("service", event.service or self.service)).set(1)
+        elif isinstance(event, PublishingUnblocked):
+            m.blocked.labels(label("service", event.service or self.service)).set(0)
+
+
+def _outcome(event: Handled | Retried | DeadLettered) -> str:
+    if isinstance(event, Handled):
+        return "acked"
+    if isinstance(event, Retried):
+        return "retried"
+    return "rejected" if event.rejected else "dead_lettered"

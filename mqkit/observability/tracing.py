@@ -1,0 +1,274 @@
+"""OpenTelemetry traces of both clients: :class:`TracingMiddleware` (``mqkit[otel]``).
+
+```python
+from mqkit.observability import TracingMiddleware
+
+client = mqkit.Client(service="billing", middleware=[TracingMiddleware()])  # global provider
+```
+
+Each message published gets a PRODUCER span (``publish <exchange>``, or ``publish <queue>``
+on the default exchange), and each delivery handled a CONSUMER span (``process <queue>``)
+around its handler (and the middleware inside this one). The W3C ``traceparent`` (and
+``tracestate``, and baggage: whatever the global propagator carries) travels in the message
+headers, so a consumer's span is a child of the publisher's, in any service, on either
+client, and whatever the handler publishes is a child of the handler's span: one trace
+crosses services, RPC requests and replies, retries (a retry copy keeps the headers),
+dead-lettering and replay. A retried delivery's span also links to the first attempt's
+(``mqkit.link`` = ``first_attempt``), which the retry copy names in the
+``x-mqkit-first-attempt-traceparent`` header.
+
+Attributes follow the OpenTelemetry messaging conventions for RabbitMQ:
+``messaging.system`` = ``rabbitmq``, ``messaging.operation.type`` (``send`` / ``process``),
+``messaging.operation.name`` (``publish`` / ``process``), ``messaging.destination.name`` (the
+exchange, ``""`` for the default exchange), ``messaging.rabbitmq.destination.routing_key``,
+``messaging.destination.subscription.name`` (the queue consumed), ``messaging.message.id``,
+``messaging.message.conversation_id`` (the correlation id), ``messaging.message.body.size``,
+and on failure ``error.type`` (the exception's class name: ``PublishUnroutable``,
+``ValueError``, ``Reject``, ...) with the span's status ERROR. mqkit adds ``mqkit.attempt`` and
+``mqkit.message.type``.
+
+**With opentelemetry-instrumentation-pika or -aio-pika.** Those instrument the client
+libraries' own calls (``channel.basic_publish``, ``Exchange.publish``, ``Queue.consume``).
+mqkit's clients make none of those calls: the asyncio client speaks to aiormq directly, and
+the blocking client calls pika's ``Channel`` methods past any per-channel wrapper. So on
+mqkit's connections only this middleware makes spans and writes ``traceparent``; the
+instrumentations keep tracing any other pika or aio-pika code in the same process, and a
+message they publish is picked up by mqkit's consumers as a parent all the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextvars import Token
+from typing import Any
+
+from mqkit import __version__, explain
+from mqkit.context import Context
+from mqkit.correlation import current
+from mqkit.errors import PublishError
+from mqkit.middleware import (
+    AsyncHandleNext,
+    AsyncPublishNext,
+    HandleNext,
+    Middleware,
+    Outgoing,
+    PublishNext,
+)
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate, trace
+    from opentelemetry.context import Context as OtelContext
+    from opentelemetry.propagators.textmap import Getter
+    from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError as exc:  # pragma: no cover - the extra is installed wherever tests run
+    raise explain.missing_extra(
+        "mqkit.observability.TracingMiddleware", "otel", "opentelemetry-api"
+    ) from exc
+
+__all__ = ["FIRST_ATTEMPT", "TracingMiddleware"]
+
+# The header of a retry or dead-letter copy that names the first attempt's span.
+FIRST_ATTEMPT = "x-mqkit-first-attempt-traceparent"
+
+SYSTEM = "messaging.system"
+OPERATION_TYPE = "messaging.operation.type"
+OPERATION_NAME = "messaging.operation.name"
+DESTINATION = "messaging.destination.name"
+ROUTING_KEY = "messaging.rabbitmq.destination.routing_key"
+SUBSCRIPTION = "messaging.destination.subscription.name"
+MESSAGE_ID = "messaging.message.id"
+CONVERSATION_ID = "messaging.message.conversation_id"
+BODY_SIZE = "messaging.message.body.size"
+ERROR_TYPE = "error.type"
+
+_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class _HeaderGetter(Getter[dict[str, Any]]):
+    """Reads propagation fields from AMQP headers (text, or bytes a client left undecoded)."""
+
+    def get(self, carrier: dict[str, Any], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        if value is None:
+            return None
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "replace")
+        return [value] if isinstance(value, str) else None
+
+    def keys(self, carrier: dict[str, Any]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _HeaderGetter()
+_TRACECONTEXT = TraceContextTextMapPropagator()
+
+
+class TracingMiddleware(Middleware):
+    """A PRODUCER span per message published and a CONSUMER span per delivery handled, with
+    the W3C trace context in the message headers (see the module's docstring). Works on
+    ``Client`` and ``AsyncClient``.
+
+    ``tracer_provider``: the provider to take the tracer from (default: the global one,
+    ``opentelemetry.trace.set_tracer_provider``).
+    """
+
+    def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+        self._tracer = trace.get_tracer("mqkit", __version__, tracer_provider)
+
+    def __repr__(self) -> str:
+        return "TracingMiddleware()"
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, messages: list[Outgoing], call_next: PublishNext) -> list[str]:
+        spans = self._start_publish(messages)
+        try:
+            ids = call_next(messages)
+        except BaseException as exc:
+            _end_publish(messages, spans, exc)
+            raise
+        _end_publish(messages, spans, None)
+        return ids
+
+    async def publish_async(
+        self, messages: list[Outgoing], call_next: AsyncPublishNext
+    ) -> list[str]:
+        spans = self._start_publish(messages)
+        try:
+            ids = await call_next(messages)
+        except BaseException as exc:
+            _end_publish(messages, spans, exc)
+            raise
+        _end_publish(messages, spans, None)
+        return ids
+
+    def _start_publish(self, messages: Sequence[Outgoing]) -> list[Span]:
+        propagator = propagate.get_global_textmap()
+        spans = []
+        for message in messages:
+            envelope = message.envelope
+            exchange = message.exchange
+            attributes: dict[str, Any] = {
+                SYSTEM: "rabbitmq",
+                OPERATION_TYPE: "send",
+                OPERATION_NAME: "publish",
+                DESTINATION: exchange,
+                MESSAGE_ID: envelope.message_id,
+                BODY_SIZE: len(envelope.body),
+                "mqkit.message.type": envelope.type,
+            }
+            if message.routing_key:
+                attributes[ROUTING_KEY] = message.routing_key
+            if envelope.correlation_id:
+                attributes[CONVERSATION_ID] = envelope.correlation_id
+            span = self._tracer.start_span(
+                f"publish {exchange or _queue_name(message.routing_key)}",
+                kind=SpanKind.PRODUCER,
+                attributes=attributes,
+            )
+            propagator.inject(message.headers, context=trace.set_span_in_context(span))
+            spans.append(span)
+        return spans
+
+    # -- handling ------------------------------------------------------------------------
+
+    def handle(self, message: Any, ctx: Context, call_next: HandleNext) -> Any:
+        span, token = self._start_handle(ctx)
+        try:
+            return call_next(message, ctx)
+        except BaseException as exc:
+            self._failed(ctx, span, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+    async def handle_async(self, message: Any, ctx: Context, call_next: AsyncHandleNext) -> Any:
+        span, token = self._start_handle(ctx)
+        try:
+            return await call_next(message, ctx)
+        except BaseException as exc:
+            self._failed(ctx, span, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+    def _start_handle(self, ctx: Context) -> tuple[Span, Token[OtelContext]]:
+        headers = ctx.headers
+        parent = propagate.extract(headers, getter=_GETTER)
+        attributes: dict[str, Any] = {
+            SYSTEM: "rabbitmq",
+            OPERATION_TYPE: "process",
+            OPERATION_NAME: "process",
+            DESTINATION: ctx.exchange,
+            SUBSCRIPTION: ctx.queue,
+            "mqkit.attempt": ctx.attempt,
+        }
+        if ctx.routing_key:
+            attributes[ROUTING_KEY] = ctx.routing_key
+        if ctx.message_id:
+            attributes[MESSAGE_ID] = ctx.message_id
+        if ctx.correlation_id:
+            attributes[CONVERSATION_ID] = ctx.correlation_id
+        if ctx.event_type:
+            attributes["mqkit.message.type"] = ctx.event_type
+        span = self._tracer.start_span(
+            f"process {_queue_name(ctx.queue)}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            links=_first_attempt(headers),
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return span, token
+
+    def _failed(self, ctx: Context, span: Span, error: BaseException) -> None:
+        _fail(span, error)
+        if FIRST_ATTEMPT in ctx.headers:
+            return  # a later attempt: the copy keeps naming the first
+        scope = current()
+        if scope is not None:  # a retry or dead-letter copy names this span as the first
+            carrier: dict[str, str] = {}
+            _TRACECONTEXT.inject(carrier, context=trace.set_span_in_context(span))
+            if "traceparent" in carrier:
+                scope.copy_headers[FIRST_ATTEMPT] = carrier["traceparent"]
+
+
+def _queue_name(name: str) -> str:
+    """A span name's queue: direct reply-to's per-caller names collapse into one."""
+    return _REPLY_TO if name.startswith(_REPLY_TO) else name
+
+
+def _first_attempt(headers: dict[str, Any]) -> Sequence[Link]:
+    """A link to the first attempt's span, when a retry or dead-letter copy names it."""
+    value = _GETTER.get(headers, FIRST_ATTEMPT)
+    if not value:
+        return ()
+    first = trace.get_current_span(_TRACECONTEXT.extract({"traceparent": value[0]}))
+    context = first.get_span_context()
+    if not context.is_valid:
+        return ()
+    return (Link(context, {"mqkit.link": "first_attempt"}),)
+
+
+def _fail(span: Span, error: BaseException) -> None:
+    name = type(error).__name__
+    span.set_attribute(ERROR_TYPE, name)
+    span.set_status(Status(StatusCode.ERROR, f"{name}: {error}"))
+    if isinstance(error, Exception):
+        span.record_exception(error)
+
+
+def _end_publish(
+    messages: Sequence[Outgoing], spans: Sequence[Span], error: BaseException | None
+) -> None:
+    failed: set[str] | None = None
+    if isinstance(error, PublishError) and error.unconfirmed:
+        failed = set(error.unconfirmed)
+    for message, span in zip(messages, spans, strict=True):
+        if error is not None and (failed is None or message.message_id in failed):
+            _fail(span, error)
+        span.end()
