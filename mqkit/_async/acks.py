@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Literal
 
 import aio_pika.abc
 import aiormq.abc
@@ -21,9 +22,16 @@ from mqkit.acks import AckWindow
 
 from .connection import AMQP_ERRORS, describe
 
-__all__ = ["Acks"]
+__all__ = ["ACK", "REJECT", "REQUEUE", "Acks", "Settle"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.consumer")
+
+# What becomes of a finished delivery: acked, returned to its queue, or rejected (not
+# requeued: the broker dead-letters it by the queue's DLX, or drops it if it has none).
+Settle = Literal["ack", "requeue", "reject"]
+ACK: Settle = "ack"
+REQUEUE: Settle = "requeue"
+REJECT: Settle = "reject"
 
 _SETTLE_ERRORS = AMQP_ERRORS
 
@@ -63,7 +71,7 @@ class Acks:
                 for tag in singles:
                     await self.underlay.basic_ack(tag, wait=False)
             except _SETTLE_ERRORS as exc:  # the broker redelivers what we could not ack
-                log.debug("mqkit: ack failed: %s", describe(exc))
+                log.debug("ack failed: %s", describe(exc))
 
     async def nack(self, tag: int, *, requeue: bool = True) -> None:
         """Return one delivery to its queue; ``requeue=False``: reject it (the broker
@@ -75,7 +83,7 @@ class Acks:
                 try:
                     await self.underlay.basic_nack(tag, requeue=requeue, wait=False)
                 except _SETTLE_ERRORS as exc:
-                    log.debug("mqkit: nack failed: %s", describe(exc))
+                    log.debug("nack failed: %s", describe(exc))
 
     async def requeue_rest(self) -> None:
         """Return every delivery not settled yet (call after the last flush)."""
@@ -85,5 +93,5 @@ class Acks:
                 try:
                     await self.underlay.basic_nack(last, multiple=True, requeue=True, wait=False)
                 except _SETTLE_ERRORS as exc:
-                    log.debug("mqkit: nack failed: %s", describe(exc))
+                    log.debug("nack failed: %s", describe(exc))
             self.window.clear()

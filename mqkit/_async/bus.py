@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mqkit.consumers import plan_subscriber
 from mqkit.handlers import check_handler, role
+from mqkit.lifecycle import Pipeline
 from mqkit.messages import Event
 from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
@@ -24,6 +25,8 @@ from .consumer import AsyncConsumer
 
 if TYPE_CHECKING:
     from .connection import Link
+    from .declarer import Declarer
+    from .publisher import Publisher
 
 __all__ = ["AsyncEventBus"]
 
@@ -55,12 +58,18 @@ class AsyncEventBus:
     def __init__(
         self,
         link: Link,
+        declarer: Declarer,
+        publisher: Publisher,
+        pipeline: Pipeline,
         *,
         service: str,
         exchange: str,
         subscribed: set[str] | None = None,
     ) -> None:
         self._link = link
+        self._declarer = declarer
+        self._publisher = publisher
+        self._pipeline = pipeline
         self._service = service
         self._exchange = Exchange(exchange, type="topic", durable=True)
         self._target = PublishTarget(Event, exchange, owner="EventBus")
@@ -69,7 +78,7 @@ class AsyncEventBus:
         self._started = False
         self._ever_started = False
         self._stopped = asyncio.Event()
-        self._declared = False  # the exchange (the link also caches it; this skips the lookup)
+        self._declared = False  # the exchange (the declarer caches it too; this skips the lookup)
         self._background: set[asyncio.Task[None]] = set()
 
     def __await__(self) -> Generator[None, None, AsyncEventBus]:
@@ -193,14 +202,16 @@ class AsyncEventBus:
             prefetch=prefetch,
             concurrency=concurrency,
         )
-        consumer: AsyncConsumer[Any] = AsyncConsumer(self._link, plan, handler)
+        consumer: AsyncConsumer[Any] = AsyncConsumer(
+            self._link, self._declarer, self._publisher, self._pipeline, plan, handler
+        )
         self._consumers.append(consumer)
         if self._started:
             # Subscribing on a running bus: start the new subscription in the background.
             task = asyncio.get_running_loop().create_task(consumer.start())
             self._background.add(task)  # a task nothing refers to may be collected mid-way
             task.add_done_callback(self._background.discard)
-            task.add_done_callback(_log_failure)
+            task.add_done_callback(_start_failed)
 
     async def publish(
         self,
@@ -227,7 +238,7 @@ class AsyncEventBus:
         )
         if not self._declared:
             await self._declare()
-        await self._link.publishing.publish(
+        await self._publisher.publish(
             envelope, exchange=self._exchange.name, routing_key=key, mandatory=mandatory
         )
         return envelope.message_id
@@ -242,7 +253,7 @@ class AsyncEventBus:
         self._ever_started = True
 
     async def _declare(self) -> None:
-        await self._link.declare([self._exchange])
+        await self._declarer.declare([self._exchange])
         self._declared = True
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -276,8 +287,8 @@ class AsyncEventBus:
         await self.stop()
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
+def _start_failed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logging.getLogger("mqkit").error(
+        logging.getLogger("mqkit.consumer").error(
             "a subscription added to a running bus failed to start: %s", task.exception()
         )

@@ -25,6 +25,7 @@ from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.declaring import expand
 from mqkit.handlers import check_handler, role
 from mqkit.health import Health, health_of
+from mqkit.lifecycle import LogObserver, Pipeline
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
@@ -34,12 +35,14 @@ from .bus import AsyncEventBus
 from .connection import Link
 from .consumer import AsyncConsumer, as_async
 from .dead_letters import AsyncDeadLetterQueue
+from .declarer import Declarer
 from .producer import AsyncProducer
+from .publisher import Publisher
 from .rpc import Requester, reply_step
 
 __all__ = ["AsyncClient"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.client")
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
@@ -59,8 +62,23 @@ class AsyncClient:
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self._settings = (settings or Settings()).merged(**overrides)
         self._id = uuid.uuid4().hex[:8]
-        self._link = Link(self._settings, name=f"mqkit async {self._settings.service} {self._id}")
-        self._requester = Requester(self._link)
+        name = f"mqkit async {self._settings.service} {self._id}"
+        # Two connections, as RabbitMQ advises: a memory or disk alarm blocks the publishing
+        # one, and consumers (and declares) on the other keep going.
+        # What happens is reported to one pipeline; logging is one of its observers.
+        self._pipeline = Pipeline([LogObserver()])
+        self._link = Link(self._settings, self._pipeline, purpose="consuming", connection_name=name)
+        self._publish_link = Link(
+            self._settings,
+            self._pipeline,
+            purpose="publishing",
+            connection_name=f"{name} publishing",
+        )
+        self._publisher = Publisher(self._publish_link, self._pipeline)
+        self._declarer = Declarer(self._link)
+        self._requester = Requester(self._link, self._publisher)
+        self._link.register(self._declarer)
+        self._publish_link.register(self._publisher)
         self._made: list[tuple[Made, AsyncConsumer[Any] | AsyncEventBus]] = []
         self._subscribed: dict[tuple[str, str], set[str]] = {}  # (service, exchange): keys
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -70,7 +88,7 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         urls = ", ".join(mask_url(u) for u in self._settings.all_urls)
-        connected = self._link.connected and self._link.publish_link.connected
+        connected = self._link.connected and self._publish_link.connected
         state = "closed" if self._closed else ("connected" if connected else "idle")
         return f"<AsyncClient service={self._settings.service!r} {urls} {state}>"
 
@@ -84,7 +102,7 @@ class AsyncClient:
     @property
     def topology(self) -> tuple[Entity, ...]:
         """Every queue, exchange and binding declared so far (replayed after a reconnect)."""
-        return self._link.topology
+        return self._declarer.topology
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -96,6 +114,11 @@ class AsyncClient:
             raise explain.closed("connect")
         self._loop = asyncio.get_running_loop()
         await self._link.open()
+        try:
+            await self._publish_link.open()
+        except BaseException:
+            await self._link.disconnect()  # a later connect() tries again
+            raise
 
     async def close(self) -> None:
         """Stop consumers and buses gracefully (running handlers get
@@ -119,7 +142,11 @@ class AsyncClient:
         try:
             await self._stop_all([item for _, item in made], self._settings.drain_timeout)
         finally:
-            await self._link.close()
+            await self._close_links()
+
+    async def _close_links(self) -> None:
+        await self._publish_link.close()
+        await self._link.close()
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -137,7 +164,7 @@ class AsyncClient:
         WARNING, unless ``settings.declare='strict'`` (then: TopologyError)."""
         check_entities(entities)
         settings = self._settings
-        await self._link.declare(
+        await self._declarer.declare(
             expand(
                 entities, default_type=settings.queue_type, delivery_limit=settings.delivery_limit
             )
@@ -166,8 +193,8 @@ class AsyncClient:
             declared=self.topology,
         )
         if entities:
-            await self._link.declare(entities)
-        return AsyncProducer(self._link, target)
+            await self._declarer.declare(entities)
+        return AsyncProducer(self._link, self._publisher, target)
 
     def consumer(
         self,
@@ -197,7 +224,10 @@ class AsyncClient:
             declared=self.topology,
         )
         check_handler(handler, runtime="async", role=role("consumer", plan.queue))
-        return self._made_consumer(AsyncConsumer(self._link, plan, as_async(handler)), "consumer")
+        consumer: AsyncConsumer[T] = AsyncConsumer(
+            self._link, self._declarer, self._publisher, self._pipeline, plan, as_async(handler)
+        )
+        return self._made_consumer(consumer, "consumer")
 
     def event_bus(
         self, *, service: str | None = None, exchange: str | None = None
@@ -211,7 +241,15 @@ class AsyncClient:
         owner = service or self._settings.service
         name = exchange or self._settings.events_exchange
         subscribed = self._subscribed.setdefault((owner, name), set())
-        bus = AsyncEventBus(self._link, service=owner, exchange=name, subscribed=subscribed)
+        bus = AsyncEventBus(
+            self._link,
+            self._declarer,
+            self._publisher,
+            self._pipeline,
+            service=owner,
+            exchange=name,
+            subscribed=subscribed,
+        )
         self._made.append(("bus", bus))
         return bus
 
@@ -243,10 +281,17 @@ class AsyncClient:
         plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
         check_handler(handler, runtime="async", role=role("responder", plan.queue))
         wrapped = as_async(handler)
-        reply = reply_step(self._link, plan.queue, wrapped)
-        return self._made_consumer(
-            AsyncConsumer(self._link, plan, wrapped, reply=reply), "responder"
+        reply = reply_step(self._link, self._publisher, plan.queue, wrapped)
+        consumer: AsyncConsumer[T] = AsyncConsumer(
+            self._link,
+            self._declarer,
+            self._publisher,
+            self._pipeline,
+            plan,
+            wrapped,
+            reply=reply,
         )
+        return self._made_consumer(consumer, "responder")
 
     def _made_consumer(self, consumer: AsyncConsumer[T], kind: Made) -> AsyncConsumer[T]:
         self._made.append((kind, consumer))
@@ -254,7 +299,8 @@ class AsyncClient:
 
     def dead_letters(self, queue: str | Queue) -> AsyncDeadLetterQueue:
         """The dead letters of ``queue`` (its DLQ is ``f"{queue}.dlq"``)."""
-        return AsyncDeadLetterQueue(self._link, queue.name if isinstance(queue, Queue) else queue)
+        name = queue.name if isinstance(queue, Queue) else queue
+        return AsyncDeadLetterQueue(self._link, self._declarer, self._publisher, name)
 
     # ----------------------------------------------------------------- run / stop
 
@@ -307,7 +353,7 @@ class AsyncClient:
         if not drained:
             status = running.abandoning(signums[-1])
             self._closed = True  # close() has nothing left to wait for
-            await self._link.close()  # unacked deliveries go back to their queues
+            await self._close_links()  # unacked deliveries go back to their queues
             raise SystemExit(status)
 
     def stop(self) -> None:
@@ -383,13 +429,17 @@ class AsyncClient:
     def health(self) -> Health:
         """A snapshot for liveness/readiness probes; no I/O. ``publishing_blocked`` says the
         broker blocks publishing (a memory or disk alarm): consumers keep going meanwhile."""
-        started = self._link.restorables
+        started = self._consumers()
         return health_of(
             self._link,
-            self._link.publish_link,
+            self._publish_link,
             consumers=len(started),
-            consumers_attached=sum(1 for c in started if c.attached),
+            consumers_attached=sum(1 for consumer in started if consumer.attached),
         )
+
+    def _consumers(self) -> list[AsyncConsumer[Any]]:
+        """The started consumers (the link restores them after a reconnect)."""
+        return [item for item in self._link.restorables if isinstance(item, AsyncConsumer)]
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -1,45 +1,52 @@
-"""The asyncio link to RabbitMQ: connect with fail-over, reconnect in the background, open
-channels, declare topology, and translate aio-pika / aiormq errors (in one place).
-Publishing lives in :mod:`.publisher`, batched acking in :mod:`.acks`.
+"""The link to the broker: one aio-pika connection that survives losing it.
 
-A :class:`Link` owns one ``aio_pika`` connection (plain, not "robust": its consumer restore has
-known bugs) and a supervisor that replaces it when it is lost: it tries ``settings.all_urls`` in
-order with tenacity backoff, re-declares everything in :attr:`Link.topology`, then asks every
-registered :class:`Restorable` (the started consumers) to attach again.
+aio-pika's "robust" connection restores consumers with known bugs, so a :class:`Link` holds a
+plain ``aio_pika`` connection and replaces it itself. Channels are opened in :mod:`.channel`,
+topology is declared in :mod:`.declarer`, publishing lives in :mod:`.publisher`, batched
+acking in :mod:`.acks`.
 
-A client's link publishes on a second link of its own (:attr:`Link.publish_link`), as RabbitMQ
-advises: a broker in a memory or disk alarm blocks every connection that publishes until the
-alarm clears, and consumers and declares on the other connection keep going meanwhile. Each
-link logs the broker's ``connection.blocked`` / ``connection.unblocked`` and keeps the reason
-in :attr:`Link.blocked`.
+A client holds two links: one for publishing and one for consuming and declaring
+(``Link(settings, pipeline, purpose="publishing")``). A broker in a memory or disk alarm
+blocks every connection that publishes until the alarm clears; on a connection of their own,
+consumers keep taking and acking messages meanwhile. The link reports the broker's
+``connection.blocked`` / ``connection.unblocked`` to the pipeline and keeps the reason in
+:attr:`Link.blocked`.
 
-Hot paths (publishing, acking) talk to the aiormq channel under the aio-pika channel: the same
-protocol objects aio-pika itself uses, without building an aio-pika message per delivery.
+Connecting tries each URL of ``settings.all_urls`` in order, waiting
+:data:`mqkit.backoff.LINK_BACKOFF` between rounds, within ``connect_timeout``. After a loss
+(reported as :class:`~mqkit.lifecycle.LinkLost`), a supervisor task does the same without a
+deadline (never giving up while the client is open), then restores every registered
+:class:`~mqkit.shell.AsyncRestorable` (topology, consumers), and reports
+:class:`~mqkit.lifecycle.LinkRestored`. aio-pika and aiormq exceptions become mqkit errors in
+:func:`translate`, the one place that does it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import aio_pika
 import aio_pika.abc
-import aiormq
-import aiormq.abc
 import aiormq.exceptions as amqp
+import tenacity
 from aio_pika.connection import make_url
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from mqkit import explain, tls
-from mqkit.declaring import DeclareMode, checks_only, missing_advice, use_existing
-from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
-from mqkit.messages import Incoming, to_datetime
+from mqkit.backoff import LINK_BACKOFF
+from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.lifecycle import (
+    LinkLost,
+    LinkRestored,
+    Pipeline,
+    PublishingBlocked,
+    PublishingUnblocked,
+)
 from mqkit.settings import Settings, mask_url
-from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
+from mqkit.shell import AsyncRestorable
 
 from . import lenient
 
@@ -47,20 +54,21 @@ __all__ = [
     "AMQP_ERRORS",
     "LINK_ERRORS",
     "RPC_ERRORS",
+    "RPC_TIMEOUT",
+    "AsyncRestorable",
     "Link",
-    "Restorable",
     "cancelling",
     "connect_error",
     "describe",
-    "incoming_of",
+    "reply_of",
     "reply_text",
+    "returned_reply",
     "translate",
 ]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.connection")
 
-RECONNECT_MAX_DELAY = 5.0
-RPC_TIMEOUT = 30.0
+RPC_TIMEOUT = 30.0  # seconds the broker has to answer one channel operation
 
 # Errors that mean "the link (connection or channel) went away", not "the broker said no".
 LINK_ERRORS: tuple[type[BaseException], ...] = (
@@ -71,209 +79,50 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,  # aio-pika: "Connection was not opened" / "... closed"
 )
 
-
 # What a channel operation may raise besides the broker's answer.
 AMQP_ERRORS: tuple[type[BaseException], ...] = (amqp.AMQPError, *LINK_ERRORS)
 RPC_ERRORS: tuple[type[BaseException], ...] = (amqp.AMQPError, asyncio.TimeoutError, *LINK_ERRORS)
 
 
-class Restorable(Protocol):
-    """Something attached to the broker that must attach again after a reconnect.
-
-    ``_restore`` is private: the link calls it, users never do.
-    """
-
-    async def _restore(self) -> None:
-        """Attach again on the (new) connection; idempotent."""
-
-    @property
-    def attached(self) -> bool:
-        """Whether it is attached to the broker right now."""
-
-
-# --------------------------------------------------------------------------- error translation
-
-
-def describe(exc: BaseException | None) -> str:
-    """A one-line, password-free description of an aio-pika/aiormq/OS error."""
-    if exc is None:
-        return "connection closed"
-    tls_problem = tls.ssl_reason(exc)
-    if tls_problem is not None:
-        return mask_url(tls_problem)
-    if isinstance(exc, amqp.DeliveryError):
-        text = str(exc)
-    elif isinstance(exc, amqp.AMQPError) and exc.args:
-        text = " ".join(str(a) for a in exc.args if a is not None)
-    else:
-        text = str(exc) or type(exc).__name__
-    return mask_url(f"{type(exc).__name__}: {text}")
-
-
-def reply_text(exc: BaseException) -> str:
-    """The broker's reply text of an aiormq error (password-free)."""
-    args = [str(a) for a in getattr(exc, "args", ()) if a is not None]
-    return mask_url(" ".join(args) or str(exc))
-
-
-def translate(exc: BaseException, *, what: str, missing: str | None = None) -> MqkitError:
-    """Turn an aio-pika/aiormq exception into the mqkit error for ``what`` was being done
-    (e.g. "declare queue 'orders'"); ``missing``: the advice when the broker says NOT_FOUND.
-
-    This is the one place the async shell maps client errors (the words come from
-    :mod:`mqkit.explain`); callers ``raise ... from exc``.
-    """
-    if isinstance(exc, MqkitError):
-        return exc
-    if isinstance(exc, amqp.PublishError):  # a mandatory publish came back (basic.return)
-        returned: Any = exc.message.delivery if exc.message is not None else None
-        reply = f"{returned.reply_code} {returned.reply_text}" if returned else reply_text(exc)
-        return explain.unroutable(what, reply)
-    if isinstance(exc, amqp.DeliveryError):
-        return explain.nacked(what)
-    if isinstance(exc, amqp.AMQPChannelError):
-        code, text = _reply(exc)
-        return explain.broker_refused(code, text, what=what, missing=missing)
-    if isinstance(exc, asyncio.TimeoutError):
-        return explain.no_answer(what)
-    return explain.link_lost(what, describe(exc))
-
-
-_CODES: tuple[tuple[type[amqp.AMQPChannelError], int], ...] = (
-    (amqp.ChannelPreconditionFailed, explain.PRECONDITION_FAILED),
-    (amqp.ChannelNotFoundEntity, explain.NOT_FOUND),
-    (amqp.ChannelLockedResource, explain.RESOURCE_LOCKED),
-    (amqp.ChannelAccessRefused, explain.ACCESS_REFUSED),
-)
-
-
-def _reply(exc: amqp.AMQPChannelError) -> tuple[int | None, str]:
-    """The reply code and text of a channel the broker closed (aiormq raises one class per
-    known code, with the text as its argument; others as ``ChannelClosed(code, text)``)."""
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            return code, reply_text(exc)
-    if len(exc.args) == 2 and isinstance(exc.args[0], int):
-        return exc.args[0], mask_url(str(exc.args[1]))
-    return None, reply_text(exc)
-
-
-def connect_error(url: str, exc: BaseException) -> ConnectionFailed | None:
-    """The error for a connection attempt to ``url`` that failed with ``exc`` in a way
-    another attempt cannot fix (TLS, EXTERNAL login, wrong credentials, unknown vhost);
-    ``None`` otherwise. The connecting half of :func:`translate`."""
-    problem = tls.failure(url, exc)
-    if problem is not None:
-        return problem
-    if isinstance(exc, (amqp.ProbableAuthenticationError, amqp.AuthenticationError)):
-        return explain.wrong_credentials(url, describe(exc))
-    text = reply_text(exc)
-    if isinstance(exc, amqp.InvalidFrameError):
-        # aiormq reports the broker's Connection.Close in answer to Connection.Open (unknown
-        # vhost, or no permission on it) as an unexpected frame.
-        vhost = "Connection.OpenOk" in text and "Connection.Close" in text
-    else:
-        vhost = isinstance(exc, amqp.ConnectionClosed) and "vhost" in text.lower()
-    return explain.unknown_vhost(url, describe(exc)) if vhost else None
-
-
-# --------------------------------------------------------------------------- wire helpers
-
-
-def incoming_of(message: aiormq.abc.DeliveredMessage) -> Incoming:
-    """A delivery (basic.deliver or basic.get-ok) as the core sees it."""
-    props = message.header.properties
-    delivery: Any = message.delivery
-    return Incoming(
-        body=message.body,
-        delivery_tag=delivery.delivery_tag,
-        message_id=props.message_id,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        type=props.message_type,
-        app_id=props.app_id,
-        content_type=props.content_type,
-        timestamp=to_datetime(props.timestamp),
-        headers=lenient.encodable(props.headers) if props.headers else {},
-        priority=props.priority,
-        expiration=props.expiration,
-        redelivered=bool(delivery.redelivered),
-        exchange=delivery.exchange or "",
-        routing_key=delivery.routing_key or "",
-    )
-
-
-def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    """The TLS context for an amqps:// URL (raises tls.TLSSetupError; see :mod:`mqkit.tls`)."""
-    return tls.ssl_context(settings)
-
-
-async def _discard(connection: aio_pika.abc.AbstractConnection) -> None:
-    """Close a connection that failed or was lost, whatever state it is in."""
-    try:
-        await asyncio.wait_for(connection.close(), timeout=5)
-    except Exception as exc:  # it is dead already; closing is only bookkeeping
-        log.debug("mqkit: closing a dead connection: %s", describe(exc))
-
-
 class _Unreachable(Exception):
-    """Every URL failed this round (network-level); worth another try."""
-
-
-# --------------------------------------------------------------------------- the link
+    """Internal: every URL failed this round (network-level); worth another try."""
 
 
 class Link:
-    """One connection to the broker that survives losing it.
+    """One connection of a client: (re)connecting, and what depends on it.
 
-    ``open()`` connects (raising :class:`ConnectionFailed` within ``connect_timeout``);
-    afterwards the link reconnects by itself until ``close()``.
-
-    ``purpose`` names the connection in log lines. ``separate_publishing`` (the default) gives
-    the link a second link, :attr:`publish_link`, opened and closed with it, on which
-    :attr:`publishing` publishes; without it the link publishes on its own connection.
+    ``purpose`` names the connection in log lines, ``connection_name`` in the broker's
+    connection list. A registered :class:`AsyncRestorable` hears ``_link_lost`` as soon as the
+    connection is gone, and ``_restore`` once a new one is up (before the link counts as
+    connected again: it opens its channels with ``wait_ready=False``).
     """
 
     def __init__(
         self,
         settings: Settings,
+        pipeline: Pipeline,
         *,
-        name: str,
-        purpose: str = "consuming",
-        separate_publishing: bool = True,
+        purpose: str = "",
+        connection_name: str = "",
     ) -> None:
         self.settings = settings
-        self.name = name
+        self._pipeline = pipeline
         self.purpose = purpose
+        self.connection_name = connection_name or f"mqkit:{settings.service}"
+        self.url = ""  # the broker in use, password masked
         self.reconnects = 0
-        self.last_error_at = 0.0  # loop-independent time.monotonic() of the last error
+        self.last_error_at = 0.0  # time.monotonic() of the last error (0.0: none yet)
         self._last_error: str | None = None
         self.blocked: str | None = None  # why the broker blocks this connection, if it does
-        self.url = ""
         self._connection: aio_pika.abc.AbstractConnection | None = None
-        self._ready = asyncio.Event()
-        self._closing = False
+        self._ready = asyncio.Event()  # connected and restored
+        self._closed = False
         self._opened = False
-        self._reconnector: asyncio.Task[None] | None = None
-        # The import is here because publisher.py builds on this module.
-        from .publisher import Publisher
-
-        self.publish_link = self
-        if separate_publishing:
-            self.publish_link = Link(
-                settings, name=f"{name} publishing", purpose="publishing", separate_publishing=False
-            )
-            self.publishing: Publisher = self.publish_link.publishing
-        else:
-            self.publishing = Publisher(self)
-        self._declarer: aiormq.abc.AbstractChannel | None = None
-        self._declare_lock = asyncio.Lock()
-        self._topology: dict[Entity, None] = {}
-        self._existing: set[Entity] = set()  # found in another shape: checked, not declared
-        self._restorables: dict[Restorable, None] = {}
+        self._supervisor: asyncio.Task[None] | None = None
+        self._restorables: list[AsyncRestorable] = []
         self._background: set[asyncio.Future[Any]] = set()
 
-    # ----------------------------------------------------------------- state
+    # -- state -------------------------------------------------------------------------
 
     @property
     def last_error(self) -> str | None:
@@ -286,91 +135,167 @@ class Link:
         self.last_error_at = time.monotonic()
 
     @property
+    def name(self) -> str:
+        """How log lines name this connection ("the publishing connection to ...")."""
+        return f"the {self.purpose} connection" if self.purpose else "the connection"
+
+    @property
     def connected(self) -> bool:
-        """Connected and the topology re-declared."""
+        """Connected and restored (no I/O)."""
         return self._ready.is_set() and self._connection is not None
 
     @property
     def opened(self) -> bool:
-        """``open()`` succeeded (the link may be down or closed since)."""
+        """Whether :meth:`open` succeeded (the link may be down or closed since)."""
         return self._opened
 
     @property
     def closed(self) -> bool:
-        """``close()`` was called."""
-        return self._closing
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     @property
-    def topology(self) -> tuple[Entity, ...]:
-        """Every entity declared so far, in declaration order."""
-        return tuple(self._topology)
-
-    @property
-    def restorables(self) -> tuple[Restorable, ...]:
-        """The started consumers."""
+    def restorables(self) -> tuple[AsyncRestorable, ...]:
+        """The registered parts (the declarer, the started consumers)."""
         return tuple(self._restorables)
 
-    def forget(self, entities: Iterable[Entity]) -> None:
-        """Stop re-declaring ``entities`` (temporary ones that went away with a consumer)."""
-        for entity in entities:
-            self._topology.pop(entity, None)
-            self._existing.discard(entity)
+    def register(self, item: AsyncRestorable) -> None:
+        """Have ``item`` told about losses and restored after each reconnect."""
+        if item not in self._restorables:
+            self._restorables.append(item)
 
-    def register(self, item: Restorable) -> None:
-        """Restore ``item`` after every reconnect (until :meth:`unregister`)."""
-        self._restorables[item] = None
-
-    def unregister(self, item: Restorable) -> None:
+    def unregister(self, item: AsyncRestorable) -> None:
         """Stop restoring ``item``."""
-        self._restorables.pop(item, None)
+        if item in self._restorables:
+            self._restorables.remove(item)
 
-    # ----------------------------------------------------------------- connect / close
+    async def wait_ready(self, timeout: float | None) -> bool:
+        """Wait until connected (``False`` after ``timeout`` seconds or once closed)."""
+        if self._ready.is_set():
+            return True
+        if self._closed or not self._opened:
+            return False
+        if timeout is not None and timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return not self._closed
+
+    # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, trying every URL with backoff until ``connect_timeout``."""
+        """Connect, trying every URL with back-off; :class:`ConnectionFailed` within
+        connect_timeout. Idempotent."""
         if self._opened:
             return
-        deadline = time.monotonic() + self.settings.connect_timeout
-        urls = self.settings.all_urls
-        tried: list[str] = []
-        last: list[BaseException] = []
-
-        def wait(state: RetryCallState) -> float:
-            delay = wait_exponential(multiplier=0.1, min=0.05, max=2.0)(state)
-            return float(max(0.0, min(delay, deadline - time.monotonic())))
-
-        def stop(state: RetryCallState) -> bool:
-            return time.monotonic() >= deadline - 0.02
-
-        try:
-            async for attempt in AsyncRetrying(
-                wait=wait, stop=stop, retry=retry_if_exception_type(_Unreachable), reraise=True
-            ):
-                with attempt:
-                    connection, url = await self._connect_any(urls, deadline, tried, last)
-        except _Unreachable:
-            cause = describe(last[-1]) if last else None
-            error = explain.unreachable(tried or urls, self.settings.connect_timeout, cause)
-            self.last_error = str(error)
-            raise error from (last[-1] if last else None)
-        self._install(connection, url)
+        if self._closed:
+            raise explain.closed("connect")
+        await self._connect(deadline=time.monotonic() + self.settings.connect_timeout)
         self._opened = True
+        try:
+            await self._restore_all()
+        except BaseException:
+            await self.disconnect()
+            raise
         self._ready.set()
-        if self.publish_link is not self:
-            try:
-                await self.publish_link.open()
-            except BaseException:
-                await self._unopen()
-                raise
 
-    async def _unopen(self) -> None:
-        """Back to before :meth:`open` (the publishing link could not connect): a later
+    async def disconnect(self) -> None:
+        """Back to before :meth:`open` (the client's other link could not connect): a later
         ``open()`` tries again."""
         connection, self._connection = self._connection, None
         self._ready.clear()
         self._opened = False
         if connection is not None:
             await _discard(connection)
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ready.clear()
+        supervisor = self._supervisor
+        if supervisor is not None and not supervisor.done():
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                await asyncio.wait_for(connection.close(), timeout=10)
+            except Exception as exc:  # closing a dead connection may fail; it is closed anyway
+                log.debug("error while closing the connection: %s", describe(exc))
+
+    # -- what the parts use --------------------------------------------------------------
+
+    @property
+    def connection(self) -> aio_pika.abc.AbstractConnection | None:
+        """The open connection, if any (ready or still being restored)."""
+        connection = self._connection
+        return connection if connection is not None and not connection.is_closed else None
+
+    def require_open(self, what: str) -> None:
+        """Raise :class:`ConnectionFailed` unless the link was opened and not closed."""
+        if self._closed:
+            raise explain.closed(what)
+        if not self._opened:
+            raise ConnectionFailed(
+                f"{what}: the client is not connected; use `async with AsyncClient(...)` "
+                "or `await client.connect()` first"
+            )
+
+    def down_error(self, what: str, timeout: float) -> ConnectionFailed:
+        """The error for an operation that found no connection within ``timeout``."""
+        if self._closed:
+            return explain.closed(what)
+        return explain.not_connected(what, timeout, self.last_error)
+
+    # -- connecting ----------------------------------------------------------------------
+
+    async def _connect(self, deadline: float | None) -> None:
+        """Connect to the first URL that answers, with back-off; ``deadline=None``: until it
+        works (errors of credentials or vhost are retried then too: they may be fixed)."""
+        urls = self.settings.all_urls
+        tried: list[str] = []
+        last: list[BaseException] = []
+
+        async def one_round() -> tuple[aio_pika.abc.AbstractConnection, str]:
+            try:
+                return await self._connect_any(urls, deadline, tried, last)
+            except _Unreachable:
+                self.last_error = describe(last[-1]) if last else "no URL answered"
+                raise
+            except ConnectionFailed as exc:
+                self.last_error = mask_url(str(exc))
+                raise
+
+        if deadline is None:
+            retry = tenacity.retry_if_exception_type((_Unreachable, ConnectionFailed))
+            stop: Any = tenacity.stop_never
+        else:
+            retry = tenacity.retry_if_exception_type(_Unreachable)
+            stop = _stop_at(deadline)
+        retrying = tenacity.AsyncRetrying(
+            retry=retry,
+            wait=LINK_BACKOFF.wait(deadline=deadline),  # a last try at the deadline
+            stop=stop,
+            reraise=True,
+        )
+        connection: aio_pika.abc.AbstractConnection
+        url: str
+        try:
+            connection, url = await retrying(one_round)
+        except _Unreachable:
+            last_cause = last[-1] if last else None
+            error = explain.unreachable(
+                tried or urls,
+                self.settings.connect_timeout,
+                describe(last_cause) if last_cause else None,
+            )
+            self.last_error = str(error)
+            raise error from last_cause
+        self._install(connection, url)
 
     async def _connect_any(
         self,
@@ -390,7 +315,7 @@ class Link:
                 per_try = min(left, max(2.0, self.settings.connect_timeout / len(urls)))
             tried.append(url)
             try:
-                return await self._connect_one(url, per_try), url
+                return await self._attempt(url, per_try), url
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -398,10 +323,11 @@ class Link:
                 fatal = connect_error(url, exc)
                 if fatal is not None:
                     raise fatal from exc
-                log.debug("mqkit: cannot connect to %s: %s", mask_url(url), describe(exc))
+                log.debug("connecting to %s failed: %s", mask_url(url), describe(exc))
         raise _Unreachable()
 
-    async def _connect_one(self, url: str, timeout: float) -> aio_pika.abc.AbstractConnection:
+    async def _attempt(self, url: str, timeout: float) -> aio_pika.abc.AbstractConnection:
+        """Open one connection to ``url``."""
         # aio_pika.connect() drops the Connection object when connecting fails, and an
         # unclosed one warns when collected; build it here so a failure closes it.
         options: dict[str, Any] = {"heartbeat": self.settings.heartbeat}
@@ -411,8 +337,8 @@ class Link:
             options["auth"] = "external"
         connection = aio_pika.Connection(
             make_url(url, **options),
-            ssl_context=_ssl_context(self.settings) if tls.uses_tls(url) else None,
-            client_properties={"connection_name": self.name},
+            ssl_context=tls.ssl_context(self.settings) if tls.uses_tls(url) else None,
+            client_properties={"connection_name": self.connection_name},
         )
         lenient.install(connection, url)  # content headers pamqp cannot decode: repaired
         try:
@@ -431,304 +357,124 @@ class Link:
     def _install(self, connection: aio_pika.abc.AbstractConnection, url: str) -> None:
         self._connection = connection
         self.url = mask_url(url)
-        self._declarer = None
-        self.blocked = None
+        self.blocked = None  # a new connection starts unblocked
         connection.close_callbacks.add(self._on_connection_closed)
         _watch_blocked(connection, self._on_blocked, self._on_unblocked)
+
+    # -- blocked by the broker ---------------------------------------------------------------
 
     def _on_blocked(self, connection: aio_pika.abc.AbstractConnection, reason: str) -> None:
         """The broker blocks this connection (a memory or disk alarm)."""
         if connection is not self._connection:
             return
         self.blocked = reason or "a resource alarm"
-        log.warning(
-            "the broker blocked the %s connection to %s (%s): publishes get no confirm until "
-            "its memory or disk alarm clears",
-            self.purpose,
-            self.url,
-            self.blocked,
-        )
+        self._pipeline.emit(PublishingBlocked(self.blocked, service=self.settings.service))
 
     def _on_unblocked(self, connection: aio_pika.abc.AbstractConnection) -> None:
         """The broker's alarm cleared."""
-        if connection is not self._connection:
+        if connection is not self._connection or self.blocked is None:
             return
-        if self.blocked is not None:
-            self.blocked = None
-            log.info(
-                "the broker unblocked the %s connection to %s; publishing resumes",
-                self.purpose,
-                self.url,
-            )
+        self.blocked = None
+        self._pipeline.emit(PublishingUnblocked(service=self.settings.service))
 
-    def _on_connection_closed(self, sender: Any, exc: BaseException | None = None) -> None:
-        connection = self._connection
-        if connection is None or sender is not connection or self._closing:
-            return
-        self.last_error = describe(exc)
-        self._drop(connection)  # its transport is gone; release the object too
-        log.warning(
-            "lost the %s connection to %s (%s); reconnecting",
-            self.purpose,
-            self.url,
-            self.last_error,
+    # -- losing and restoring --------------------------------------------------------------
+
+    def _on_connection_closed(self, connection: Any, reason: BaseException | None = None) -> None:
+        """A connection closed (ours on purpose, or lost)."""
+        current = self._connection
+        if current is None or connection is not current or self._closed:
+            return  # an old one, or the client was closed
+        self.last_error = describe(reason)
+        self._drop(current)  # its transport is gone; release the object too
+        self._pipeline.emit(
+            LinkLost(self.url, self.last_error or "", service=self.settings.service)
         )
-        if self._reconnector is None or self._reconnector.done():
-            self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
+        self._lost(reason or ConnectionError(self.last_error))
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _lost(self, reason: BaseException) -> None:
+        for item in self.restorables:
+            try:
+                item._link_lost(reason)
+            except Exception:
+                log.exception("error while handling the connection loss")
 
-    async def _reconnect(self) -> None:
-        """Reconnect until it works or the link is closed; then replay topology and consumers.
+    async def _supervise(self) -> None:
+        """Supervisor task: reconnect (forever, with back-off) and restore, until ready.
 
-        Loops until the connection it set up is still the current, open one after the replay:
-        a connection lost while re-declaring or restoring consumers finds this task still
-        running (so ``_on_connection_closed`` starts no other) and must be replaced here.
+        A connection lost while restoring finds this task still running (so
+        ``_on_connection_closed`` starts no other): it loops until the connection it set up
+        is still the current, open one after the restore.
         """
-        while not self._closing:
-            connection, url = await self._connect_until_up()
-            if self._closing:
-                await _discard(connection)
-                return
-            self._install(connection, url)
-            for entity in list(self._topology):
-                if not self._is_current(connection):
+        failures = 0
+        while not self._closed:
+            try:
+                await self._connect(deadline=None)
+                self.reconnects += 1  # connected again, even if it is lost while restoring
+                await self._restore_all()
+            except Exception as exc:
+                if self._closed:
                     break
-                try:
-                    await self._declare_entity(entity)
-                except Exception as exc:  # keep going: one bad entity must not block the rest
-                    log.error("mqkit: could not re-declare after reconnecting: %s", exc)
-            if self._is_current(connection):
-                self.reconnects += 1
-                # Restoring consumers opens channels, which waits for the link to be ready.
+                failures += 1
+                error = str(exc) if isinstance(exc, MqkitError) else describe(exc)
+                self.last_error = mask_url(error)
+                log.warning("reconnecting %s failed (%s); retrying", self.name, self.last_error)
+                self._drop_connection(exc)  # start over from a clean slate
+                await asyncio.sleep(LINK_BACKOFF.delay(failures))
+                continue
+            if self.connection is not None:
                 self._ready.set()
-                log.warning(
-                    "reconnected the %s connection to %s (reconnect #%d)",
-                    self.purpose,
-                    self.url,
-                    self.reconnects,
+                self._pipeline.emit(
+                    LinkRestored(self.url, self.reconnects, service=self.settings.service)
                 )
-                for item in list(self._restorables):
-                    try:
-                        await item._restore()
-                    except Exception as exc:
-                        log.error(
-                            "mqkit: could not restore %r after reconnecting: %s",
-                            item,
-                            describe(exc),
-                        )
-            if self._is_current(connection):
                 return
-            self._drop(connection)
-            log.warning(
-                "mqkit: lost the connection to %s again while restoring (%s); reconnecting",
-                self.url,
-                self.last_error,
-            )
 
-    def _is_current(self, connection: aio_pika.abc.AbstractConnection) -> bool:
-        return self._connection is connection and not connection.is_closed
+    def _drop_connection(self, reason: BaseException) -> None:
+        """Close the current connection, if any (a restore that failed half-way); its
+        parts hear that it is lost."""
+        connection = self._connection
+        if connection is not None:
+            self._drop(connection)
+            self._lost(reason)
 
     def _drop(self, connection: aio_pika.abc.AbstractConnection) -> None:
         """Forget ``connection`` (lost) if it is still the current one."""
         if self._connection is connection:
             self._ready.clear()
             self._connection = None
-            self._declarer = None
             self.blocked = None
             self._spawn(_discard(connection))
 
-    async def _connect_until_up(self) -> tuple[aio_pika.abc.AbstractConnection, str]:
-        """Try every URL with backoff until one answers (or the task is cancelled)."""
-        urls = self.settings.all_urls
-        async for attempt in AsyncRetrying(
-            wait=wait_exponential(multiplier=0.2, min=0.1, max=RECONNECT_MAX_DELAY),
-            retry=retry_if_exception_type(Exception),
-        ):
-            with attempt:
-                last: list[BaseException] = []
-                try:
-                    return await self._connect_any(urls, None, [], last)
-                except _Unreachable:
-                    self.last_error = describe(last[-1]) if last else "no URL answered"
-                    raise
-                except ConnectionFailed as exc:  # credentials or vhost: may be fixed later
-                    self.last_error = mask_url(str(exc))
-                    raise
-        raise AssertionError("unreachable: tenacity retries until success")
+    async def _restore_all(self) -> None:
+        for item in self.restorables:
+            await item._restore()
 
-    async def close(self) -> None:
-        """Close the connection (and :attr:`publish_link`'s) and stop reconnecting;
-        idempotent."""
-        if self.publish_link is not self:
-            await self.publish_link.close()
-        if self._closing:
-            return
-        self._closing = True
-        self._ready.clear()
-        if self._reconnector is not None and not self._reconnector.done():
-            self._reconnector.cancel()
-            await asyncio.gather(self._reconnector, return_exceptions=True)
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                await asyncio.wait_for(connection.close(), timeout=10)
-            except Exception as exc:  # closing a dead connection may fail; it is closed anyway
-                log.debug("mqkit: error while closing the connection: %s", describe(exc))
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    # ----------------------------------------------------------------- channels
 
-    async def wait_ready(self, timeout: float | None) -> bool:
-        """Wait up to ``timeout`` seconds for the link; whether it is up."""
-        if self._ready.is_set():
-            return True
-        if self._closing or not self._opened:
-            return False
-        if timeout is not None and timeout <= 0:
-            return False
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return not self._closing
+def _stop_at(deadline: float) -> Callable[[tenacity.RetryCallState], bool]:
+    def stop(_state: tenacity.RetryCallState) -> bool:
+        return time.monotonic() >= deadline - 0.02
 
-    def require_open(self, what: str) -> None:
-        """Raise ConnectionFailed unless the link was opened and not closed."""
-        if self._closing:
-            raise explain.closed(what)
-        if not self._opened:
-            raise ConnectionFailed(
-                f"{what}: the client is not connected; use `async with AsyncClient(...)` "
-                "or `await client.connect()` first"
-            )
+    return stop
 
-    async def channel(
-        self, *, confirms: bool = False, timeout: float | None = None
-    ) -> aio_pika.abc.AbstractChannel:
-        """A new aio-pika channel (waiting up to ``timeout`` in all, for the link and for the
-        broker to open it; default ``connect_timeout`` for the link, RPC_TIMEOUT to open)."""
-        self.require_open("open a channel")
-        wait = self.settings.connect_timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
-        if not await self.wait_ready(wait):
-            raise explain.not_connected("open a channel", wait, self.last_error)
-        left = None if timeout is None else max(0.001, deadline - time.monotonic())
-        return await self._open_channel(confirms, left)
 
-    async def _open_channel(
-        self, confirms: bool, timeout: float | None = None
-    ) -> aio_pika.abc.AbstractChannel:
-        """A channel on the current connection, ready or not (topology replay uses it);
-        the broker has ``timeout`` (at most RPC_TIMEOUT) seconds to open it."""
-        connection = self._connection
-        if connection is None:
-            raise explain.link_lost("open a channel", self.last_error or "connection closed")
-        wait = RPC_TIMEOUT if timeout is None else min(timeout, RPC_TIMEOUT)
-        try:
-            channel = connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
-            await asyncio.wait_for(channel.initialize(), wait)
-        except AMQP_ERRORS as exc:
-            raise translate(exc, what="open a channel") from exc
-        except asyncio.TimeoutError as exc:
-            raise explain.no_answer("open a channel", wait) from exc
-        return channel
-
-    async def underlay(
-        self, *, confirms: bool = False, timeout: float | None = None
-    ) -> aiormq.abc.AbstractChannel:
-        """A new aiormq channel (the protocol object under an aio-pika channel), within
-        ``timeout`` seconds (see :meth:`channel`)."""
-        channel = await self.channel(confirms=confirms, timeout=timeout)
-        return await channel.get_underlay_channel()
-
-    # ----------------------------------------------------------------- declare
-
-    async def declare(self, entities: Iterable[Entity], *, force: bool = False) -> None:
-        """Declare what is not declared yet (``force``: all of it); cache it for replay."""
-        todo = [e for e in entities if force or e not in self._topology]
-        if not todo:
-            return
-        self.require_open("declare topology")
-        if not await self.wait_ready(self.settings.connect_timeout):
-            raise explain.not_connected(
-                "declare topology", self.settings.connect_timeout, self.last_error
-            )
-        async with self._declare_lock:
-            for entity in todo:
-                if not force and entity in self._topology:
-                    continue
-                await self._declare_entity(entity)
-                self._topology[entity] = None
-
-    async def _declare_entity(self, entity: Entity) -> None:
-        """Declare (or check) ``entity`` as ``settings.declare`` says
-        (:mod:`mqkit.declaring`); remember one found in another shape, to check it only."""
-        mode = self.settings.declare
-        if checks_only(entity, mode, known=entity in self._existing):
-            await self._declare_once(entity, passive=True, missing=mode)
-            return
-        try:
-            await self._declare_once(entity, passive=False)
-        except TopologyError as exc:
-            if not use_existing(entity, mode, exc.reply_code):
-                raise
-            await self._declare_once(entity, passive=True, missing=mode)
-            log.warning(explain.using_existing(entity, exc))
-            self._existing.add(entity)
-
-    async def _declare_once(
-        self, entity: Entity, *, passive: bool, missing: DeclareMode | None = None
-    ) -> None:
-        what = explain.declaring(entity, passive=passive)
-        channel = self._declarer
-        if channel is None or channel.is_closed:
-            opened = await self._open_channel(confirms=False)
-            channel = self._declarer = await opened.get_underlay_channel()
-        try:
-            if isinstance(entity, Queue):
-                if passive:
-                    await channel.queue_declare(entity.name, passive=True, timeout=RPC_TIMEOUT)
-                    return
-                await channel.queue_declare(
-                    entity.name,
-                    durable=entity.durable,
-                    exclusive=entity.exclusive,
-                    auto_delete=entity.auto_delete,
-                    arguments=queue_arguments(entity, self.settings.queue_type),
-                    timeout=RPC_TIMEOUT,
-                )
-            elif isinstance(entity, Exchange):
-                if passive:
-                    await channel.exchange_declare(entity.name, passive=True, timeout=RPC_TIMEOUT)
-                    return
-                await channel.exchange_declare(
-                    entity.name,
-                    exchange_type=entity.type,
-                    durable=entity.durable,
-                    auto_delete=entity.auto_delete,
-                    timeout=RPC_TIMEOUT,
-                )
-            else:
-                assert isinstance(entity, Binding)
-                await channel.queue_bind(
-                    entity.queue,
-                    entity.exchange,
-                    routing_key=entity.routing_key,
-                    timeout=RPC_TIMEOUT,
-                )
-        except RPC_ERRORS as exc:
-            self._declarer = None  # a channel error closed it; the next declare opens another
-            advice = missing_advice(entity, missing) if missing else None
-            raise translate(exc, what=what, missing=advice) from exc
+async def _discard(connection: aio_pika.abc.AbstractConnection) -> None:
+    """Close a connection that failed or was lost, whatever state it is in."""
+    try:
+        await asyncio.wait_for(connection.close(), timeout=5)
+    except Exception as exc:  # it is dead already; closing is only bookkeeping
+        log.debug("closing a dead connection: %s", describe(exc))
 
 
 # aiormq handles the broker's connection.blocked / connection.unblocked frames in private
-# methods and offers no callback: wrap them, per connection. Tested against aiormq 7.2 (see
-# tests/unit/test_private_hooks.py, which fails loudly if the names go away); without them the
-# link still works, it only cannot report a block.
+# methods and offers no callback: wrap them, per connection. Tested against the aiormq
+# versions pyproject.toml allows (tests/unit/test_private_hooks.py fails loudly if the names
+# go away); without them the link still works, it only cannot report a block.
 _BLOCKED_HOOKS = (
     "_Connection__handle_connection_blocked",
     "_Connection__handle_connection_unblocked",
@@ -761,6 +507,91 @@ def _watch_blocked(
     setattr(amqp_connection, _BLOCKED_HOOKS[0], blocked)
     setattr(amqp_connection, _BLOCKED_HOOKS[1], unblocked)
     return True
+
+
+def describe(exc: BaseException | None) -> str:
+    """A one-line, password-free description of an aio-pika/aiormq/OS error."""
+    if exc is None:
+        return "connection closed"
+    tls_problem = tls.ssl_reason(exc)
+    if tls_problem is not None:
+        return mask_url(tls_problem)
+    if isinstance(exc, amqp.DeliveryError):
+        text = str(exc)
+    elif isinstance(exc, amqp.AMQPError) and exc.args:
+        text = " ".join(str(a) for a in exc.args if a is not None)
+    else:
+        text = str(exc) or type(exc).__name__
+    return mask_url(f"{type(exc).__name__}: {text}")
+
+
+def reply_text(exc: BaseException) -> str:
+    """The broker's reply text of an aiormq error (password-free)."""
+    args = [str(a) for a in getattr(exc, "args", ()) if a is not None]
+    return mask_url(" ".join(args) or str(exc))
+
+
+def returned_reply(exc: amqp.PublishError) -> str:
+    """The broker's reply code and text of a mandatory publish that came back."""
+    returned: Any = exc.message.delivery if exc.message is not None else None
+    return f"{returned.reply_code} {returned.reply_text}" if returned else reply_text(exc)
+
+
+def reply_of(exc: amqp.AMQPChannelError) -> tuple[int | None, str]:
+    """The reply code and text of a channel the broker closed (aiormq raises one class per
+    known code, with the text as its argument; others as ``ChannelClosed(code, text)``)."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, reply_text(exc)
+    if len(exc.args) == 2 and isinstance(exc.args[0], int):
+        return exc.args[0], mask_url(str(exc.args[1]))
+    return None, reply_text(exc)
+
+
+_CODES: tuple[tuple[type[amqp.AMQPChannelError], int], ...] = (
+    (amqp.ChannelPreconditionFailed, explain.PRECONDITION_FAILED),
+    (amqp.ChannelNotFoundEntity, explain.NOT_FOUND),
+    (amqp.ChannelLockedResource, explain.RESOURCE_LOCKED),
+    (amqp.ChannelAccessRefused, explain.ACCESS_REFUSED),
+)
+
+
+def translate(exc: BaseException, *, what: str, missing: str | None = None) -> MqkitError:
+    """The mqkit error for an aio-pika/aiormq exception raised while doing ``what`` (e.g.
+    "declare queue 'orders'"). The one place where aiormq's errors are turned into mqkit's;
+    the words come from :mod:`mqkit.explain`. ``missing``: the advice when the broker says
+    NOT_FOUND."""
+    if isinstance(exc, MqkitError):
+        return exc
+    if isinstance(exc, amqp.PublishError):  # a mandatory publish came back (basic.return)
+        return explain.unroutable(what, returned_reply(exc))
+    if isinstance(exc, amqp.DeliveryError):
+        return explain.nacked(what)
+    if isinstance(exc, amqp.AMQPChannelError):
+        code, text = reply_of(exc)
+        return explain.broker_refused(code, text, what=what, missing=missing)
+    if isinstance(exc, asyncio.TimeoutError):
+        return explain.no_answer(what)
+    return explain.link_lost(what, describe(exc))
+
+
+def connect_error(url: str, exc: BaseException) -> ConnectionFailed | None:
+    """The error for a connection attempt to ``url`` that failed with ``exc`` in a way
+    another attempt cannot fix (TLS, EXTERNAL login, wrong credentials, unknown vhost);
+    ``None`` otherwise. The connecting half of :func:`translate`."""
+    problem = tls.failure(url, exc)
+    if problem is not None:
+        return problem
+    if isinstance(exc, (amqp.ProbableAuthenticationError, amqp.AuthenticationError)):
+        return explain.wrong_credentials(url, describe(exc))
+    text = reply_text(exc)
+    if isinstance(exc, amqp.InvalidFrameError):
+        # aiormq reports the broker's Connection.Close in answer to Connection.Open (unknown
+        # vhost, or no permission on it) as an unexpected frame.
+        vhost = "Connection.OpenOk" in text and "Connection.Close" in text
+    else:
+        vhost = isinstance(exc, amqp.ConnectionClosed) and "vhost" in text.lower()
+    return explain.unknown_vhost(url, describe(exc)) if vhost else None
 
 
 def cancelling() -> bool:

@@ -1,12 +1,21 @@
-"""AsyncConsumer: run an ``async def`` handler for every message of a queue.
+"""Consuming on aio-pika: the event loop receives, worker tasks run handlers, acks are batched.
 
-Each consumer has its own channel (so its prefetch is its own) and ``concurrency`` worker
+Each consumer has its own channel (its prefetch is per channel) and ``concurrency`` worker
 tasks that take deliveries from a local buffer. What happens to a delivery is decided by the
 core (:mod:`mqkit.delivery`, :mod:`mqkit.retry`); this module only does the I/O: it acks
 finished deliveries in batches (``multiple=True`` over the contiguous finished prefix, flushed
 when the batch fills, when the workers go idle, on a short timer, and before ``stop``
 returns), publishes retry and dead-letter copies (confirmed) before acking the original, and
 returns prefetched-but-unstarted deliveries to the queue on ``stop``.
+
+What happened is reported to the pipeline (:mod:`mqkit.lifecycle`): attached, detached (stopped
+or lost), a body that does not decode, and how each delivery ended (handled, retried,
+dead-lettered), after its ack.
+
+A connection loss makes in-progress deliveries stale (their channel is gone, the broker
+redelivers them): their acks are dropped. The link restores the consumer on the new
+connection (basic.qos and basic.consume again) and it counts as attached once consume-ok
+arrives.
 """
 
 from __future__ import annotations
@@ -17,47 +26,51 @@ import contextvars
 import inspect
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-import aio_pika.abc
 import aiormq.abc
+import aiormq.exceptions as amqp
 import tenacity
 from pydantic import BaseModel
 
+from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
 from mqkit.delivery import follow_up, format_traceback, prepare
-from mqkit.errors import MqkitError
+from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.handlers import is_async_handler
-from mqkit.messages import Incoming
-from mqkit.retry import GiveUp, Outcome, Reject, RetryLater, decide
-
-from .acks import Acks
-from .connection import (
-    RECONNECT_MAX_DELAY,
-    RPC_ERRORS,
-    RPC_TIMEOUT,
-    cancelling,
-    describe,
-    incoming_of,
-    translate,
+from mqkit.lifecycle import (
+    ConsumerAttached,
+    ConsumerDetached,
+    Pipeline,
+    Undecodable,
+    delivery_of,
+    outcome_event,
 )
+from mqkit.messages import Incoming
+from mqkit.retry import Ack, GiveUp, Outcome, decide
 
-if TYPE_CHECKING:
-    from .connection import Link
+from .acks import ACK, REJECT, REQUEUE, Acks, Settle
+from .channel import close_channel, incoming_of, open_channel
+from .connection import RPC_ERRORS, RPC_TIMEOUT, Link, cancelling, describe, translate
+from .declarer import Declarer
+from .publisher import Publisher
 
 __all__ = ["AsyncConsumer", "Handler", "ReplyStep", "as_async", "cancelling"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.consumer")
 
 T = TypeVar("T", bound=BaseModel)
 Handler = Callable[[T, Context], Awaitable[Any]]
 # Instead of running the handler, a responder runs this (it replies and never raises).
 ReplyStep = Callable[[Incoming, Any, Context, "GiveUp | None"], Awaitable[None]]
 
+_ACK, _REQUEUE, _REJECT = ACK, REQUEUE, REJECT
+_ACKED = Ack()
 ACK_DELAY = 0.05  # seconds a finished delivery may wait for its (batched) ack
 
 
@@ -117,13 +130,13 @@ def _in_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
 
 
 class AsyncConsumer(Generic[T]):
-    """Consumes a queue with an ``async def handler(message, ctx)``; not started until
-    :meth:`start` (or ``async with consumer:``, or :meth:`run`).
+    """Consumes ``T`` messages from a queue and awaits ``handler(message, ctx)`` for each.
 
-    Return normally: acked. Raise: retried per the :class:`~mqkit.RetryPolicy` (by the broker,
-    through retry queues), then dead-lettered to ``f"{queue}.dlq"``. Raise
-    :class:`~mqkit.Reject`: dead-lettered at once. A body that does not decode is dead-lettered
-    at once; the consumer keeps running whatever the handler does.
+    Returning normally acks; raising retries per the :class:`~mqkit.RetryPolicy` (the broker
+    holds the message in a retry queue), then dead-letters to ``f"{queue}.dlq"``;
+    :class:`~mqkit.Reject` dead-letters at once. A body that does not decode is dead-lettered
+    at once; the consumer keeps running whatever the handler does. Not started until
+    :meth:`start` (or ``async with consumer:``, or :meth:`run`).
 
     Made by :meth:`AsyncClient.consumer`, :meth:`AsyncClient.responder` and
     :meth:`AsyncEventBus.subscribe`; the constructor's arguments are internal.
@@ -132,31 +145,36 @@ class AsyncConsumer(Generic[T]):
     def __init__(
         self,
         link: Link,
+        declarer: Declarer,
+        publisher: Publisher,
+        pipeline: Pipeline,
         plan: ConsumerPlan,
         handler: Handler[T],
         *,
         reply: ReplyStep | None = None,
     ) -> None:
         self._link = link
+        self._declarer = declarer
+        self._publisher = publisher
+        self._pipeline = pipeline
         self._plan = plan
         self._handler = as_async(handler)
         self._reply = reply
-        self._batch = max(1, plan.prefetch // 4)
-        self._idle_flush = max(1, plan.prefetch // 2)
-
-        self._session: Acks | None = None
+        self._start_lock = asyncio.Lock()  # two tasks may start it at once (a bus, client.run())
         self._ready: deque[tuple[Acks, aiormq.abc.DeliveredMessage]] = deque()
-        self._waiters: deque[asyncio.Future[None]] = deque()
         self._workers: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._attach_lock = asyncio.Lock()
-        self._start_lock = asyncio.Lock()
-        self._reattacher: asyncio.Task[None] | None = None
-        self._stopper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._started = False
         self._stopping = False
+        self._session: Acks | None = None  # the current channel's deliveries
+        self._batch = max(1, plan.prefetch // 4)
+        self._idle_flush = max(1, plan.prefetch // 2)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._attach_lock = asyncio.Lock()
+        self._reattacher: asyncio.Task[None] | None = None
+        self._stopper: asyncio.Task[None] | None = None
 
     def __await__(self) -> Generator[None, None, AsyncConsumer[T]]:
         """``await client.consumer(...)`` works too. Making one does no I/O, so the client
@@ -168,7 +186,7 @@ class AsyncConsumer(Generic[T]):
     def __repr__(self) -> str:
         return f"<AsyncConsumer queue={self._plan.queue!r} started={self._started}>"
 
-    # ----------------------------------------------------------------- properties
+    # -- properties --------------------------------------------------------------------------
 
     @property
     def queue(self) -> str:
@@ -193,47 +211,38 @@ class AsyncConsumer(Generic[T]):
         client reconnects; a readiness probe wants it ``True``, see ``health()``)."""
         return self._session is not None and self._session.alive
 
-    # ----------------------------------------------------------------- lifecycle
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Declare the queue's topology and start consuming; returns once basic.consume is
-        confirmed. Starting a started consumer does nothing."""
+        """Declare the queue's topology and start consuming; returns once consume-ok
+        arrived. Idempotent."""
         if self._started:
             return
-        # Two tasks may start it at once (a bus starting a late subscription, client.run()).
         async with self._start_lock:
             if not self._started:
                 await self._start()
 
     async def _start(self) -> None:
-        await self._link.declare(self._plan.entities)
+        await self._declarer.declare(self._plan.entities)
         self._stopping = False
         self._stopped.clear()
-        self._workers = [
-            asyncio.get_running_loop().create_task(self._work())
-            for _ in range(self._plan.concurrency)
-        ]
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._work()) for _ in range(self._plan.concurrency)]
+        self._link.register(self)
         try:
-            await self._attach()
+            await self._attach(again=False, wait_ready=True)
         except BaseException:
+            self._link.unregister(self)
             for worker in self._workers:
                 worker.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
             self._workers = []
             raise
         self._started = True
-        self._link.register(self)
-        log.info(
-            "mqkit: consuming %r (prefetch %d, concurrency %d)",
-            self._plan.queue,
-            self._plan.prefetch,
-            self._plan.concurrency,
-        )
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking deliveries, let in-flight handlers finish (up to ``timeout`` seconds)
-        and ack them, and return prefetched-but-unstarted deliveries to the queue.
-        Idempotent."""
+        """Stop taking deliveries, let running handlers finish and ack, and return prefetched
+        messages no handler started to the queue. Idempotent."""
         if not self._started:
             return
         if self._stopper is None:
@@ -246,9 +255,20 @@ class AsyncConsumer(Generic[T]):
         await self._stopped.wait()
 
     async def _restore(self) -> None:
-        """Attach again after the link reconnected (idempotent)."""
-        if self._started and not self._stopping:
-            await self._attach()
+        """Attach again after the link reconnected (the link calls it)."""
+        if self._stopping:
+            return
+        try:
+            await self._attach(again=True, wait_ready=False)
+        except MqkitError as exc:
+            if isinstance(exc, ConnectionFailed):
+                raise
+            log.error("could not restore the consumer of %r: %s; retrying", self._plan.queue, exc)
+            self._schedule_reattach()
+
+    def _link_lost(self, reason: BaseException) -> None:
+        """The channel died with the connection; in-progress work is stale."""
+        self._lose(describe(reason))
 
     async def __aenter__(self) -> AsyncConsumer[T]:
         await self.start()
@@ -257,23 +277,24 @@ class AsyncConsumer(Generic[T]):
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # ----------------------------------------------------------------- attach / detach
+    # -- attach / detach -------------------------------------------------------------------
 
-    async def _attach(self) -> None:
+    async def _attach(self, *, again: bool, wait_ready: bool) -> None:
         async with self._attach_lock:
-            if self._stopping or (self._session is not None and self._session.alive):
+            if self._stopping or self.attached:
                 return
             what = f"consume from queue {self._plan.queue!r}"
-            channel = await self._link.channel()
+            plan = self._plan
+            channel = await open_channel(self._link, wait_ready=wait_ready)
             session: Acks | None = None
             try:
-                await channel.set_qos(prefetch_count=self._plan.prefetch, timeout=RPC_TIMEOUT)
+                await channel.set_qos(prefetch_count=plan.prefetch, timeout=RPC_TIMEOUT)
                 underlay = await channel.get_underlay_channel()
                 session = Acks(channel, underlay)
                 channel.close_callbacks.add(partial(self._on_closed, session))
                 underlay.on_consumer_cancel_callbacks.add(partial(self._on_cancelled, session))
                 await underlay.basic_consume(
-                    self._plan.queue,
+                    plan.queue,
                     partial(self._on_delivery, session),
                     consumer_tag=session.tag,
                     timeout=RPC_TIMEOUT,
@@ -281,68 +302,73 @@ class AsyncConsumer(Generic[T]):
             except RPC_ERRORS as exc:
                 if session is not None:
                     session.alive = False
-                await _close_quietly(channel)
+                await close_channel(channel)
                 raise translate(exc, what=what) from exc
             self._session = session
+            self._pipeline.emit(ConsumerAttached(plan.queue, again, service=plan.service))
+
+    def _lose(self, reason: str) -> None:
+        """The channel is gone or useless; report it once, if it was attached."""
+        session, self._session = self._session, None
+        lost = session is not None and session.alive and not self._stopping
+        if session is not None:
+            session.alive = False
+        self._drop_timer()
+        if lost and not self._link.closed:
+            self._detached(reason)
+
+    def _detached(self, reason: str) -> None:
+        plan = self._plan
+        self._pipeline.emit(ConsumerDetached(plan.queue, reason, service=plan.service))
 
     def _on_closed(self, session: Acks, _sender: Any, exc: BaseException | None) -> None:
-        was_alive, session.alive = session.alive, False
-        if self._session is session:
-            self._session = None
-            self._drop_timer()
-        if not was_alive or self._stopping or not self._started or self._link.closed:
+        if session is not self._session:
+            session.alive = False
             return
-        log.warning(
-            "mqkit: consumer of %r lost its channel (%s); re-attaching",
-            self._plan.queue,
-            describe(exc),
-        )
-        self._schedule_reattach()
+        self._lose(describe(exc))
+        if self._stopping or not self._started or self._link.closed:
+            return
+        if isinstance(exc, amqp.AMQPChannelError):
+            self._schedule_reattach()
+        # otherwise the connection is gone and the link restores us
 
     def _on_cancelled(self, session: Acks, _frame: Any) -> None:
         # The broker cancelled us (the queue was deleted, or a quorum leader moved): the
         # channel is fine but useless, so drop it and attach afresh (re-declaring the queue).
-        if not session.alive or self._stopping:
+        if session is not self._session or not session.alive:
             return
-        log.warning(
-            "mqkit: the broker cancelled the consumer of %r; re-attaching", self._plan.queue
-        )
-        session.alive = False
-        if self._session is session:
-            self._session = None
-            self._drop_timer()
-        self._spawn(_close_quietly(session.owner))
-        self._schedule_reattach()
+        self._lose("the broker cancelled it; was the queue deleted?")
+        self._spawn(close_channel(session.owner))
+        if not self._stopping:
+            self._schedule_reattach()
 
     def _schedule_reattach(self) -> None:
+        """Subscribe again from a task of its own (declaring waits for the broker)."""
         if self._reattacher is None or self._reattacher.done():
             self._reattacher = asyncio.get_running_loop().create_task(self._reattach())
 
     async def _reattach(self) -> None:
-        delay = 0.1
-        while not self._stopping and not self._link.closed and not self.attached:
-            if not await self._link.wait_ready(RECONNECT_MAX_DELAY):
-                continue
+        failures = 0
+        while not self._stopping and not self._link.closed:
+            failures += 1
+            await asyncio.sleep(LINK_BACKOFF.delay(failures))
+            if self._stopping or self.attached:
+                return
             try:
-                await self._link.declare(self._plan.entities, force=True)
-                await self._attach()
-                log.warning("mqkit: consumer of %r re-attached", self._plan.queue)
+                await self._declarer.declare(self._plan.entities, force=True)
+                await self._attach(again=True, wait_ready=True)
                 return
             except MqkitError as exc:
-                log.warning(
-                    "mqkit: cannot re-attach the consumer of %r yet: %s", self._plan.queue, exc
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                log.warning("cannot re-attach the consumer of %r yet: %s", self._plan.queue, exc)
 
-    # ----------------------------------------------------------------- deliveries
+    # -- deliveries --------------------------------------------------------------------------
 
     async def _on_delivery(self, session: Acks, message: aiormq.abc.DeliveredMessage) -> None:
         # Called by aiormq once per delivery: keep it tiny, the workers do the work.
         if not session.alive:
             return
-        delivery: Any = message.delivery  # a Basic.Deliver on a consumer's channel
-        session.window.delivered(delivery.delivery_tag)
+        method: Any = message.delivery  # a Basic.Deliver on a consumer's channel
+        session.window.delivered(method.delivery_tag)
         self._ready.append((session, message))
         waiters = self._waiters
         while waiters:
@@ -373,19 +399,19 @@ class AsyncConsumer(Generic[T]):
                 continue
             session, message = ready.popleft()
             if not session.alive:
-                continue
+                continue  # its channel is gone; the broker redelivers it
             try:
                 await self._handle(session, message)
             except Exception:  # a bug here must kill neither the worker nor the queue
-                # Left unsettled, it would hold a prefetch slot for good; requeued, it would
-                # come straight back and fail the same way: the broker dead-letters it.
+                # Requeued, it would come straight back and fail the same way (a hot loop):
+                # the broker dead-letters it instead (the work queue's DLX is its DLQ).
                 log.exception(
                     "unexpected error handling a message from %r; rejecting it (its "
                     "dead-letter queue gets it, with reason 'rejected')",
                     self._plan.queue,
                 )
-                delivery: Any = message.delivery
-                await session.nack(delivery.delivery_tag, requeue=False)
+                method: Any = message.delivery
+                await self._finish(session, method.delivery_tag, _REJECT)
 
     async def _handle(self, session: Acks, message: aiormq.abc.DeliveredMessage) -> None:
         incoming = incoming_of(message)
@@ -394,42 +420,44 @@ class AsyncConsumer(Generic[T]):
         value, ctx, failure = prepare(
             incoming, queue=plan.queue, decoder=plan.decoder, policy=plan.policy
         )
+        if failure is not None:
+            delivery = delivery_of(ctx, service=plan.service)
+            self._pipeline.emit(Undecodable(delivery, failure.error_message))
         if self._reply is not None:
             await self._reply(incoming, value, ctx, failure)
-            await self._finish(session, tag)
+            await self._finish(session, tag, _ACK)
+            delivery = delivery_of(ctx, service=plan.service)
+            self._pipeline.emit(outcome_event(delivery, _ACKED, dlq=plan.dlq))
             return
-        outcome: Outcome
+        outcome: Outcome = _ACKED
+        exc: BaseException | None = None
+        seconds = 0.0
         if failure is None:
+            started = time.monotonic()
             exc = await self._call(value, ctx)
-            if exc is None:
-                await self._finish(session, tag)
-                return
-            outcome = decide(exc, ctx.attempt, plan.policy, format_traceback(exc))
-            self._log_failure(ctx, exc, outcome)
+            seconds = time.monotonic() - started
+            if exc is not None:
+                outcome = decide(exc, ctx.attempt, plan.policy, format_traceback(exc))
         else:
             outcome = failure
-            log.warning(
-                "mqkit: message %s on %r cannot be decoded (%s); dead-lettering it to %r",
-                ctx.message_id,
-                plan.queue,
-                failure.error_message,
-                plan.dlq,
-            )
         copy = follow_up(incoming, outcome, queue=plan.queue, service=plan.service, dlq=plan.dlq)
         if copy is not None:
             try:
-                await self._link.publishing.publish(
-                    copy.envelope, exchange="", routing_key=copy.routing_key, mandatory=True
+                await self._publisher.publish(
+                    copy.envelope,
+                    exchange="",
+                    routing_key=copy.routing_key,
+                    mandatory=True,
                 )
-            except MqkitError as exc:
+            except MqkitError as error:
                 log.error(
-                    "mqkit: could not move message %s to %r (%s); returning it to %r",
+                    "could not move message %s to %r (%s); returning it to %r",
                     ctx.message_id,
                     copy.routing_key,
-                    exc,
+                    error,
                     plan.queue,
                 )
-                await session.nack(tag)
+                await self._finish(session, tag, _REQUEUE)
                 return
             except Exception:  # the copy cannot be encoded: it would fail on every retry
                 log.exception(
@@ -438,9 +466,17 @@ class AsyncConsumer(Generic[T]):
                     ctx.message_id,
                     copy.routing_key,
                 )
-                await session.nack(tag, requeue=False)
+                await self._finish(session, tag, _REJECT)
                 return
-        await self._finish(session, tag)
+        event = outcome_event(
+            delivery_of(ctx, service=plan.service),
+            outcome,
+            dlq=plan.dlq,
+            error=exc,
+            seconds=seconds,
+        )
+        await self._finish(session, tag, _ACK)
+        self._pipeline.emit(event)
 
     async def _call(self, value: Any, ctx: Context) -> BaseException | None:
         """Run the handler (with the policy's quick in-process retries); its exception.
@@ -478,7 +514,11 @@ class AsyncConsumer(Generic[T]):
             return exc
         return None
 
-    async def _finish(self, session: Acks, tag: int) -> None:
+    async def _finish(self, session: Acks, tag: int, how: Settle) -> None:
+        """Ack ``tag`` (batched: see the module), or nack it now: requeue or reject."""
+        if how != _ACK:
+            await session.nack(tag, requeue=how == _REQUEUE)
+            return
         session.window.finished(tag)
         if session.window.waiting() >= self._batch:
             await session.flush(everything=False)
@@ -502,30 +542,10 @@ class AsyncConsumer(Generic[T]):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _log_failure(self, ctx: Context, exc: BaseException, outcome: Outcome) -> None:
-        where = f"message {ctx.message_id} on {self._plan.queue!r} (attempt {ctx.attempt})"
-        if isinstance(outcome, RetryLater):
-            log.warning(
-                "mqkit: handler failed for %s: %s; retrying in %gs",
-                where,
-                describe(exc),
-                outcome.delay,
-                exc_info=exc,
-            )
-        elif isinstance(outcome, GiveUp):
-            level = logging.INFO if isinstance(exc, Reject) else logging.ERROR
-            log.log(
-                level,
-                "mqkit: handler failed for %s: %s; dead-lettering it to %r",
-                where,
-                describe(exc),
-                self._plan.dlq,
-                exc_info=None if isinstance(exc, Reject) else exc,
-            )
-
-    # ----------------------------------------------------------------- stop
+    # -- stop --------------------------------------------------------------------------------
 
     async def _stop(self, timeout: float) -> None:
+        queue = self._plan.queue
         self._stopping = True
         self._link.unregister(self)
         try:
@@ -535,46 +555,43 @@ class AsyncConsumer(Generic[T]):
             if session is not None and session.alive:
                 try:
                     await session.underlay.basic_cancel(session.tag, timeout=RPC_TIMEOUT)
-                except RPC_ERRORS as exc:
-                    log.debug("mqkit: basic.cancel failed: %s", describe(exc))
+                except (
+                    RPC_ERRORS
+                ) as exc:  # the link is down: nothing to cancel, the broker requeues
+                    log.debug("basic.cancel of the consumer of %r failed: %s", queue, describe(exc))
             for waiter in self._waiters:
                 if not waiter.done():
                     waiter.set_result(None)
             self._waiters.clear()
-            if self._workers:
-                _, pending = await asyncio.wait(self._workers, timeout=timeout)
-                if pending:
-                    log.warning(
-                        "mqkit: %d handler(s) of %r did not finish within %gs; their "
-                        "messages go back to the queue",
-                        len(pending),
-                        self._plan.queue,
-                        timeout,
-                    )
-                    for task in pending:
-                        task.cancel()
-                    await asyncio.wait(pending, timeout=5)
+            await self._stop_workers(timeout)
             self._drop_timer()
             if session is not None:
                 await session.flush(everything=True)
                 await session.requeue_rest()
                 session.alive = False
-                await _close_quietly(session.owner)
+                await close_channel(session.owner)
             self._ready.clear()
         finally:
             if self._plan.temporary:
-                self._link.forget(self._plan.temporary)
+                self._declarer.forget(self._plan.temporary)
             self._session = None
             self._workers = []
             self._started = False
             self._stopper = None
             self._stopped.set()
-        log.info("mqkit: stopped consuming %r", self._plan.queue)
+        self._detached("")
 
-
-async def _close_quietly(channel: aio_pika.abc.AbstractChannel) -> None:
-    try:
-        if not channel.is_closed:
-            await asyncio.wait_for(channel.close(), timeout=5)
-    except Exception as exc:  # it may already be gone with the connection
-        log.debug("mqkit: closing a channel failed: %s", describe(exc))
+    async def _stop_workers(self, timeout: float) -> None:
+        if not self._workers:
+            return
+        _, stuck = await asyncio.wait(self._workers, timeout=timeout)
+        if stuck:
+            log.warning(
+                "%d handler(s) of %r still running after the stop timeout; their messages go "
+                "back to the queue",
+                len(stuck),
+                self._plan.queue,
+            )
+            for task in stuck:
+                task.cancel()
+            await asyncio.wait(stuck, timeout=5)

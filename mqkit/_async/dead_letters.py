@@ -1,4 +1,4 @@
-"""AsyncDeadLetterQueue: look at, replay, export and purge a queue's dead letters."""
+"""Looking at and replaying a queue's dead letters: :class:`AsyncDeadLetterQueue`."""
 
 from __future__ import annotations
 
@@ -10,34 +10,39 @@ from collections.abc import Callable, Generator
 from typing import IO, TYPE_CHECKING, Any
 
 import aiormq.abc
-from pamqp import commands as spec
 
 from mqkit import explain
 from mqkit.dead_letters import RETURN_WAIT, DeadLetter, Replay, scan_bound
 from mqkit.errors import MqkitError
 from mqkit.topology import dlq_name
 
-from .connection import RPC_ERRORS, RPC_TIMEOUT, describe, incoming_of, translate
+from .channel import ChannelHandle, incoming_of
+from .connection import RPC_TIMEOUT
 
 if TYPE_CHECKING:
     from .connection import Link
+    from .declarer import Declarer
+    from .publisher import Publisher
 
 __all__ = ["AsyncDeadLetterQueue"]
 
-log = logging.getLogger("mqkit")
-
-_ERRORS = RPC_ERRORS
+log = logging.getLogger("mqkit.dlq")
 
 
 class AsyncDeadLetterQueue:
-    """The dead letters of ``queue`` (kept in ``f"{queue}.dlq"``); made by
-    :meth:`AsyncClient.dead_letters`. Nothing is removed except by :meth:`replay` (after the
-    re-publish is confirmed) and :meth:`purge`."""
+    """The DLQ of ``queue`` (named ``f"{queue}.dlq"``): count, peek, replay, purge, export;
+    made by :meth:`AsyncClient.dead_letters`.
 
-    def __init__(self, link: Link, queue: str) -> None:
+    Reading never removes anything: messages are fetched without an ack and go back when the
+    scan ends. :meth:`replay` removes a dead letter only after its re-publish was confirmed.
+    """
+
+    def __init__(self, link: Link, declarer: Declarer, publisher: Publisher, queue: str) -> None:
         self._link = link
+        self._declarer = declarer
+        self._publisher = publisher
         self._queue = queue
-        self._name = dlq_name(queue)
+        self._dlq = dlq_name(queue)
 
     def __await__(self) -> Generator[None, None, AsyncDeadLetterQueue]:
         """``await client.dead_letters(...)`` works too. Making one does no I/O, so the client
@@ -47,7 +52,7 @@ class AsyncDeadLetterQueue:
         yield  # a generator that returns at once
 
     def __repr__(self) -> str:
-        return f"<AsyncDeadLetterQueue {self._name!r}>"
+        return f"<AsyncDeadLetterQueue {self._dlq!r}>"
 
     @property
     def queue(self) -> str:
@@ -58,61 +63,38 @@ class AsyncDeadLetterQueue:
     def name(self) -> str:
         """The dead-letter queue's own name, ``f"{queue}.dlq"`` (to inspect or alert on it
         with other tools)."""
-        return self._name
-
-    async def _channel(self) -> aiormq.abc.AbstractChannel:
-        return await self._link.underlay()
-
-    def _error(self, exc: BaseException, action: str) -> MqkitError:
-        what = explain.on_dead_letters(action, self._name)
-        return translate(exc, what=what, missing=explain.missing_dlq(self._queue))
+        return self._dlq
 
     async def count(self) -> int:
-        """How many dead letters are waiting."""
-        channel = await self._channel()
-        try:
-            ok = await channel.queue_declare(self._name, passive=True, timeout=RPC_TIMEOUT)
-        except _ERRORS as exc:
-            raise self._error(exc, "count") from exc
-        finally:
-            await _close(channel)
-        return int(ok.message_count or 0)
+        """Dead letters waiting (the DLQ's ready messages)."""
+
+        async def op(channel: aiormq.abc.AbstractChannel) -> int:
+            ok = await channel.queue_declare(self._dlq, passive=True, timeout=RPC_TIMEOUT)
+            return int(ok.message_count or 0)
+
+        return await self._run(op, "count")
 
     async def peek(self, limit: int = 10) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first; nothing is removed."""
-        return await self._read(limit)
+        return await self._scan(limit, lambda letter: None)
 
     async def export(self, fp: IO[str], limit: int | None = None) -> int:
-        """Write dead letters to ``fp`` as JSON lines (``DeadLetter.to_json()``); nothing is
+        """Write dead letters as JSON lines (``DeadLetter.to_json()``) to ``fp``; nothing is
         removed. Returns how many were written."""
-        letters = await self._read(limit)
-        for letter in letters:
-            fp.write(json.dumps(letter.to_json(), ensure_ascii=False) + "\n")
-        return len(letters)
 
-    async def _read(self, limit: int | None) -> list[DeadLetter]:
-        """basic.get (unacked) up to ``limit`` dead letters, bounded by the count at the
-        start, then return them all to the DLQ, in order."""
-        channel = await self._channel()
-        letters: list[DeadLetter] = []
-        try:
-            ok = await channel.queue_declare(self._name, passive=True, timeout=RPC_TIMEOUT)
-            count = int(ok.message_count or 0)
-            for _ in range(scan_bound(count, limit)):
-                message = await channel.basic_get(self._name, no_ack=False, timeout=RPC_TIMEOUT)
-                if isinstance(message.delivery, spec.Basic.GetEmpty):
-                    break
-                letters.append(DeadLetter.from_incoming(incoming_of(message), dlq=self._name))
-            if letters:
-                last = letters[-1].incoming.delivery_tag
-                await channel.basic_nack(last, multiple=True, requeue=True)
-        except _ERRORS as exc:
-            raise self._error(exc, "read") from exc
-        finally:
-            await _close(channel)
-        if letters:
-            await self._returned(count)
-        return letters
+        def write(letter: DeadLetter) -> None:
+            fp.write(json.dumps(letter.to_json(), ensure_ascii=False) + "\n")
+
+        return len(await self._scan(limit, write))
+
+    async def purge(self) -> int:
+        """Delete every dead letter; return how many there were."""
+
+        async def op(channel: aiormq.abc.AbstractChannel) -> int:
+            ok = await channel.queue_purge(self._dlq, timeout=RPC_TIMEOUT)
+            return int(ok.message_count or 0)
+
+        return await self._run(op, "purge")
 
     async def replay(
         self,
@@ -123,57 +105,62 @@ class AsyncDeadLetterQueue:
         progress: Callable[[int], Any] | None = None,
         to: str | None = None,
     ) -> int:
-        """Send dead letters back to :attr:`queue` (or to ``to``); how many were replayed.
-        A dead letter's ``x-mqkit-original-queue`` header is not trusted: it could be forged
-        to send it anywhere.
+        """Send dead letters back to :attr:`queue` (or to ``to``); return how many were
+        replayed. A dead letter's ``x-mqkit-original-queue`` header is not trusted: it could
+        be forged to send it anywhere.
 
-        Each re-publish is confirmed before its dead letter is removed. Only dead letters
-        matching ``error_type`` / ``message_id`` (when given) are replayed, at most ``limit``;
-        the others stay, untouched. The scan covers the messages present at the start.
-        ``progress(done)`` is called after each replayed message. If a re-publish fails, that
-        dead letter stays and the error is raised after the others were tried.
+        Only those matching ``error_type`` / ``message_id`` (when given) are replayed, at most
+        ``limit``; the rest stay untouched. Each re-publish is confirmed before its dead letter
+        is removed. A re-publish that fails leaves the dead letter in place, and the error is
+        raised after the scan. ``progress(done)`` is called after each replay.
         """
-        channel = await self._channel()
-        held: list[int] = []  # looked at, not replayed: returned at the end, in order
+        replay = Replay(
+            self._queue,
+            self._dlq,
+            count=await self.count(),
+            limit=limit,
+            error_type=error_type,
+            message_id=message_id,
+            progress=progress,
+            to=to,
+        )
+        handle = ChannelHandle(self._link, reopen=False)
+        publisher = self._publisher
+        what, missing = (
+            explain.on_dead_letters("replay", self._dlq),
+            explain.missing_dlq(self._queue),
+        )
         try:
-            ok = await channel.queue_declare(self._name, passive=True, timeout=RPC_TIMEOUT)
-            replay = Replay(
-                self._queue,
-                self._name,
-                count=int(ok.message_count or 0),
-                limit=limit,
-                error_type=error_type,
-                message_id=message_id,
-                progress=progress,
-                to=to,
-            )
+            # Messages we skip stay unacked on our channel until it closes (in order).
             while not replay.finished:
-                message = await channel.basic_get(self._name, no_ack=False, timeout=RPC_TIMEOUT)
-                if isinstance(message.delivery, spec.Basic.GetEmpty):
+                got = await handle.get(self._dlq, what=what, missing=missing)
+                if got is None:
                     break
-                letter = replay.letter(incoming_of(message))
-                tag = letter.incoming.delivery_tag
+                letter = replay.letter(incoming_of(got))
                 if not replay.wants(letter):
-                    held.append(tag)
                     continue
                 try:
-                    await self._link.publishing.publish(
+                    await publisher.publish(
                         replay.envelope(letter), exchange="", routing_key=replay.target(letter)
                     )
                 except MqkitError as exc:
                     replay.failed(letter, exc)
-                    held.append(tag)
                     continue
-                await channel.basic_ack(tag)
+                await handle.ack(letter.incoming.delivery_tag, what=what)
                 replay.replayed()
-            for tag in held:
-                await channel.basic_nack(tag, requeue=True)
-        except _ERRORS as exc:
-            raise self._error(exc, "replay") from exc
         finally:
-            await _close(channel)
+            await handle.close()
         await self._returned(replay.left)
         return replay.result()
+
+    async def _run(self, op: Callable[[aiormq.abc.AbstractChannel], Any], action: str) -> int:
+        """Run ``op`` on the client's control channel."""
+        self._link.require_open(explain.on_dead_letters(action, self._dlq))
+        what = explain.on_dead_letters(action, self._dlq)
+        result: int = await self._declarer.handle.run(
+            op, what=what, missing=explain.missing_dlq(self._queue)
+        )
+        return result
 
     async def _returned(self, expected: int) -> None:
         """Wait (at most RETURN_WAIT) until the DLQ counts ``expected`` letters again."""
@@ -181,21 +168,24 @@ class AsyncDeadLetterQueue:
         while await self.count() < expected and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    async def purge(self) -> int:
-        """Delete every dead letter; how many there were."""
-        channel = await self._channel()
+    async def _scan(self, limit: int | None, each: Callable[[DeadLetter], Any]) -> list[DeadLetter]:
+        count = await self.count()
+        bound = scan_bound(count, limit)
+        handle = ChannelHandle(self._link, reopen=False)
+        what = explain.on_dead_letters("read", self._dlq)
+        letters: list[DeadLetter] = []
         try:
-            ok = await channel.queue_purge(self._name, timeout=RPC_TIMEOUT)
-        except _ERRORS as exc:
-            raise self._error(exc, "purge") from exc
+            for _ in range(bound):
+                got = await handle.get(
+                    self._dlq, what=what, missing=explain.missing_dlq(self._queue)
+                )
+                if got is None:
+                    break
+                letter = DeadLetter.from_incoming(incoming_of(got), dlq=self._dlq)
+                each(letter)
+                letters.append(letter)
         finally:
-            await _close(channel)
-        return int(ok.message_count or 0)
-
-
-async def _close(channel: aiormq.abc.AbstractChannel) -> None:
-    try:
-        if not channel.is_closed:
-            await asyncio.wait_for(channel.close(), timeout=5)
-    except Exception as exc:  # closing a channel the broker already closed
-        log.debug("mqkit: closing a channel failed: %s", describe(exc))
+            await handle.close()  # unacked: everything goes back, in order
+        if letters:
+            await self._returned(count)
+        return letters

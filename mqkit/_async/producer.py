@@ -1,4 +1,4 @@
-"""AsyncProducer[T]: publish typed messages to a queue or an exchange, confirmed."""
+"""Typed, confirmed publishing: :class:`AsyncProducer`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from mqkit.publishing import PublishTarget
 
 if TYPE_CHECKING:
     from .connection import Link
+    from .publisher import Publisher
 
 __all__ = ["AsyncProducer"]
 
@@ -27,8 +28,9 @@ class AsyncProducer(Generic[T]):
     :class:`~mqkit.PublishTimeout`. Safe to share across tasks.
     """
 
-    def __init__(self, link: Link, target: PublishTarget[T]) -> None:
+    def __init__(self, link: Link, publisher: Publisher, target: PublishTarget[T]) -> None:
         self._link = link
+        self._publisher = publisher
         self._target = target
 
     def __repr__(self) -> str:
@@ -70,9 +72,7 @@ class AsyncProducer(Generic[T]):
             priority=priority,
             expiration=expiration,
         )
-        await self._link.publishing.publish(
-            envelope, exchange=self._target.exchange, routing_key=key
-        )
+        await self._publisher.publish(envelope, exchange=self._target.exchange, routing_key=key)
         return envelope.message_id
 
     async def publish_many(
@@ -102,7 +102,7 @@ class AsyncProducer(Generic[T]):
             expiration=expiration,
         )
         exchange = self._target.exchange
-        await self._link.publishing.publish_many(
+        await self._publisher.publish_many(
             [(envelope, exchange, key) for envelope, key in prepared]
         )
         return [envelope.message_id for envelope, _ in prepared]

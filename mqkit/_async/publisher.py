@@ -4,7 +4,10 @@ copies, RPC and dead-letter replays.
 
 ``publish`` waits for its confirm; while the link is down it waits for the link (within
 ``confirm_timeout``) and sends again what the link lost (at-least-once). ``publish_many``
-keeps a window of confirms in flight and hands the writer many publishes per write.
+keeps up to :data:`~mqkit.publishing.CONFIRM_WINDOW` confirms in flight and hands the writer
+:data:`~mqkit.publishing.SEND_CHUNK` publishes per write. A publish that fails returned or
+nacked is reported to the pipeline (:class:`~mqkit.lifecycle.Returned`,
+:class:`~mqkit.lifecycle.Nacked`).
 
 **Nacks.** A ``basic.nack`` makes the publisher replace its channel (at most once per
 :data:`mqkit.publishing.RENEW_INTERVAL`): RabbitMQ 3.10 nacks a channel's publishes to a
@@ -35,7 +38,7 @@ from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiormq
 import aiormq.abc
@@ -46,22 +49,33 @@ from pamqp.header import ContentHeader
 
 from mqkit import explain
 from mqkit.errors import ConnectionFailed, MqkitError, PublishError, PublishTimeout
+from mqkit.lifecycle import Nacked, Pipeline, Returned
 from mqkit.messages import Envelope
-from mqkit.publishing import ChannelRenewal, SizeLimit, retry_nacked
+from mqkit.publishing import (
+    CONFIRM_WINDOW,
+    SEND_CHUNK,
+    ChannelRenewal,
+    SizeLimit,
+    missing_exchange,
+    retry_nacked,
+)
 
-from .connection import AMQP_ERRORS, RPC_TIMEOUT, cancelling, describe, reply_text, translate
-
-if TYPE_CHECKING:
-    from .connection import Link
+from .channel import open_underlay
+from .connection import (
+    AMQP_ERRORS,
+    RPC_TIMEOUT,
+    Link,
+    cancelling,
+    describe,
+    reply_of,
+    reply_text,
+    returned_reply,
+    translate,
+)
 
 __all__ = ["Publisher", "properties"]
 
-log = logging.getLogger("mqkit")
-
-# publish_many keeps up to WINDOW confirms in flight and, when full, waits for the oldest CHUNK.
-WINDOW = 1024
-CHUNK = 256
-FRAME_BATCH = 128  # publishes per write in the pipelined publish_many
+log = logging.getLogger("mqkit.publisher")
 
 
 def properties(envelope: Envelope) -> spec.Basic.Properties:
@@ -82,10 +96,13 @@ def properties(envelope: Envelope) -> spec.Basic.Properties:
 
 
 class Publisher:
-    """The client's publishing channel and what is sent on it."""
+    """The client's confirm-mode channel and what is sent on it. Safe to share across
+    tasks."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, pipeline: Pipeline) -> None:
         self._link = link
+        self._pipeline = pipeline
+        self._confirm_timeout = link.settings.confirm_timeout
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
         self._renewal = ChannelRenewal()
@@ -118,11 +135,20 @@ class Publisher:
                     return
             self._renewal.renewed()
             log.warning(
-                "mqkit: the broker nacked a publish; replacing the publishing channel (a "
-                "quorum queue may have elected a new leader)"
+                "the broker nacked a publish; replacing the publishing channel (a quorum "
+                "queue may have elected a new leader)"
             )
             self._channel = None
             self._spawn(_close_replaced(nacked_on))
+
+    # -- Restorable --------------------------------------------------------------------------
+
+    def _link_lost(self, reason: BaseException) -> None:
+        """The connection is gone: so is the channel; what was in flight is sent again."""
+        self._channel = None
+
+    async def _restore(self) -> None:
+        """Nothing to do: the next publish opens the channel on the new connection."""
 
     def _renew_later(self, nacked_on: aiormq.abc.AbstractChannel) -> None:
         self._spawn(self._renew(nacked_on))
@@ -146,7 +172,7 @@ class Publisher:
         def timed_out() -> PublishTimeout:
             return explain.confirm_timeout(
                 "publish",
-                self._link.settings.confirm_timeout if timeout is None else timeout,
+                self._confirm_timeout if timeout is None else timeout,
                 self._why("not connected"),
             )
 
@@ -163,7 +189,7 @@ class Publisher:
             self._link.require_open("publishing")
             if not await self._link.wait_ready(left()):
                 raise timed_out()
-            self._channel = await self._link.underlay(confirms=True, timeout=left())
+            self._channel = await open_underlay(self._link, confirms=True, timeout=left())
             return self._channel
         finally:
             self._lock.release()
@@ -185,7 +211,7 @@ class Publisher:
         the new one (at-least-once), and so is a nacked one, once, on a new channel.
         ``channel`` pins the publish to one channel (RPC): neither is sent again then.
         """
-        budget = self._link.settings.confirm_timeout if timeout is None else timeout
+        budget = self._confirm_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         props = properties(envelope)
         # The words for errors are built only when there is an error (this is the hot path).
@@ -248,6 +274,7 @@ class Publisher:
                     if too_large is not None:
                         raise too_large from exc
                 elif _broker_refused(exc, exchange):
+                    self._report(exc, exchange, routing_key, envelope.message_id)
                     mapped = translate(exc, what=what())
                     if isinstance(mapped, PublishError):
                         mapped.unconfirmed = [envelope.message_id]
@@ -255,7 +282,7 @@ class Publisher:
                 lost = exc
             if channel is not None:
                 raise translate(lost, what=what()) from lost
-            log.debug("mqkit: %s: %s; will send it again", what(), describe(lost))
+            log.debug("%s: %s; will send it again", what(), describe(lost))
             await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
 
     async def publish_many(
@@ -274,7 +301,7 @@ class Publisher:
         if not jobs:
             return
         self._link.require_open("publishing")
-        budget = self._link.settings.confirm_timeout
+        budget = self._confirm_timeout
         failures: dict[int, BaseException] = {}
         nacks: dict[int, int] = {}
         limit = self._limit.limit
@@ -306,7 +333,7 @@ class Publisher:
                 deadline = deadline or time.monotonic() + budget
                 await asyncio.sleep(0.05)
                 continue
-            send = self._pipeline if _can_pipeline(channel) else self._window
+            send = self._pipelined if _can_pipeline(channel) else self._window
             lost = await send(channel, jobs, todo, mandatory, failures)
             nacked = [i for i in todo if i in failures and _nacked(failures[i])]
             again: list[int] = []  # nacked once: sent again on a new channel
@@ -325,11 +352,26 @@ class Publisher:
             if lost and deadline is None:
                 deadline = time.monotonic() + budget
             if lost:
-                log.debug("mqkit: %d publishes lost with the link; sending them again", len(lost))
+                log.debug("%d publishes lost with the link; sending them again", len(lost))
                 await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
             todo = sorted(lost + again)
         if failures:
+            for index, failure in failures.items():
+                envelope, exchange, routing_key = jobs[index]
+                self._report(failure, exchange, routing_key, envelope.message_id)
             raise _many_error(jobs, failures, budget, self._why())
+
+    def _report(self, exc: BaseException, exchange: str, routing_key: str, message_id: str) -> None:
+        """Tell the pipeline that a publish failed returned or nacked (``exc``); other
+        failures are not reported."""
+        service = self._link.settings.service
+        if isinstance(exc, amqp.PublishError):
+            reply = returned_reply(exc)
+            self._pipeline.emit(
+                Returned(exchange, routing_key, message_id, reply=reply, service=service)
+            )
+        elif _nacked(exc):
+            self._pipeline.emit(Nacked(exchange, routing_key, message_id, service=service))
 
     async def _window(
         self,
@@ -340,7 +382,7 @@ class Publisher:
         failures: dict[int, BaseException],
     ) -> list[int]:
         """One pass over ``todo`` on ``channel``; the indexes the link lost."""
-        budget = self._link.settings.confirm_timeout
+        budget = self._confirm_timeout
         loop = asyncio.get_running_loop()
         lost: list[int] = []
         inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
@@ -350,8 +392,8 @@ class Publisher:
 
         try:
             for position, index in enumerate(todo):
-                if len(inflight) >= WINDOW:
-                    await drain(CHUNK)
+                if len(inflight) >= CONFIRM_WINDOW:
+                    await drain(SEND_CHUNK)
                 if channel.is_closed:
                     lost.extend(todo[position:])
                     break
@@ -373,7 +415,7 @@ class Publisher:
                 pending.cancel()
         return sorted(lost)
 
-    async def _pipeline(
+    async def _pipelined(
         self,
         channel: aiormq.abc.AbstractChannel,
         jobs: Sequence[tuple[Envelope, str, str]],
@@ -381,9 +423,9 @@ class Publisher:
         mandatory: bool,
         failures: dict[int, BaseException],
     ) -> list[int]:
-        """Like :meth:`_window`, but hands the writer ``FRAME_BATCH`` publishes at a time (one
+        """Like :meth:`_window`, but hands the writer ``SEND_CHUNK`` publishes at a time (one
         write, one lock, no task per message); confirms are tracked by aiormq as usual."""
-        budget = self._link.settings.confirm_timeout
+        budget = self._confirm_timeout
         lost: list[int] = []
         inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
 
@@ -392,12 +434,12 @@ class Publisher:
 
         position = 0
         while position < len(todo):
-            if len(inflight) >= WINDOW:
-                await drain(CHUNK)
+            if len(inflight) >= CONFIRM_WINDOW:
+                await drain(SEND_CHUNK)
             if channel.is_closed:
                 lost.extend(todo[position:])
                 break
-            chunk = todo[position : position + FRAME_BATCH]
+            chunk = todo[position : position + SEND_CHUNK]
             try:
                 inflight.extend(await _send_batch(channel, jobs, chunk, mandatory))
             except AMQP_ERRORS:
@@ -546,7 +588,7 @@ async def _close_replaced(channel: aiormq.abc.AbstractChannel) -> None:
             RPC_TIMEOUT,
         )
     except Exception as exc:  # closing is bookkeeping: the channel is out of use already
-        log.debug("mqkit: closing a replaced publishing channel: %s", describe(exc))
+        log.debug("closing a replaced publishing channel: %s", describe(exc))
 
 
 def _refused_size(exc: BaseException, limit: SizeLimit) -> bool:
@@ -563,7 +605,7 @@ def _broker_refused(exc: BaseException, exchange: str) -> bool:
     if isinstance(exc, amqp.ChannelNotFoundEntity):
         # Any publish in flight on a channel the broker closed gets that channel's error;
         # only the one naming our exchange is about us. The rest go again.
-        return f"exchange '{exchange}'" in reply_text(exc)
+        return missing_exchange(*reply_of(exc)) == exchange
     return isinstance(exc, amqp.AMQPChannelError) and not isinstance(
         exc, amqp.ChannelNotFoundEntity
     )

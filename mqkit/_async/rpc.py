@@ -30,19 +30,22 @@ from .consumer import as_async
 if TYPE_CHECKING:
     from .connection import Link
     from .consumer import Handler, ReplyStep
+    from .publisher import Publisher
 
 __all__ = ["Requester", "reply_step"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.rpc")
 
 R = TypeVar("R", bound=BaseModel)
 
 
 class Requester:
-    """Sends requests and routes replies back to their callers."""
+    """The client's RPC caller: one direct reply-to consumer (on the publishing channel of
+    ``publisher``), futures by correlation id."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, publisher: Publisher) -> None:
         self._link = link
+        self._publisher = publisher
         self._waiting: dict[str, asyncio.Future[aiormq.abc.DeliveredMessage]] = {}
         self._consuming_on: aiormq.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
@@ -50,13 +53,13 @@ class Requester:
     async def _reply_channel(self, timeout: float) -> aiormq.abc.AbstractChannel:
         """The publishing channel, consuming replies; within ``timeout`` (else TimeoutError)."""
         deadline = time.monotonic() + timeout
-        channel = await self._link.publishing.channel(timeout)
+        channel = await self._publisher.channel(timeout)
         if self._consuming_on is channel and not channel.is_closed:
             return channel
         await asyncio.wait_for(self._lock.acquire(), max(0.001, deadline - time.monotonic()))
         try:
             left = max(0.001, deadline - time.monotonic())
-            channel = await self._link.publishing.channel(left)
+            channel = await self._publisher.channel(left)
             if self._consuming_on is not channel:
                 left = min(RPC_TIMEOUT, max(0.001, deadline - time.monotonic()))
                 try:
@@ -97,7 +100,7 @@ class Requester:
             )
             try:
                 channel = await self._reply_channel(budget)
-                await self._link.publishing.publish(
+                await self._publisher.publish(
                     envelope,
                     exchange="",
                     routing_key=queue,
@@ -117,7 +120,7 @@ class Requester:
         return read_reply(reply.header.properties.headers, reply.body, response_type)
 
 
-def reply_step(link: Link, queue: str, handler: Handler[Any]) -> ReplyStep:
+def reply_step(link: Link, publisher: Publisher, queue: str, handler: Handler[Any]) -> ReplyStep:
     """What a responder does with a request instead of the usual ack/retry/dead-letter: run
     the handler and publish :func:`mqkit.rpc.answer`'s reply (never raises)."""
     handler = as_async(handler)
@@ -145,7 +148,7 @@ def reply_step(link: Link, queue: str, handler: Handler[Any]) -> ReplyStep:
             )
             return
         try:
-            await link.publishing.publish(
+            await publisher.publish(
                 reply.envelope, exchange="", routing_key=reply.reply_to, mandatory=False
             )
         except MqkitError as exc:  # the caller times out; an RPC request is not retried

@@ -313,7 +313,7 @@ class AsyncOutboxRelay:
         self, exchange: str, mandatory: bool, envelopes: list[Envelope], keys: list[str]
     ) -> None:
         jobs = [(envelope, exchange, key) for envelope, key in zip(envelopes, keys, strict=True)]
-        await self._client._link.publishing.publish_many(jobs, mandatory=mandatory)
+        await self._client._publisher.publish_many(jobs, mandatory=mandatory)
 
     def _count(self, outcome: Settlement) -> None:
         self.sent += len(outcome.sent)

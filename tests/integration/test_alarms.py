@@ -138,8 +138,8 @@ def test_an_alarm_blocks_publishing_but_consumers_keep_going(
             consumer.stop()
     finally:
         delete_queues(node, names.base)
-    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "mqkit"]
-    blocked = [m for level, m in logged if level == logging.WARNING and "blocked" in m]
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("mqkit")]
+    blocked = [m for level, m in logged if level == logging.WARNING and "blocks publishing" in m]
     assert blocked and kind in blocked[0], logged
     assert any(level == logging.INFO and "unblocked" in m for level, m in logged), logged
 

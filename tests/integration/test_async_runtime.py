@@ -632,20 +632,20 @@ async def test_two_services_two_instances_each_get_every_event_once(client_for, 
 async def test_a_bus_declares_its_exchange_once_not_per_publish(client_for, names) -> None:
     async with client_for(service=names.service()) as client:
         bus = client.event_bus(exchange=names.exchange())
-        link = client._link
+        declarer = client._declarer
         calls: list[Any] = []
-        declare = link.declare
+        declare = declarer.declare
 
         async def counting(entities: Any, **kw: Any) -> None:
             calls.append(list(entities))
             await declare(entities, **kw)
 
-        link.declare = counting
+        declarer.declare = counting
         try:
             for n in range(3):
                 await bus.publish(AsyncCacheCleared(key=str(n)))
         finally:
-            del link.declare
+            del declarer.declare
         assert len(calls) == 1
 
 
@@ -849,7 +849,8 @@ class _LoseTheLinkOnFirstRestore:
         self.link = link
         self.restores = 0
 
-    attached = True
+    def _link_lost(self, reason: BaseException) -> None:
+        pass
 
     async def _restore(self) -> None:
         self.restores += 1
@@ -945,7 +946,7 @@ async def test_publish_and_request_keep_their_deadline_on_a_link_that_does_not_a
     with FaultProxy(broker_url) as proxy:
         async with mqkit.AsyncClient(url=proxy.url, confirm_timeout=1, connect_timeout=5) as client:
             producer = await client.producer(Order, queue=queue)  # declares; opens no channel
-            assert client._link.publishing._channel is None
+            assert client._publisher._channel is None
             proxy.blackhole()
             try:
                 started = time.monotonic()
