@@ -3,9 +3,9 @@
 Every publish of a client (producers, the event bus, retry and dead-letter copies, RPC
 requests and replies, replays) goes through its :class:`Publisher`. A publishing thread turns
 its messages into pika properties, hands them to the IO thread in one callback, and waits on a
-:class:`Batch`. The IO thread keeps up to :data:`WINDOW` messages in flight, matches
-``basic.ack``/``basic.nack`` (``multiple`` included) by delivery tag and ``basic.return``
-(which arrives before the ack of the same publish) by ``message_id``.
+:class:`Batch`. The IO thread keeps up to :data:`~mqkit.publishing.CONFIRM_WINDOW` messages
+in flight, matches ``basic.ack``/``basic.nack`` (``multiple`` included) by delivery tag and
+``basic.return`` (which arrives before the ack of the same publish) by ``message_id``.
 
 When the link drops, messages in flight go back to the head of the queue and are sent again
 on the new channel (at-least-once: a message whose confirm was lost may be stored twice); a
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,14 +53,18 @@ from mqkit._sync.connection import Link, translate
 from mqkit._sync.io_thread import settle
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.messages import Envelope
-from mqkit.publishing import ChannelRenewal, SizeLimit, retry_nacked
+from mqkit.publishing import (
+    CONFIRM_WINDOW,
+    SEND_CHUNK,
+    ChannelRenewal,
+    SizeLimit,
+    missing_exchange,
+    retry_nacked,
+)
 
-__all__ = ["WINDOW", "Batch", "Publisher", "properties"]
+__all__ = ["Batch", "Publisher", "properties"]
 
 log = logging.getLogger("mqkit")
-
-WINDOW = 1000  # messages in flight per client: enough to keep the broker busy, bounded memory
-_MISSING_EXCHANGE = re.compile(r"no exchange '(?P<name>[^']*)'")
 
 
 def properties(envelope: Envelope) -> BasicProperties:
@@ -218,7 +221,7 @@ class Publisher:
                     index,
                 )
             )
-            if len(chunk) >= 256:  # let the IO thread start sending while we build the rest
+            if len(chunk) >= SEND_CHUNK:  # let the IO thread start sending while we build the rest
                 self._hand_over(chunk)
                 chunk = []
         if chunk:
@@ -263,7 +266,7 @@ class Publisher:
             return
         waiting, inflight = self._waiting, self._inflight
         publish = channel.basic_publish
-        while waiting and len(inflight) < WINDOW:
+        while waiting and len(inflight) < CONFIRM_WINDOW:
             message = waiting.popleft()
             if message.batch.abandoned:
                 continue
@@ -397,11 +400,11 @@ class Publisher:
         log.warning("mqkit: the broker closed the publishing channel: %s", reason)
         # A missing exchange fails the messages to it (sent or not); the others go again on a
         # new channel. Any other reason cannot be pinned on one message: all sent ones fail.
-        missing = _MISSING_EXCHANGE.search(reason.reply_text)
+        missing = missing_exchange(reason.reply_code, reason.reply_text)
         for message in (*self._inflight, *(self._waiting if missing else ())):
             if message.settled or message.held:
                 continue
-            if missing is None or message.exchange == missing["name"]:
+            if missing is None or message.exchange == missing:
                 message.settled = True
                 message.batch.settle(message.index, translate(reason, what=_what(message)))
         self._requeue_inflight()
