@@ -16,13 +16,16 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from mqkit._sync.consumer import Consumer
 from mqkit.consumers import plan_subscriber
 from mqkit.handlers import check_handler, role
+from mqkit.lifecycle import Pipeline
 from mqkit.messages import Event
 from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
 from mqkit.topology import Exchange
 
 if TYPE_CHECKING:
-    from mqkit._sync.client import Client
+    from mqkit._sync.connection import Link
+    from mqkit._sync.declarer import Declarer
+    from mqkit._sync.publisher import Publisher
 
 __all__ = ["EventBus"]
 
@@ -58,13 +61,19 @@ class EventBus:
 
     def __init__(
         self,
-        client: Client,
+        link: Link,
+        declarer: Declarer,
+        publisher: Publisher,
+        pipeline: Pipeline,
         *,
         service: str,
         exchange: str,
         subscribed: set[str] | None = None,
     ) -> None:
-        self._client = client
+        self._link = link
+        self._declarer = declarer
+        self._publisher = publisher
+        self._pipeline = pipeline
         self._service = service
         self._exchange = exchange
         self._target = PublishTarget(Event, exchange, owner="EventBus")
@@ -169,7 +178,7 @@ class EventBus:
         with _PLANNING:
             plan = plan_subscriber(
                 target,
-                settings=self._client.settings,
+                settings=self._link.settings,
                 service=self._service,
                 exchange=Exchange(self._exchange),
                 subscribed=self._keys,
@@ -179,7 +188,9 @@ class EventBus:
                 prefetch=prefetch,
                 concurrency=concurrency,
             )
-        consumer: Consumer[Any] = Consumer(self._client, plan, handler)
+        consumer: Consumer[Any] = Consumer(
+            self._link, self._declarer, self._publisher, self._pipeline, plan, handler
+        )
         with self._lock:
             self._subscriptions.append(consumer)
             running = self._running
@@ -210,9 +221,8 @@ class EventBus:
             message_id=message_id,
             correlation_id=correlation_id,
         )
-        client = self._client
-        client._ensure_open()
-        return client._publisher.publish(self._exchange, key, [envelope], mandatory=mandatory)[0]
+        self._link.ensure_open()
+        return self._publisher.publish(self._exchange, key, [envelope], mandatory=mandatory)[0]
 
     def start(self) -> None:
         """Start every subscription (and any added later); idempotent."""

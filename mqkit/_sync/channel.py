@@ -25,13 +25,13 @@ from mqkit._sync.io_thread import settle
 from mqkit.errors import MqkitError
 from mqkit.messages import Incoming, to_datetime
 
-__all__ = ["ChannelHandle", "Got", "to_incoming"]
+__all__ = ["ChannelHandle", "Got", "incoming_of"]
 
 T = TypeVar("T")
 Got = tuple[Any, BasicProperties, bytes]  # (Basic.GetOk or Basic.Deliver, properties, body)
 
 
-def to_incoming(method: Any, props: BasicProperties, body: bytes) -> Incoming:
+def incoming_of(method: Any, props: BasicProperties, body: bytes) -> Incoming:
     """A pika delivery (``Basic.Deliver`` or ``Basic.GetOk``) as an :class:`Incoming`."""
     return Incoming(
         body=body,

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from mqkit import explain, running
+from mqkit import running
 from mqkit._sync.bus import EventBus
 from mqkit._sync.connection import Link
 from mqkit._sync.consumer import Consumer
@@ -26,6 +26,7 @@ from mqkit.context import Context
 from mqkit.declaring import expand
 from mqkit.handlers import check_handler, role
 from mqkit.health import Health, health_of
+from mqkit.lifecycle import LogObserver, Pipeline
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
@@ -33,7 +34,7 @@ from mqkit.topology import Entity, Exchange, Queue, check_entities
 
 __all__ = ["Client"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.client")
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
@@ -65,19 +66,21 @@ class Client:
         self._settings = (settings or Settings()).merged(**overrides)
         # Two connections, as RabbitMQ advises: a memory or disk alarm blocks the publishing
         # one, and consumers (and declares) on the other keep going. They share an IO thread.
-        self._link = Link(self._settings, purpose="consuming")
-        self._publish_link = Link(self._settings, purpose="publishing", io_from=self._link)
-        self._publisher = Publisher(self._publish_link, self._settings.confirm_timeout)
-        self._declarer = Declarer(self._link, self._settings)
-        self._requester = Requester(self)
-        self._link.attach(self._declarer)
-        self._publish_link.attach(self._publisher)
-        self._publish_link.attach(self._requester)  # replies come on the publishing channel
+        # What happens is reported to one pipeline; logging is one of its observers.
+        self._pipeline = Pipeline([LogObserver()])
+        self._link = Link(self._settings, self._pipeline, purpose="consuming")
+        self._publish_link = Link(
+            self._settings, self._pipeline, purpose="publishing", io_from=self._link
+        )
+        self._publisher = Publisher(self._publish_link, self._pipeline)
+        self._declarer = Declarer(self._link)
+        self._requester = Requester(self._link, self._publisher)
+        self._link.register(self._declarer)
+        self._publish_link.register(self._publisher)
+        self._publish_link.register(self._requester)  # replies come on the publishing channel
         self._lock = threading.RLock()
-        self._opened = False
         self._made: list[tuple[Made, Consumer[Any] | EventBus]] = []
         self._subscribed: dict[tuple[str, str], set[str]] = {}  # (service, exchange): keys
-        self._active: list[Consumer[Any]] = []
         self._stop = threading.Event()
 
     def __repr__(self) -> str:
@@ -94,34 +97,12 @@ class Client:
         """Every queue, exchange and binding declared so far (re-declared after a reconnect)."""
         return self._declarer.topology
 
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    def __enter__(self) -> Client:
-        self._ensure_open()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    # -- lifecycle -------------------------------------------------------------------------------
 
     def connect(self) -> None:
         """Connect now (idempotent); entering the context manager does it too, and so does
         the first use. Raises :class:`~mqkit.ConnectionFailed` within ``connect_timeout``."""
-        self._ensure_open()
-
-    def _ensure_open(self) -> None:
-        if self._opened:
-            return
-        with self._lock:
-            if self._link.closed:
-                raise explain.closed("connect")
-            if not self._opened:
-                self._link.open()
-                try:
-                    self._publish_link.open()
-                except BaseException:
-                    self._link.close()  # closes the publishing link too
-                    raise
-                self._opened = True
+        self._link.ensure_open()
 
     def close(self) -> None:
         """Stop every consumer and bus of this client (gracefully: running handlers get
@@ -133,7 +114,7 @@ class Client:
             if self._link.closed:
                 return
             made = list(self._made)
-            active: list[Consumer[Any] | EventBus] = list(self._active)
+        active: list[Consumer[Any] | EventBus] = list(self._consumers())
         running.warn_never_started(
             [(kind, item) for kind, item in made if isinstance(item, Consumer) and kind != "bus"],
             [item for _, item in made if isinstance(item, EventBus)],
@@ -147,6 +128,157 @@ class Client:
         finally:
             self._link.close()
 
+    def __enter__(self) -> Client:
+        self._link.ensure_open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- topology --------------------------------------------------------------------------------
+
+    def declare(self, *entities: Entity) -> None:
+        """Declare queues, exchanges and bindings (idempotent; cached). A queue's ``type=None``
+        takes ``settings.queue_type``.
+
+        A durable queue is declared exactly as a producer, consumer, responder or the bus of
+        any mqkit service declares it (with its DLQ ``{name}.dlq``), so whoever comes first,
+        the others agree. One that exists with other arguments is used as it is, with a
+        WARNING, unless ``settings.declare='strict'`` (then: TopologyError); with
+        ``declare='passive'`` nothing is declared, only checked (see :mod:`mqkit.declaring`).
+        """
+        check_entities(entities)
+        settings = self._settings
+        self._link.ensure_open()
+        self._declarer.declare(
+            expand(
+                entities, default_type=settings.queue_type, delivery_limit=settings.delivery_limit
+            )
+        )
+
+    # -- factories -------------------------------------------------------------------------------
+
+    def producer(
+        self,
+        message_type: type[T],
+        *,
+        queue: str | Queue | None = None,
+        exchange: str | Exchange | None = None,
+        routing_key: str | None = None,
+    ) -> Producer[T]:
+        """A :class:`Producer` for ``message_type``, to a queue (declared, with its DLQ) or
+        an exchange (an :class:`Exchange` is declared; a name is used as it is)."""
+        target, entities = plan_producer(
+            message_type,
+            queue=queue,
+            exchange=exchange,
+            routing_key=routing_key,
+            default_type=self._settings.queue_type,
+            delivery_limit=self._settings.delivery_limit,
+            declared=self.topology,
+        )
+        if entities:
+            self._link.ensure_open()
+            self._declarer.declare(entities)
+        return Producer(self._link, self._publisher, target)
+
+    def consumer(
+        self,
+        queue: str | Queue,
+        message_type: type[T],
+        handler: Callable[[T, Context], object],
+        *,
+        prefetch: int | None = None,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+    ) -> Consumer[T]:
+        """A :class:`Consumer` (not started) running ``handler(message, ctx)`` per message.
+
+        ``handler`` is a plain function (run on the consumer's worker threads). One that
+        cannot run raises ``TypeError`` here: not callable, an ``async def`` (use
+        :class:`~mqkit.AsyncClient`), a generator, or not callable as ``(message, ctx)``.
+        Start it with :meth:`run` (or ``consumer.start()``); one never started is named in
+        a WARNING when the client closes."""
+        plan = plan_consumer(
+            queue,
+            message_type,
+            settings=self._settings,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            retry=retry,
+            declared=self.topology,
+        )
+        check_handler(handler, runtime="sync", role=role("consumer", plan.queue))
+        consumer: Consumer[T] = Consumer(
+            self._link, self._declarer, self._publisher, self._pipeline, plan, handler
+        )
+        return self._made_consumer(consumer, "consumer")
+
+    def event_bus(self, *, service: str | None = None, exchange: str | None = None) -> EventBus:
+        """An :class:`EventBus` on the topic exchange ``exchange`` (default
+        ``settings.events_exchange``, declared durable) for ``service``.
+
+        Buses of this client for the same service and exchange share its subscription
+        queues, so subscribing one event type on two of them is refused like subscribing
+        it twice on one (:class:`~mqkit.ConfigError`: each would get half the events)."""
+        name = exchange or self._settings.events_exchange
+        owner = service or self._settings.service
+        self.declare(Exchange(name))
+        with self._lock:
+            subscribed = self._subscribed.setdefault((owner, name), set())
+        bus = EventBus(
+            self._link,
+            self._declarer,
+            self._publisher,
+            self._pipeline,
+            service=owner,
+            exchange=name,
+            subscribed=subscribed,
+        )
+        with self._lock:
+            self._made.append(("bus", bus))
+        return bus
+
+    def request(
+        self, queue: str, message: BaseModel, response_type: type[R], *, timeout: float = 5.0
+    ) -> R:
+        """Send ``message`` to ``queue`` and wait for the typed reply (direct reply-to).
+
+        Raises :class:`~mqkit.RequestTimeout` after ``timeout`` seconds,
+        :class:`~mqkit.RemoteError` if the responder's handler raised, and
+        :class:`~mqkit.PublishUnroutable` if no such queue exists.
+        """
+        return self._requester.request(queue, message, response_type, timeout)
+
+    def responder(
+        self,
+        queue: str | Queue,
+        request_type: type[T],
+        handler: Callable[[T, Context], BaseModel],
+    ) -> Consumer[T]:
+        """A :class:`Consumer` (not started) whose handler's return value is the reply.
+
+        ``handler`` is checked as for :meth:`consumer` (``TypeError`` if it cannot run)."""
+        plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
+        check_handler(handler, runtime="sync", role=role("responder", plan.queue))
+        reply = reply_step(self._link, self._publisher, plan.queue, handler)
+        consumer: Consumer[T] = Consumer(
+            self._link, self._declarer, self._publisher, self._pipeline, plan, handler, reply=reply
+        )
+        return self._made_consumer(consumer, "responder")
+
+    def _made_consumer(self, consumer: Consumer[T], kind: Made) -> Consumer[T]:
+        with self._lock:
+            self._made.append((kind, consumer))
+        return consumer
+
+    def dead_letters(self, queue: str | Queue) -> DeadLetterQueue:
+        """The :class:`DeadLetterQueue` of ``queue`` (its DLQ is ``f"{queue}.dlq"``)."""
+        name = queue.name if isinstance(queue, Queue) else queue
+        return DeadLetterQueue(self._link, self._declarer, self._publisher, name)
+
+    # -- run / stop ------------------------------------------------------------------------------
+
     def run(self, drain_timeout: float | None = None) -> None:
         """Start every consumer and bus made on this client, block until :meth:`stop`,
         SIGINT or SIGTERM, then stop them all at once, gracefully: running handlers get
@@ -159,7 +291,7 @@ class Client:
         Signals are only handled when ``run()`` is called on the main thread.
         """
         timeout = running.drain_timeout(drain_timeout, self._settings)
-        self._ensure_open()
+        self._link.ensure_open()
         with self._lock:
             made = [item for _, item in self._made]
         again = threading.Event()  # a second signal, while draining
@@ -198,6 +330,11 @@ class Client:
             self._link.close(timeout=1.0)  # unacked deliveries go back to their queues
             raise SystemExit(status)
 
+    def stop(self) -> None:
+        """End :meth:`run`, which then drains (see there); thread-safe, callable from a
+        handler or a signal handler, does not wait."""
+        self._stop.set()
+
     def _stop_all(
         self,
         items: list[Consumer[Any] | EventBus],
@@ -234,157 +371,19 @@ class Client:
             raise errors[0]
         return True
 
-    def stop(self) -> None:
-        """End :meth:`run`, which then drains (see there); thread-safe, callable from a
-        handler or a signal handler, does not wait."""
-        self._stop.set()
+    # -- health ----------------------------------------------------------------------------------
 
     def health(self) -> Health:
         """A snapshot for liveness/readiness probes; no I/O. ``publishing_blocked`` says the
         broker blocks publishing (a memory or disk alarm): consumers keep going meanwhile."""
-        with self._lock:
-            active = list(self._active)
+        started = self._consumers()
         return health_of(
             self._link,
             self._publish_link,
-            consumers=len(active),
-            consumers_attached=sum(1 for consumer in active if consumer._attached),
+            consumers=len(started),
+            consumers_attached=sum(1 for consumer in started if consumer.attached),
         )
 
-    def _consumer_started(self, consumer: Consumer[Any]) -> None:
-        with self._lock:
-            if consumer not in self._active:
-                self._active.append(consumer)
-
-    def _consumer_stopped(self, consumer: Consumer[Any]) -> None:
-        with self._lock:
-            if consumer in self._active:
-                self._active.remove(consumer)
-
-    # -- topology and publishing --------------------------------------------------------------
-
-    def declare(self, *entities: Entity) -> None:
-        """Declare queues, exchanges and bindings (idempotent; cached). A queue's ``type=None``
-        takes ``settings.queue_type``.
-
-        A durable queue is declared exactly as a producer, consumer, responder or the bus of
-        any mqkit service declares it (with its DLQ ``{name}.dlq``), so whoever comes first,
-        the others agree. One that exists with other arguments is used as it is, with a
-        WARNING, unless ``settings.declare='strict'`` (then: TopologyError); with
-        ``declare='passive'`` nothing is declared, only checked (see :mod:`mqkit.declaring`).
-        """
-        check_entities(entities)
-        self._ensure_open()
-        self._declarer.declare(*self._shaped(entities))
-
-    def _shaped(self, entities: tuple[Entity, ...]) -> list[Entity]:
-        settings = self._settings
-        return expand(
-            entities, default_type=settings.queue_type, delivery_limit=settings.delivery_limit
-        )
-
-    def producer(
-        self,
-        message_type: type[T],
-        *,
-        queue: str | Queue | None = None,
-        exchange: str | Exchange | None = None,
-        routing_key: str | None = None,
-    ) -> Producer[T]:
-        """A :class:`Producer` for ``message_type``, to a queue (declared, with its DLQ) or
-        an exchange (an :class:`Exchange` is declared; a name is used as it is)."""
-        target, entities = plan_producer(
-            message_type,
-            queue=queue,
-            exchange=exchange,
-            routing_key=routing_key,
-            default_type=self._settings.queue_type,
-            delivery_limit=self._settings.delivery_limit,
-            declared=self.topology,
-        )
-        if entities:
-            self._ensure_open()
-            self._declarer.declare(*entities)
-        return Producer(self, target)
-
-    # -- consuming -------------------------------------------------------------------------------
-
-    def consumer(
-        self,
-        queue: str | Queue,
-        message_type: type[T],
-        handler: Callable[[T, Context], object],
-        *,
-        prefetch: int | None = None,
-        concurrency: int = 1,
-        retry: RetryPolicy | None = None,
-    ) -> Consumer[T]:
-        """A :class:`Consumer` (not started) running ``handler(message, ctx)`` per message.
-
-        ``handler`` is a plain function (run on the consumer's worker threads). One that
-        cannot run raises ``TypeError`` here: not callable, an ``async def`` (use
-        :class:`~mqkit.AsyncClient`), a generator, or not callable as ``(message, ctx)``.
-        Start it with :meth:`run` (or ``consumer.start()``); one never started is named in
-        a WARNING when the client closes."""
-        plan = plan_consumer(
-            queue,
-            message_type,
-            settings=self._settings,
-            prefetch=prefetch,
-            concurrency=concurrency,
-            retry=retry,
-            declared=self.topology,
-        )
-        check_handler(handler, runtime="sync", role=role("consumer", plan.queue))
-        return self._made_consumer(Consumer(self, plan, handler), "consumer")
-
-    def event_bus(self, *, service: str | None = None, exchange: str | None = None) -> EventBus:
-        """An :class:`EventBus` on the topic exchange ``exchange`` (default
-        ``settings.events_exchange``, declared durable) for ``service``.
-
-        Buses of this client for the same service and exchange share its subscription
-        queues, so subscribing one event type on two of them is refused like subscribing
-        it twice on one (:class:`~mqkit.ConfigError`: each would get half the events)."""
-        name = exchange or self._settings.events_exchange
-        owner = service or self._settings.service
-        self.declare(Exchange(name))
-        with self._lock:
-            subscribed = self._subscribed.setdefault((owner, name), set())
-        bus = EventBus(self, service=owner, exchange=name, subscribed=subscribed)
-        with self._lock:
-            self._made.append(("bus", bus))
-        return bus
-
-    def request(
-        self, queue: str, message: BaseModel, response_type: type[R], *, timeout: float = 5.0
-    ) -> R:
-        """Send ``message`` to ``queue`` and wait for the typed reply (direct reply-to).
-
-        Raises :class:`~mqkit.RequestTimeout` after ``timeout`` seconds,
-        :class:`~mqkit.RemoteError` if the responder's handler raised, and
-        :class:`~mqkit.PublishUnroutable` if no such queue exists.
-        """
-        return self._requester.request(queue, message, response_type, timeout)
-
-    def responder(
-        self,
-        queue: str | Queue,
-        request_type: type[T],
-        handler: Callable[[T, Context], BaseModel],
-    ) -> Consumer[T]:
-        """A :class:`Consumer` (not started) whose handler's return value is the reply.
-
-        ``handler`` is checked as for :meth:`consumer` (``TypeError`` if it cannot run)."""
-        plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
-        check_handler(handler, runtime="sync", role=role("responder", plan.queue))
-        reply = reply_step(self, plan.queue, handler)
-        return self._made_consumer(Consumer(self, plan, handler, reply=reply), "responder")
-
-    def _made_consumer(self, consumer: Consumer[T], kind: Made) -> Consumer[T]:
-        with self._lock:
-            self._made.append((kind, consumer))
-        return consumer
-
-    def dead_letters(self, queue: str | Queue) -> DeadLetterQueue:
-        """The :class:`DeadLetterQueue` of ``queue`` (its DLQ is ``f"{queue}.dlq"``)."""
-        return DeadLetterQueue(self, queue.name if isinstance(queue, Queue) else queue)
+    def _consumers(self) -> list[Consumer[Any]]:
+        """The started consumers (the link restores them after a reconnect)."""
+        return [item for item in self._link.restorables if isinstance(item, Consumer)]

@@ -11,15 +11,17 @@ so the ioloop keeps heartbeats going however long they take.
 A client holds two links on one IO thread: one for publishing and one for consuming and
 declaring (``Link(settings, purpose="publishing", io_from=link)``). A broker in a memory or
 disk alarm blocks every connection that publishes until the alarm clears; on a connection of
-their own, consumers keep taking and acking messages meanwhile. The link logs the broker's
-``connection.blocked`` / ``connection.unblocked`` and keeps the reason in :attr:`Link.blocked`.
+their own, consumers keep taking and acking messages meanwhile. The link reports the broker's
+``connection.blocked`` / ``connection.unblocked`` to the pipeline and keeps the reason in
+:attr:`Link.blocked`.
 
-Connecting tries each URL of ``settings.all_urls`` in order, with tenacity back-off, within
-``connect_timeout``. After a loss, a supervisor thread does the same without a deadline (back-off
-capped at 5 s, never giving up while the client is open), then asks every attached
-:class:`Component` to restore itself (topology, publisher channel, consumers) by issuing
-operations to the IO thread. pika exceptions become mqkit errors in :func:`translate`, the one
-place that does it.
+Connecting tries each URL of ``settings.all_urls`` in order, waiting
+:data:`mqkit.backoff.LINK_BACKOFF` between rounds, within ``connect_timeout``. After a loss
+(reported as :class:`~mqkit.lifecycle.LinkLost`), a supervisor thread does the same without a
+deadline (never giving up while the client is open), then restores every registered
+:class:`~mqkit.shell.Restorable` (topology, publisher channel, consumers) by issuing operations
+to the IO thread, and reports :class:`~mqkit.lifecycle.LinkRestored`. pika exceptions become
+mqkit errors in :func:`translate`, the one place that does it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import pika
 import pika.exceptions as pex
@@ -43,18 +45,23 @@ from pika.channel import Channel
 from mqkit import explain, tls
 from mqkit._sync.io_thread import IOThread, settle
 from mqkit._sync.lenient import LenientSelectConnection
+from mqkit.backoff import LINK_BACKOFF
 from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.lifecycle import (
+    LinkLost,
+    LinkRestored,
+    Pipeline,
+    PublishingBlocked,
+    PublishingUnblocked,
+)
 from mqkit.settings import Settings, mask_url
+from mqkit.shell import Restorable
 
-__all__ = ["Component", "Link", "LinkDown", "connect_error", "translate"]
+__all__ = ["Link", "LinkDown", "Restorable", "connect_error", "describe", "translate"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.connection")
 
 T = TypeVar("T")
-
-# Back-off between connection rounds: quick at first, capped so a recovered broker is found
-# within a few seconds.
-_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=5.0) + tenacity.wait_random(0, 0.1)
 
 
 class LinkDown(MqkitError):
@@ -69,32 +76,27 @@ class _Fatal(Exception):
         self.error = error
 
 
-class Component(Protocol):
-    """Something that keeps state on the connection and must survive a reconnect.
-
-    ``_link_lost`` runs on the IO thread as soon as the connection is gone (channels are dead:
-    forget them, requeue what was in flight). ``_restore`` runs on the supervisor thread after
-    a new connection is up, and may block on :meth:`Link.call` to re-create its channels.
-    Both are private: the link calls them, users never do.
-    """
-
-    def _link_lost(self, reason: BaseException) -> None: ...
-
-    def _restore(self) -> None: ...
-
-
 class Link:
     """One connection of a client: its IO thread, (re)connecting, and hand-off of work.
 
     ``purpose`` names the connection (in the broker's connection list and in log lines);
     ``io_from``: another link whose IO thread this one shares (opened after it, closed with
-    it), so that all of a client's pika objects live on one thread.
+    it), so that all of a client's pika objects live on one thread. A registered
+    :class:`Restorable` hears ``_link_lost`` on the IO thread as soon as the connection is gone,
+    and ``_restore`` on the supervisor thread once a new one is up (it may block on
+    :meth:`call` to re-create its channels).
     """
 
     def __init__(
-        self, settings: Settings, *, purpose: str = "", io_from: Link | None = None
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        *,
+        purpose: str = "",
+        io_from: Link | None = None,
     ) -> None:
         self.settings = settings
+        self._pipeline = pipeline
         self.purpose = purpose
         self.url = ""  # the broker in use, password masked
         self.reconnects = 0
@@ -110,8 +112,10 @@ class Link:
         self._ready = threading.Event()  # connected and restored
         self._closed = threading.Event()
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
+        self._opened = False
         self._supervisor: threading.Thread | None = None
-        self._components: list[Component] = []
+        self._restorables: list[Restorable] = []
         self._calls: set[Future[Any]] = set()  # IO thread: calls waiting on the connection
         self._close_done: threading.Event | None = None
 
@@ -142,16 +146,22 @@ class Link:
         """Whether :meth:`close` was called."""
         return self._closed.is_set()
 
-    def attach(self, component: Component) -> None:
-        """Have ``component`` told about losses and restored after each reconnect."""
+    @property
+    def restorables(self) -> tuple[Restorable, ...]:
+        """The registered parts (the declarer, the publisher, the started consumers)."""
         with self._lock:
-            self._components.append(component)
+            return tuple(self._restorables)
 
-    def detach(self, component: Component) -> None:
-        """Stop restoring ``component``."""
+    def register(self, item: Restorable) -> None:
+        """Have ``item`` told about losses and restored after each reconnect."""
         with self._lock:
-            if component in self._components:
-                self._components.remove(component)
+            self._restorables.append(item)
+
+    def unregister(self, item: Restorable) -> None:
+        """Stop restoring ``item``."""
+        with self._lock:
+            if item in self._restorables:
+                self._restorables.remove(item)
 
     def wait_ready(self, timeout: float) -> bool:
         """Block until connected (``False`` after ``timeout`` seconds or once closed)."""
@@ -160,6 +170,29 @@ class Link:
         return self._ready.wait(timeout)
 
     # -- lifecycle ---------------------------------------------------------------------
+
+    def ensure_open(self) -> None:
+        """Open this link and the links sharing its IO thread, unless they are open
+        (idempotent, thread-safe): the blocking client connects on first use. Raises
+        :class:`ConnectionFailed` once closed, or when no broker answers."""
+        if self._io_from is not None:
+            self._io_from.ensure_open()
+            return
+        if self._opened:
+            return
+        with self._open_lock:
+            if self._closed.is_set():
+                raise explain.closed("connect")
+            if self._opened:
+                return
+            self.open()
+            try:
+                for sharer in self._sharers:
+                    sharer.open()
+            except BaseException:
+                self.close()  # closes the sharers too
+                raise
+            self._opened = True
 
     def open(self) -> None:
         """Start the IO thread (or use ``io_from``'s) and connect; :class:`ConnectionFailed`
@@ -173,7 +206,7 @@ class Link:
             self._io.start()
         try:
             self._connect(deadline=time.monotonic() + self.settings.connect_timeout)
-            self._restore_components()
+            self._restore_all()
         except ConnectionFailed:
             self.close()
             raise
@@ -325,22 +358,16 @@ class Link:
                     raise
                 except Exception as exc:
                     last.append(exc)
-                    log.debug("mqkit: connecting to %s failed: %s", mask_url(url), exc)
+                    log.debug("connecting to %s failed: %s", mask_url(url), exc)
             raise ConnectionError("no broker answered")
 
         stop: Any = tenacity.stop_when_event_set(self._closed)
         if deadline is not None:
             stop = stop | tenacity.stop_after_delay(max(0.0, deadline - time.monotonic()))
 
-        def wait(state: tenacity.RetryCallState) -> float:
-            backoff = float(_BACKOFF(state))
-            if deadline is None:
-                return backoff
-            return max(0.0, min(backoff, deadline - time.monotonic()))  # a last try at the end
-
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(ConnectionError),
-            wait=wait,
+            wait=LINK_BACKOFF.wait(deadline=deadline),  # a last try at the deadline
             stop=stop,
             sleep=self._sleep,
             reraise=True,
@@ -353,7 +380,7 @@ class Link:
         except ConnectionError:
             last_cause = last[-1] if last else None
             error = explain.unreachable(
-                urls, self.settings.connect_timeout, _describe(last_cause) if last_cause else None
+                urls, self.settings.connect_timeout, describe(last_cause) if last_cause else None
             )
             self.last_error = str(error)
             raise error from last_cause
@@ -445,20 +472,14 @@ class Link:
             return
         reason = str(getattr(frame.method, "reason", "") or "a resource alarm")
         self.blocked = reason
-        log.warning(
-            "the broker blocked %s to %s (%s): publishes get no confirm until its memory or "
-            "disk alarm clears",
-            self.name,
-            self.url,
-            reason,
-        )
+        self._pipeline.emit(PublishingBlocked(reason, service=self.settings.service))
 
     def _on_unblocked(self, connection: Any, _frame: Any) -> None:
         """IO thread: the broker's alarm cleared."""
         if connection is not self._connection or self.blocked is None:
             return
         self.blocked = None
-        log.info("the broker unblocked %s to %s; publishing resumes", self.name, self.url)
+        self._pipeline.emit(PublishingUnblocked(service=self.settings.service))
 
     # -- losing and restoring --------------------------------------------------------------
 
@@ -474,8 +495,10 @@ class Link:
             if self._close_done is not None:
                 self._close_done.set()
             return
-        self.last_error = mask_url(_describe(reason))
-        log.warning("lost %s to %s (%s); reconnecting", self.name, self.url, reason)
+        self.last_error = mask_url(describe(reason))
+        self._pipeline.emit(
+            LinkLost(self.url, self.last_error or "", service=self.settings.service)
+        )
         self._lost(reason)
         with self._lock:
             if self._supervisor is None:
@@ -488,11 +511,11 @@ class Link:
         for future in list(self._calls):
             settle(future, exc=LinkDown(str(reason)))
         self._calls.clear()
-        for component in list(self._components):
+        for item in self.restorables:
             try:
-                component._link_lost(reason)
+                item._link_lost(reason)
             except Exception:
-                log.exception("mqkit: error while handling the connection loss")
+                log.exception("error while handling the connection loss")
 
     def _supervise(self) -> None:
         """Supervisor thread: reconnect (forever, with back-off) and restore, until ready."""
@@ -500,17 +523,17 @@ class Link:
         while not self._closed.is_set():
             try:
                 self._connect(deadline=None)
-                self._restore_components()
+                self._restore_all()
             except Exception as exc:
                 if self._closed.is_set():
                     break
                 failures += 1
                 if not isinstance(exc, LinkDown):
-                    error = str(exc) if isinstance(exc, MqkitError) else _describe(exc)
+                    error = str(exc) if isinstance(exc, MqkitError) else describe(exc)
                     self.last_error = mask_url(error)
                     log.warning("reconnecting %s failed (%s); retrying", self.name, self.last_error)
                 self._drop_connection()  # start over from a clean slate
-                self._closed.wait(min(5.0, 0.25 * 2**failures))
+                self._closed.wait(LINK_BACKOFF.delay(failures))
                 continue
             with self._lock:
                 connection = self._connection
@@ -518,8 +541,13 @@ class Link:
                     self.reconnects += 1
                     self._supervisor = None
                     self._ready.set()
-                    log.warning("reconnected %s to %s", self.name, self.url)
-                    return
+                    restored = LinkRestored(
+                        self.url, self.reconnects, service=self.settings.service
+                    )
+                else:
+                    continue
+            self._pipeline.emit(restored)
+            return
         with self._lock:
             self._supervisor = None
 
@@ -542,11 +570,9 @@ class Link:
         while self._connection is not None and time.monotonic() < deadline:
             time.sleep(0.02)
 
-    def _restore_components(self) -> None:
-        with self._lock:
-            components = list(self._components)
-        for component in components:
-            component._restore()
+    def _restore_all(self) -> None:
+        for item in self.restorables:
+            item._restore()
 
 
 def _abort(connection: SelectConnection) -> None:
@@ -558,7 +584,7 @@ def _abort(connection: SelectConnection) -> None:
         disconnect()
 
 
-def _describe(exc: BaseException | None) -> str:
+def describe(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown error"
     tls_problem = tls.ssl_reason(exc)
@@ -585,8 +611,8 @@ def translate(exc: BaseException, *, what: str, missing: str | None = None) -> M
     if isinstance(exc, pex.ProbableAuthenticationError):
         return ConnectionFailed(f"{what}: wrong username or password")
     if isinstance(exc, LinkDown | pex.AMQPConnectionError | pex.ChannelWrongStateError):
-        return explain.link_lost(what, _describe(exc))
-    return ConnectionFailed(f"{what}: {_describe(exc)}")
+        return explain.link_lost(what, describe(exc))
+    return ConnectionFailed(f"{what}: {describe(exc)}")
 
 
 def connect_error(url: str, exc: BaseException) -> ConnectionFailed | None:
@@ -602,7 +628,7 @@ def connect_error(url: str, exc: BaseException) -> ConnectionFailed | None:
     if isinstance(exc, pex.ProbableAuthenticationError) or (
         isinstance(exc, pex.ConnectionClosedByBroker) and exc.reply_code == 403
     ):
-        return explain.wrong_credentials(url, _describe(exc))
+        return explain.wrong_credentials(url, describe(exc))
     if isinstance(exc, pex.ProbableAccessDeniedError):
-        return explain.unknown_vhost(url, _describe(exc))
+        return explain.unknown_vhost(url, describe(exc))
     return None

@@ -8,6 +8,10 @@ The IO thread flushes finished deliveries in one go: the contiguous run from the
 unacked delivery with one ``basic.ack(multiple=True)``, stragglers one by one. A handler
 blocking for minutes never stalls heartbeats, because it never runs on the IO thread.
 
+What happened is reported to the pipeline (:mod:`mqkit.lifecycle`): attached, detached (stopped
+or lost), a body that does not decode, and how each delivery ended (handled, retried,
+dead-lettered), after its ack.
+
 A connection loss makes in-progress deliveries stale (their channel is gone, the broker
 redelivers them): their acks are dropped. The link restores the consumer on the new
 connection (basic.qos and basic.consume again) and it counts as attached once consume-ok
@@ -21,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -28,26 +33,37 @@ import pika.exceptions as pex
 import tenacity
 from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
-from pika.spec import Basic, BasicProperties
+from pika.spec import BasicProperties
 from pydantic import BaseModel
 
 from mqkit._sync.acks import ACK, REJECT, REQUEUE, Acks, Settle
-from mqkit._sync.channel import to_incoming
-from mqkit._sync.connection import LinkDown, translate
+from mqkit._sync.channel import incoming_of
+from mqkit._sync.connection import LinkDown, describe, translate
 from mqkit._sync.io_thread import settle
+from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
 from mqkit.delivery import follow_up, format_traceback, prepare
 from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.lifecycle import (
+    ConsumerAttached,
+    ConsumerDetached,
+    Pipeline,
+    Undecodable,
+    delivery_of,
+    outcome_event,
+)
 from mqkit.messages import Incoming
-from mqkit.retry import Ack, GiveUp, Outcome, Reject, Retry, RetryLater, decide
+from mqkit.retry import Ack, GiveUp, Outcome, decide
 
 if TYPE_CHECKING:
-    from mqkit._sync.client import Client
+    from mqkit._sync.connection import Link
+    from mqkit._sync.declarer import Declarer
+    from mqkit._sync.publisher import Publisher
 
 __all__ = ["Consumer", "ReplyStep"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.consumer")
 
 _STOP_SLACK = 0.5  # s: the least a stop gives the cancel and the close each, once time is up
 
@@ -81,50 +97,55 @@ class Consumer(Generic[T]):
 
     def __init__(
         self,
-        client: Client,
+        link: Link,
+        declarer: Declarer,
+        publisher: Publisher,
+        pipeline: Pipeline,
         plan: ConsumerPlan,
         handler: Callable[[T, Context], object],
         *,
         reply: ReplyStep | None = None,
     ) -> None:
-        self._client = client
-        self._link = client._link
-        self._publisher = client._publisher
+        self._link = link
+        self._declarer = declarer
+        self._publisher = publisher
+        self._pipeline = pipeline
         self._plan = plan
-        self._queue = plan.queue
         self._handler = handler
         self._reply = reply
-        self._lifecycle = threading.Lock()
-        self._running = False
-        self._stopped = threading.Event()
+        self._start_lock = threading.Lock()  # start and stop, one at a time
+        self._ready: SimpleQueue[_Delivery | None] = SimpleQueue()
         self._workers: list[threading.Thread] = []
-        self._work: SimpleQueue[_Delivery | None] = SimpleQueue()
+        self._stopped = threading.Event()
+        self._started = False
+        self._stopping = False
         # IO-thread state
         self._acks = Acks(self._link.submit)
         self._consumer_tag: str | None = None
-        self._stopping = False
         self._attached = False
         self._reattaching = False
 
     def __repr__(self) -> str:
-        return f"Consumer(queue={self._queue!r}, concurrency={self._plan.concurrency})"
+        return f"Consumer(queue={self._plan.queue!r}, concurrency={self._plan.concurrency})"
+
+    # -- properties --------------------------------------------------------------------------
 
     @property
     def queue(self) -> str:
         """The queue's name."""
-        return self._queue
+        return self._plan.queue
 
     @property
     def started(self) -> bool:
         """Whether :meth:`start` ran and :meth:`stop` did not (:meth:`Client.run` starts
         only the consumers that are not started)."""
-        return self._running
+        return self._started
 
     @property
     def ever_started(self) -> bool:
         """Whether :meth:`start` ever succeeded (:meth:`Client.close` warns about a consumer
         made on it that never was)."""
-        return self._running or self._stopped.is_set()
+        return self._started or self._stopped.is_set()
 
     @property
     def attached(self) -> bool:
@@ -132,37 +153,38 @@ class Consumer(Generic[T]):
         client reconnects; a readiness probe wants it ``True``, see ``health()``)."""
         return self._attached
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Declare the queue's topology and start consuming; returns once consume-ok
         arrived. Idempotent."""
-        with self._lifecycle:
-            if self._running:
-                return
-            self._client._ensure_open()
-            self._client._declarer.declare(*self._plan.entities)
-            self._stopping = False
-            self._stopped.clear()
-            # A fresh queue: a worker stuck past an earlier stop() keeps the old one.
-            self._work = SimpleQueue()
-            self._workers = [
-                threading.Thread(
-                    target=self._work_loop, name=f"mqkit-{self._queue}-{n}", daemon=True
-                )
-                for n in range(self._plan.concurrency)
-            ]
-            for worker in self._workers:
-                worker.start()
-            self._link.attach(self)
-            try:
-                self._call_attach(wait_ready=True)
-            except BaseException:
-                self._link.detach(self)
-                self._stop_workers(time.monotonic() + 1.0)
-                raise
-            self._running = True
-            self._client._consumer_started(self)
+        if self._started:
+            return
+        with self._start_lock:
+            if not self._started:
+                self._start()
+
+    def _start(self) -> None:
+        self._link.ensure_open()
+        self._declarer.declare(self._plan.entities)
+        self._stopping = False
+        self._stopped.clear()
+        # A fresh queue: a worker stuck past an earlier stop() keeps the old one.
+        self._ready = SimpleQueue()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"mqkit-{self._plan.queue}-{n}", daemon=True)
+            for n in range(self._plan.concurrency)
+        ]
+        for worker in self._workers:
+            worker.start()
+        self._link.register(self)
+        try:
+            self._attach(again=False, wait_ready=True)
+        except BaseException:
+            self._link.unregister(self)
+            self._stop_workers(time.monotonic() + 1.0)
+            raise
+        self._started = True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking deliveries, let running handlers finish and ack, and return prefetched
@@ -170,41 +192,9 @@ class Consumer(Generic[T]):
 
         Returns within ``timeout`` seconds, plus at most 1 s of slack so that the consumer is
         cancelled and its channel closed even when ``timeout`` is (nearly) used up."""
-        with self._lifecycle:
-            if not self._running:
-                return
-            self._running = False
-            deadline = time.monotonic() + timeout
-
-            def left() -> float:  # each broker round trip gets at least _STOP_SLACK s
-                return max(_STOP_SLACK, deadline - time.monotonic())
-
-            self._stopping = True
-            try:
-                self._link.call(
-                    self._cancel,
-                    min(left(), 10.0),
-                    what=f"cancel consuming {self._queue!r}",
-                    wait_ready=False,
-                )
-            except MqkitError as exc:  # the link is down: nothing to cancel, the broker requeues
-                log.debug("mqkit: cancelling the consumer of %r: %s", self._queue, exc)
-            self._stop_workers(deadline)
-            try:
-                self._link.call(
-                    self._close_channel,
-                    left(),
-                    what=f"close consumer {self._queue!r}",
-                    wait_ready=False,
-                )
-            except MqkitError as exc:
-                log.debug("mqkit: closing the consumer channel of %r: %s", self._queue, exc)
-            self._link.detach(self)
-            self._attached = False
-            self._client._consumer_stopped(self)
-            if self._plan.temporary:
-                self._client._declarer.forget(*self._plan.temporary)
-            self._stopped.set()
+        with self._start_lock:
+            if self._started:
+                self._stop(timeout)
 
     def run(self) -> None:
         """Start, then block until :meth:`stop` is called (Ctrl-C stops gracefully)."""
@@ -215,6 +205,22 @@ class Consumer(Generic[T]):
         except KeyboardInterrupt:
             self.stop()
 
+    def _restore(self) -> None:
+        """Attach again after the link reconnected (the link calls it)."""
+        if self._stopping:
+            return
+        try:
+            self._attach(again=True, wait_ready=False)
+        except MqkitError as exc:
+            if isinstance(exc, ConnectionFailed):
+                raise
+            log.error("could not restore the consumer of %r: %s; retrying", self._plan.queue, exc)
+            self._schedule_reattach()
+
+    def _link_lost(self, reason: BaseException) -> None:
+        """IO thread: the channel died with the connection; in-progress work is stale."""
+        self._lose(describe(reason))
+
     def __enter__(self) -> Consumer[T]:
         self.start()
         return self
@@ -222,41 +228,29 @@ class Consumer(Generic[T]):
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _stop_workers(self, deadline: float) -> None:
-        for _ in self._workers:
-            self._work.put(None)
-        for worker in self._workers:
-            if worker is not threading.current_thread():
-                worker.join(max(0.0, deadline - time.monotonic()))
-        stuck = sum(worker.is_alive() for worker in self._workers)
-        if stuck:
-            log.warning(
-                "mqkit: %d handler(s) of queue %r still running after the stop timeout; "
-                "their messages go back to the queue",
-                stuck,
-                self._queue,
-            )
-        self._workers = []
+    # -- attach / detach -------------------------------------------------------------------
 
-    # -- attaching (IO thread) ----------------------------------------------------------------
-
-    def _call_attach(self, *, wait_ready: bool) -> None:
+    def _attach(self, *, again: bool, wait_ready: bool) -> None:
+        what = f"consume from queue {self._plan.queue!r}"
         try:
             self._link.call(
-                self._attach,
+                partial(self._consume, again=again),
                 max(self._link.settings.connect_timeout, 5.0),
-                what=f"consume from queue {self._queue!r}",
+                what=what,
                 wait_ready=wait_ready,
             )
         except pex.AMQPError as exc:
-            raise translate(exc, what=f"consume from queue {self._queue!r}") from exc
+            raise translate(exc, what=what) from exc
 
-    def _attach(self, connection: SelectConnection, future: Future[None]) -> None:
+    def _consume(self, connection: SelectConnection, future: Future[None], *, again: bool) -> None:
+        """IO thread: a new channel, basic.qos, basic.consume; ``future`` settles on
+        consume-ok."""
         old = self._acks.channel
         self._reset()
         if old is not None and old.is_open:
             old.close()  # one channel per consumer: a superseded one would hold messages
         generation = self._acks.generation
+        plan = self._plan
 
         def on_open(channel: Channel) -> None:
             if generation != self._acks.generation:  # another attach (or a loss) came in between
@@ -264,25 +258,24 @@ class Consumer(Generic[T]):
                 settle(future, exc=LinkDown("superseded"))
                 return
             self._acks.channel = channel
-            channel.add_on_cancel_callback(self._on_broker_cancel)
-            channel.basic_qos(
-                prefetch_count=self._plan.prefetch, callback=lambda _f: consume(channel)
-            )
+            channel.add_on_cancel_callback(self._on_cancelled)
+            channel.basic_qos(prefetch_count=plan.prefetch, callback=lambda _f: consume(channel))
 
         def consume(channel: Channel) -> None:
             if channel is self._acks.channel:
                 self._consumer_tag = channel.basic_consume(
-                    self._queue, self._on_message, callback=lambda _f: attached(channel)
+                    plan.queue, self._on_delivery, callback=lambda _f: attached(channel)
                 )
 
         def attached(channel: Channel) -> None:
             if channel is self._acks.channel:
                 self._attached = True
+                self._pipeline.emit(ConsumerAttached(plan.queue, again, service=plan.service))
             settle(future)
 
         def on_close(channel: Channel, reason: BaseException) -> None:
             settle(future, exc=reason)
-            self._on_channel_closed(channel, reason)
+            self._on_closed(channel, reason)
 
         self._link.open_channel(connection, on_open, on_close)
 
@@ -291,34 +284,38 @@ class Consumer(Generic[T]):
         self._consumer_tag = None
         self._attached = False
 
-    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+    def _lose(self, reason: str) -> None:
+        """IO thread: the channel is gone or useless; report it once, if it was attached."""
+        lost = self._attached and not self._stopping and not self._link.closed
+        self._reset()
+        if lost:
+            self._detached(reason)
+
+    def _detached(self, reason: str) -> None:
+        plan = self._plan
+        self._pipeline.emit(ConsumerDetached(plan.queue, reason, service=plan.service))
+
+    def _on_closed(self, channel: Channel, reason: BaseException) -> None:
         if channel is not self._acks.channel:
             return
-        self._reset()
+        self._lose(describe(reason))
         if self._stopping or self._link.closed:
             return
         if isinstance(reason, pex.ChannelClosedByBroker):
-            log.error(
-                "mqkit: the broker closed the channel of consumer %r (%s); re-attaching",
-                self._queue,
-                reason,
-            )
-            self._reattach_soon()
+            self._schedule_reattach()
         # otherwise the connection is gone and the link restores us
 
-    def _on_broker_cancel(self, _frame: Any) -> None:
-        log.error(
-            "mqkit: the broker cancelled the consumer of queue %r (deleted?); re-attaching",
-            self._queue,
-        )
+    def _on_cancelled(self, _frame: Any) -> None:
+        # The broker cancelled us (the queue was deleted, or a quorum leader moved): the
+        # channel is fine but useless, so drop it and attach afresh (re-declaring the queue).
         channel = self._acks.channel
-        self._reset()
+        self._lose("the broker cancelled it; was the queue deleted?")
         if channel is not None and channel.is_open:
             channel.close()
         if not self._stopping:
-            self._reattach_soon()
+            self._schedule_reattach()
 
-    def _reattach_soon(self) -> None:
+    def _schedule_reattach(self) -> None:
         """IO thread: subscribe again from a helper thread (declaring blocks)."""
         if self._reattaching:
             return
@@ -326,32 +323,35 @@ class Consumer(Generic[T]):
         threading.Thread(target=self._reattach, name="mqkit-reattach", daemon=True).start()
 
     def _reattach(self) -> None:
+        failures = 0
         try:
             while not self._stopping and not self._link.closed:
-                self._stopped.wait(1.0)
+                failures += 1
+                self._stopped.wait(LINK_BACKOFF.delay(failures))
                 if self._stopping or self._attached:
                     return
                 try:
-                    self._client._declarer.declare(*self._plan.entities, again=True)
-                    self._call_attach(wait_ready=True)
-                    log.warning("mqkit: consumer of %r re-attached", self._queue)
+                    self._declarer.declare(self._plan.entities, force=True)
+                    self._attach(again=True, wait_ready=True)
                     return
                 except MqkitError as exc:
-                    log.warning("mqkit: re-attaching to %r failed: %s", self._queue, exc)
-                    self._stopped.wait(4.0)
+                    log.warning(
+                        "cannot re-attach the consumer of %r yet: %s", self._plan.queue, exc
+                    )
         finally:
             self._reattaching = False
 
-    # -- deliveries -------------------------------------------------------------------------
+    # -- deliveries --------------------------------------------------------------------------
 
-    def _on_message(
+    def _on_delivery(
         self, _channel: Channel, method: Any, props: BasicProperties, body: bytes
     ) -> None:
+        # Called by pika (IO thread) once per delivery: keep it tiny, the workers do the work.
         self._acks.delivered(method.delivery_tag)
-        self._work.put((self._acks.generation, method, props, body))
+        self._ready.put((self._acks.generation, method, props, body))
 
-    def _work_loop(self) -> None:
-        get = self._work.get
+    def _work(self) -> None:
+        get = self._ready.get
         while True:
             item = get()
             if item is None:
@@ -360,108 +360,155 @@ class Consumer(Generic[T]):
             if generation != self._acks.generation:
                 continue  # its channel is gone; the broker redelivers it
             try:
-                settle = self._process(method, props, body)
-            except Exception:  # a bug of ours must kill neither the worker nor the queue
+                self._handle(generation, method, props, body)
+            except Exception:  # a bug here must kill neither the worker nor the queue
                 # Requeued, it would come straight back and fail the same way (a hot loop):
                 # the broker dead-letters it instead (the work queue's DLX is its DLQ).
                 log.exception(
-                    "unexpected error processing a delivery from %r; rejecting it (its "
+                    "unexpected error handling a message from %r; rejecting it (its "
                     "dead-letter queue gets it, with reason 'rejected')",
-                    self._queue,
+                    self._plan.queue,
                 )
-                settle = _REJECT
-            self._acks.finish(generation, method.delivery_tag, settle)
+                self._finish(generation, method.delivery_tag, _REJECT)
 
-    def _process(self, method: Basic.Deliver, props: BasicProperties, body: bytes) -> Settle:
-        incoming = to_incoming(method, props, body)
+    def _handle(self, generation: int, method: Any, props: BasicProperties, body: bytes) -> None:
+        incoming = incoming_of(method, props, body)
+        tag = incoming.delivery_tag
         plan = self._plan
-        message, ctx, failure = prepare(
+        value, ctx, failure = prepare(
             incoming, queue=plan.queue, decoder=plan.decoder, policy=plan.policy
         )
-        if self._reply is not None:
-            self._reply(incoming, message, ctx, failure)
-            return _ACK
-        outcome = failure or self._run_handler(message, ctx)
         if failure is not None:
-            log.error(
-                "mqkit: message %s on %r cannot be decoded; dead-lettering it: %s",
-                ctx.message_id,
-                self._queue,
-                failure.error_message,
-            )
+            delivery = delivery_of(ctx, service=plan.service)
+            self._pipeline.emit(Undecodable(delivery, failure.error_message))
+        if self._reply is not None:
+            self._reply(incoming, value, ctx, failure)
+            self._finish(generation, tag, _ACK)
+            delivery = delivery_of(ctx, service=plan.service)
+            self._pipeline.emit(outcome_event(delivery, _ACKED, dlq=plan.dlq))
+            return
+        outcome: Outcome = _ACKED
+        exc: BaseException | None = None
+        seconds = 0.0
+        if failure is None:
+            started = time.monotonic()
+            exc = self._call(value, ctx)
+            seconds = time.monotonic() - started
+            if exc is not None:
+                outcome = decide(exc, ctx.attempt, plan.policy, format_traceback(exc))
+        else:
+            outcome = failure
         copy = follow_up(incoming, outcome, queue=plan.queue, service=plan.service, dlq=plan.dlq)
-        if copy is None:
-            return _ACK
-        try:
-            self._publisher.publish("", copy.routing_key, [copy.envelope], mandatory=True)
-        except MqkitError as exc:
-            log.error(
-                "mqkit: could not move message %s to %r (%s); returning it to %r",
-                ctx.message_id,
-                copy.routing_key,
-                exc,
-                self._queue,
-            )
-            return _REQUEUE
-        except Exception:  # the copy cannot be encoded: it would fail again on every retry
-            log.exception(
-                "cannot copy message %s to %r; rejecting it (its dead-letter queue gets it, "
-                "with reason 'rejected')",
-                ctx.message_id,
-                copy.routing_key,
-            )
-            return _REJECT
-        return _ACK
+        if copy is not None:
+            try:
+                self._publisher.publish("", copy.routing_key, [copy.envelope], mandatory=True)
+            except MqkitError as error:
+                log.error(
+                    "could not move message %s to %r (%s); returning it to %r",
+                    ctx.message_id,
+                    copy.routing_key,
+                    error,
+                    plan.queue,
+                )
+                self._finish(generation, tag, _REQUEUE)
+                return
+            except Exception:  # the copy cannot be encoded: it would fail on every retry
+                log.exception(
+                    "cannot copy message %s to %r; rejecting it (its dead-letter queue gets "
+                    "it, with reason 'rejected')",
+                    ctx.message_id,
+                    copy.routing_key,
+                )
+                self._finish(generation, tag, _REJECT)
+                return
+        event = outcome_event(
+            delivery_of(ctx, service=plan.service),
+            outcome,
+            dlq=plan.dlq,
+            error=exc,
+            seconds=seconds,
+        )
+        self._finish(generation, tag, _ACK)
+        self._pipeline.emit(event)
 
-    def _run_handler(self, message: Any, ctx: Context) -> Outcome:
+    def _call(self, value: Any, ctx: Context) -> BaseException | None:
+        """Run the handler (with the policy's quick in-process retries); its exception."""
         policy = self._plan.policy
         try:
-            try:
-                self._handler(message, ctx)
-            except Exception as exc:
-                if not (policy.immediate and policy.retries_immediately(exc)):
-                    raise
-                # Built only after a failure: most messages succeed at the first attempt.
-                time.sleep(policy.immediate_delay(1))
-                retrying = tenacity.Retrying(
-                    stop=tenacity.stop_after_attempt(policy.immediate),
-                    wait=lambda state: policy.immediate_delay(state.attempt_number + 1),
-                    retry=tenacity.retry_if_exception(policy.retries_immediately),
-                    reraise=True,
-                )
-                retrying(self._handler, message, ctx)
+            self._handler(value, ctx)
+            return None
         except Exception as exc:
-            outcome = decide(exc, ctx.attempt, policy, format_traceback(exc))
-            self._log_failure(exc, ctx, outcome)
-            return outcome
-        return _ACKED
+            if not (policy.immediate and policy.retries_immediately(exc)):
+                return exc
+        # Built only after a failure: most messages succeed at the first attempt.
+        time.sleep(policy.immediate_delay(1))
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(policy.immediate),
+            wait=lambda state: policy.immediate_delay(state.attempt_number + 1),
+            retry=tenacity.retry_if_exception(policy.retries_immediately),
+            reraise=True,
+        )
+        try:
+            retrying(self._handler, value, ctx)
+        except Exception as exc:
+            return exc
+        return None
 
-    def _log_failure(self, exc: Exception, ctx: Context, outcome: Outcome) -> None:
-        signal = isinstance(exc, Reject | Retry)
-        if isinstance(outcome, RetryLater):
+    def _finish(self, generation: int, tag: int, how: Settle) -> None:
+        self._acks.finish(generation, tag, how)
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def _stop(self, timeout: float) -> None:
+        self._started = False
+        queue = self._plan.queue
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:  # each broker round trip gets at least _STOP_SLACK s
+            return max(_STOP_SLACK, deadline - time.monotonic())
+
+        self._stopping = True
+        try:
+            self._link.call(
+                self._cancel,
+                min(left(), 10.0),
+                what=f"cancel consuming {queue!r}",
+                wait_ready=False,
+            )
+        except MqkitError as exc:  # the link is down: nothing to cancel, the broker requeues
+            log.debug("basic.cancel of the consumer of %r failed: %s", queue, exc)
+        self._stop_workers(deadline)
+        try:
+            self._link.call(
+                self._close_channel, left(), what=f"close consumer {queue!r}", wait_ready=False
+            )
+        except MqkitError as exc:
+            log.debug("closing the channel of the consumer of %r failed: %s", queue, exc)
+        self._link.unregister(self)
+        self._attached = False
+        if self._plan.temporary:
+            self._declarer.forget(self._plan.temporary)
+        self._stopped.set()
+        self._detached("")
+
+    def _stop_workers(self, deadline: float) -> None:
+        for _ in self._workers:
+            self._ready.put(None)
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
+        stuck = sum(worker.is_alive() for worker in self._workers)
+        if stuck:
             log.warning(
-                "mqkit: handler for %r failed on message %s (attempt %d): %r; retrying in %gs",
-                self._queue,
-                ctx.message_id,
-                ctx.attempt,
-                exc,
-                outcome.delay,
-                exc_info=None if signal else exc,
+                "%d handler(s) of %r still running after the stop timeout; their messages go "
+                "back to the queue",
+                stuck,
+                self._plan.queue,
             )
-        else:
-            log.error(
-                "mqkit: handler for %r gave up on message %s after %d attempt(s): %r; "
-                "dead-lettering it",
-                self._queue,
-                ctx.message_id,
-                ctx.attempt,
-                exc,
-                exc_info=None if signal else exc,
-            )
-
-    # -- stopping (IO thread) --------------------------------------------------------------------
+        self._workers = []
 
     def _cancel(self, _connection: SelectConnection, future: Future[None]) -> None:
+        """IO thread: basic.cancel, then return what was prefetched and not started."""
         channel, tag = self._acks.channel, self._consumer_tag
         if channel is None or not channel.is_open or tag is None:
             self._requeue_unstarted(None)
@@ -478,7 +525,7 @@ class Consumer(Generic[T]):
         generation = self._acks.generation
         while True:
             try:
-                item = self._work.get_nowait()
+                item = self._ready.get_nowait()
             except Empty:
                 return
             if item is None or item[0] != generation or channel is None:
@@ -488,27 +535,10 @@ class Consumer(Generic[T]):
             self._acks.settled(tag)
 
     def _close_channel(self, _connection: SelectConnection, future: Future[None]) -> None:
+        """IO thread: send the last acks, then close the channel."""
         self._acks.flush()
         channel = self._acks.channel
         self._reset()
         if channel is not None and channel.is_open:
             channel.close()
         settle(future)
-
-    # -- Component ---------------------------------------------------------------------------
-
-    def _link_lost(self, reason: BaseException) -> None:
-        """IO thread: the channel died with the connection; in-progress work is stale."""
-        self._reset()
-
-    def _restore(self) -> None:
-        """Subscribe again on the new connection."""
-        if self._stopping:
-            return
-        try:
-            self._call_attach(wait_ready=False)
-        except MqkitError as exc:
-            if isinstance(exc, ConnectionFailed):
-                raise
-            log.error("mqkit: could not restore the consumer of %r: %s; retrying", self._queue, exc)
-            self._reattach_soon()

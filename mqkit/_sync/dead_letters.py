@@ -12,18 +12,20 @@ from typing import IO, TYPE_CHECKING, Any
 from pika.channel import Channel
 
 from mqkit import explain
-from mqkit._sync.channel import ChannelHandle, to_incoming
+from mqkit._sync.channel import ChannelHandle, incoming_of
 from mqkit._sync.io_thread import settle
 from mqkit.dead_letters import RETURN_WAIT, DeadLetter, Replay, scan_bound
 from mqkit.errors import MqkitError
 from mqkit.topology import dlq_name
 
 if TYPE_CHECKING:
-    from mqkit._sync.client import Client
+    from mqkit._sync.connection import Link
+    from mqkit._sync.declarer import Declarer
+    from mqkit._sync.publisher import Publisher
 
 __all__ = ["DeadLetterQueue"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.dlq")
 
 
 class DeadLetterQueue:
@@ -33,8 +35,10 @@ class DeadLetterQueue:
     scan ends. :meth:`replay` removes a dead letter only after its re-publish was confirmed.
     """
 
-    def __init__(self, client: Client, queue: str) -> None:
-        self._client = client
+    def __init__(self, link: Link, declarer: Declarer, publisher: Publisher, queue: str) -> None:
+        self._link = link
+        self._declarer = declarer
+        self._publisher = publisher
         self._queue = queue
         self._dlq = dlq_name(queue)
 
@@ -115,8 +119,8 @@ class DeadLetterQueue:
             progress=progress,
             to=to,
         )
-        handle = ChannelHandle(self._client._link, reopen=False)
-        publisher = self._client._publisher
+        handle = ChannelHandle(self._link, reopen=False)
+        publisher = self._publisher
         what, missing = (
             explain.on_dead_letters("replay", self._dlq),
             explain.missing_dlq(self._queue),
@@ -127,7 +131,7 @@ class DeadLetterQueue:
                 got = handle.get(self._dlq, what=what, missing=missing)
                 if got is None:
                     break
-                letter = replay.letter(to_incoming(*got))
+                letter = replay.letter(incoming_of(*got))
                 if not replay.wants(letter):
                     continue
                 try:
@@ -144,11 +148,9 @@ class DeadLetterQueue:
 
     def _run(self, op: Callable[[Channel, Future[int]], None], action: str) -> int:
         """Run ``op`` on the client's control channel."""
-        self._client._ensure_open()
+        self._link.ensure_open()
         what = explain.on_dead_letters(action, self._dlq)
-        return self._client._declarer.handle.run(
-            op, what=what, missing=explain.missing_dlq(self._queue)
-        )
+        return self._declarer.handle.run(op, what=what, missing=explain.missing_dlq(self._queue))
 
     def _returned(self, expected: int) -> None:
         """Wait (at most RETURN_WAIT) until the DLQ counts ``expected`` letters again."""
@@ -159,7 +161,7 @@ class DeadLetterQueue:
     def _scan(self, limit: int | None, each: Callable[[DeadLetter], Any]) -> list[DeadLetter]:
         count = self.count()
         bound = scan_bound(count, limit)
-        handle = ChannelHandle(self._client._link, reopen=False)
+        handle = ChannelHandle(self._link, reopen=False)
         what = explain.on_dead_letters("read", self._dlq)
         letters: list[DeadLetter] = []
         try:
@@ -167,7 +169,7 @@ class DeadLetterQueue:
                 got = handle.get(self._dlq, what=what, missing=explain.missing_dlq(self._queue))
                 if got is None:
                     break
-                letter = DeadLetter.from_incoming(to_incoming(*got), dlq=self._dlq)
+                letter = DeadLetter.from_incoming(incoming_of(*got), dlq=self._dlq)
                 each(letter)
                 letters.append(letter)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future
 
 from pika.channel import Channel
@@ -21,20 +22,20 @@ from mqkit._sync.connection import Link
 from mqkit._sync.io_thread import settle
 from mqkit.declaring import DeclareMode, checks_only, missing_advice, use_existing
 from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
-from mqkit.settings import Settings
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
 
 __all__ = ["Declarer"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.topology")
 
 
 class Declarer:
-    """Declares on a control channel of the client's link (a :class:`Component`)."""
+    """Declares on a control channel of the client's link (a
+    :class:`~mqkit.shell.Restorable`: it declares everything again after a reconnect)."""
 
-    def __init__(self, link: Link, settings: Settings) -> None:
+    def __init__(self, link: Link) -> None:
         self._link = link
-        self._settings = settings
+        self._settings = link.settings
         self._handle = ChannelHandle(link)
         self._declared: dict[Entity, None] = {}  # an ordered set
         self._existing: set[Entity] = set()  # found in another shape: checked, not declared
@@ -51,44 +52,45 @@ class Declarer:
         with self._lock:
             return tuple(self._declared)
 
-    def declare(self, *entities: Entity, again: bool = False) -> None:
-        """Declare what is not declared yet (``again``: all of it), as ``settings.declare``
-        says (:mod:`mqkit.declaring`); a conflict raises TopologyError."""
+    def declare(self, entities: Iterable[Entity], *, force: bool = False) -> None:
+        """Declare what is not declared yet (``force``: all of it), as ``settings.declare``
+        says (:mod:`mqkit.declaring`); cache it for the replay. A conflict raises
+        TopologyError."""
         for entity in entities:
-            if entity in self._declared and not again:
+            if entity in self._declared and not force:
                 continue
-            existing = self._declare(entity, wait_ready=True)
+            existing = self._declare_entity(entity, wait_ready=True)
             with self._lock:
                 self._declared[entity] = None
                 if existing:
                     self._existing.add(entity)
 
-    def forget(self, *entities: Entity) -> None:
+    def forget(self, entities: Iterable[Entity]) -> None:
         """Stop re-declaring ``entities`` (temporary queues that went away)."""
         with self._lock:
             for entity in entities:
                 self._declared.pop(entity, None)
                 self._existing.discard(entity)
 
-    def _declare(self, entity: Entity, *, wait_ready: bool) -> bool:
+    def _declare_entity(self, entity: Entity, *, wait_ready: bool) -> bool:
         """Declare (or check) ``entity``; ``True`` if it exists in a shape mqkit uses as it
         is rather than the one it declares."""
         mode = self._settings.declare
         known = entity in self._existing
         if checks_only(entity, mode, known=known):
-            self._run(entity, passive=True, wait_ready=wait_ready, missing=mode)
+            self._declare_once(entity, passive=True, wait_ready=wait_ready, missing=mode)
             return known
         try:
-            self._run(entity, passive=False, wait_ready=wait_ready)
+            self._declare_once(entity, passive=False, wait_ready=wait_ready)
         except TopologyError as exc:
             if not use_existing(entity, mode, exc.reply_code):
                 raise
-            self._run(entity, passive=True, wait_ready=wait_ready, missing=mode)
+            self._declare_once(entity, passive=True, wait_ready=wait_ready, missing=mode)
             log.warning(explain.using_existing(entity, exc))
             return True
         return False
 
-    def _run(
+    def _declare_once(
         self,
         entity: Entity,
         *,
@@ -139,7 +141,7 @@ class Declarer:
             missing=missing_advice(entity, missing) if missing else None,
         )
 
-    # -- Component ---------------------------------------------------------------------------
+    # -- Restorable --------------------------------------------------------------------------
 
     def _link_lost(self, reason: BaseException) -> None:
         """Nothing to do: the control channel is reopened on next use."""
@@ -148,10 +150,10 @@ class Declarer:
         """Declare everything again on the new connection (a conflict is logged, not fatal)."""
         for entity in self.topology:
             try:
-                if self._declare(entity, wait_ready=False):
+                if self._declare_entity(entity, wait_ready=False):
                     with self._lock:
                         self._existing.add(entity)
             except ConnectionFailed:
                 raise
             except MqkitError as exc:
-                log.error("mqkit: could not re-declare after reconnecting: %s", exc)
+                log.error("could not re-declare after reconnecting: %s", exc)

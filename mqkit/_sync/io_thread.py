@@ -21,7 +21,7 @@ from mqkit.errors import ConnectionFailed
 
 __all__ = ["IOThread", "settle"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.connection")
 
 
 def settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
@@ -69,7 +69,7 @@ class IOThread:
                 self.loop.start()
                 return
             except Exception:  # a bug in a callback must not kill the connection's thread
-                log.exception("mqkit: error in the IO thread (continuing)")
+                log.exception("error in the IO thread (continuing)")
                 if self._stopped:
                     return
 
@@ -78,4 +78,4 @@ def _guarded(fn: Callable[[], None]) -> None:
     try:
         fn()
     except Exception:
-        log.exception("mqkit: error in an IO-thread callback")
+        log.exception("error in an IO-thread callback")

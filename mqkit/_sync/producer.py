@@ -10,7 +10,8 @@ from pydantic import BaseModel
 from mqkit.publishing import PublishTarget
 
 if TYPE_CHECKING:
-    from mqkit._sync.client import Client
+    from mqkit._sync.connection import Link
+    from mqkit._sync.publisher import Publisher
 
 __all__ = ["Producer"]
 
@@ -44,8 +45,9 @@ class Producer(Generic[T]):
     ```
     """
 
-    def __init__(self, client: Client, target: PublishTarget[T]) -> None:
-        self._client = client
+    def __init__(self, link: Link, publisher: Publisher, target: PublishTarget[T]) -> None:
+        self._link = link
+        self._publisher = publisher
         self._target = target
 
     def __repr__(self) -> str:
@@ -101,7 +103,7 @@ class Producer(Generic[T]):
         """
         prepared = self._target.prepare(
             messages,
-            service=self._client.settings.service,
+            service=self._link.settings.service,
             routing_key=routing_key,
             headers=headers,
             message_id=message_id,
@@ -111,9 +113,7 @@ class Producer(Generic[T]):
         )
         if not prepared:
             return []
-        self._client._ensure_open()
+        self._link.ensure_open()
         envelopes = [envelope for envelope, _ in prepared]
         keys = [key for _, key in prepared]
-        return self._client._publisher.publish(
-            self._target.exchange, keys[0], envelopes, routing_keys=keys
-        )
+        return self._publisher.publish(self._target.exchange, keys[0], envelopes, routing_keys=keys)

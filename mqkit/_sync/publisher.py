@@ -5,7 +5,9 @@ requests and replies, replays) goes through its :class:`Publisher`. A publishing
 its messages into pika properties, hands them to the IO thread in one callback, and waits on a
 :class:`Batch`. The IO thread keeps up to :data:`~mqkit.publishing.CONFIRM_WINDOW` messages
 in flight, matches ``basic.ack``/``basic.nack`` (``multiple`` included) by delivery tag and
-``basic.return`` (which arrives before the ack of the same publish) by ``message_id``.
+``basic.return`` (which arrives before the ack of the same publish) by ``message_id``. A
+publish that fails returned or nacked is reported to the pipeline
+(:class:`~mqkit.lifecycle.Returned`, :class:`~mqkit.lifecycle.Nacked`).
 
 When the link drops, messages in flight go back to the head of the queue and are sent again
 on the new channel (at-least-once: a message whose confirm was lost may be stored twice); a
@@ -52,6 +54,7 @@ from mqkit import explain
 from mqkit._sync.connection import Link, translate
 from mqkit._sync.io_thread import settle
 from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.lifecycle import Nacked, Pipeline, Returned
 from mqkit.messages import Envelope
 from mqkit.publishing import (
     CONFIRM_WINDOW,
@@ -64,7 +67,7 @@ from mqkit.publishing import (
 
 __all__ = ["Batch", "Publisher", "properties"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.publisher")
 
 
 def properties(envelope: Envelope) -> BasicProperties:
@@ -148,9 +151,10 @@ class _Message:
 class Publisher:
     """The client's confirm-mode channel. Thread-safe: any thread may call :meth:`publish`."""
 
-    def __init__(self, link: Link, confirm_timeout: float) -> None:
+    def __init__(self, link: Link, pipeline: Pipeline) -> None:
         self._link = link
-        self._confirm_timeout = confirm_timeout
+        self._pipeline = pipeline
+        self._confirm_timeout = link.settings.confirm_timeout
         self._channel: Channel | None = None  # IO thread: open and in confirm mode
         self._opening = False
         self._waiting: deque[_Message] = deque()
@@ -175,7 +179,7 @@ class Publisher:
         if self._channel is not None:
             hook(self._channel)
         else:
-            self._reopen()
+            self.reopen()
 
     # -- publishing threads ------------------------------------------------------------------
 
@@ -262,7 +266,7 @@ class Publisher:
     def _pump(self) -> None:
         channel = self._channel
         if channel is None:
-            self._reopen()
+            self.reopen()
             return
         waiting, inflight = self._waiting, self._inflight
         publish = channel.basic_publish
@@ -332,7 +336,27 @@ class Publisher:
             error = explain.nacked(_what(message))
         elif message.returned is not None:
             error = explain.unroutable(_what(message), message.returned)
+        if error is not None:
+            self._report(message, nacked)
         message.batch.settle(message.index, error)
+
+    def _report(self, message: _Message, nacked: bool) -> None:
+        """IO thread: tell the pipeline that ``message`` failed, nacked or returned."""
+        message_id = message.properties.message_id or "?"
+        service = self._link.settings.service
+        if nacked:
+            event: Nacked | Returned = Nacked(
+                message.exchange, message.routing_key, message_id, service=service
+            )
+        else:
+            event = Returned(
+                message.exchange,
+                message.routing_key,
+                message_id,
+                reply=message.returned or "",
+                service=service,
+            )
+        self._pipeline.emit(event)
 
     def _renew_soon(self, channel: Channel) -> None:
         """Replace ``channel``, which nacked, now or once :class:`ChannelRenewal` allows."""
@@ -359,14 +383,14 @@ class Publisher:
             return
         self._renewal.renewed()
         log.warning(
-            "mqkit: the broker nacked a publish; replacing the publishing channel (a quorum "
+            "the broker nacked a publish; replacing the publishing channel (a quorum "
             "queue may have elected a new leader)"
         )
         self._channel = None
         self._requeue_inflight()
         with contextlib.suppress(pex.ChannelWrongStateError):  # closing already
             old.close()
-        self._reopen()
+        self.reopen()
 
     def _on_return(
         self, channel: Channel, method: Basic.Return, props: BasicProperties, _body: bytes
@@ -397,7 +421,7 @@ class Publisher:
         if self._limit.refused(reason.reply_text) is not None:
             self._refused_too_large()
             return
-        log.warning("mqkit: the broker closed the publishing channel: %s", reason)
+        log.warning("the broker closed the publishing channel: %s", reason)
         # A missing exchange fails the messages to it (sent or not); the others go again on a
         # new channel. Any other reason cannot be pinned on one message: all sent ones fail.
         missing = missing_exchange(reason.reply_code, reason.reply_text)
@@ -409,7 +433,7 @@ class Publisher:
                 message.batch.settle(message.index, translate(reason, what=_what(message)))
         self._requeue_inflight()
         self._waiting = deque(m for m in self._waiting if not m.settled)
-        self._reopen()
+        self.reopen()
 
     def _refused_too_large(self) -> None:
         """IO thread: the broker closed the channel over a message above its size limit (now
@@ -426,7 +450,7 @@ class Publisher:
             if not message.settled and not message.held and len(message.body) > limit:
                 self._fail_too_large(message)
         self._requeue_inflight()
-        self._reopen()
+        self.reopen()
 
     def _fail_too_large(self, message: _Message) -> None:
         message.settled = True
@@ -459,7 +483,8 @@ class Publisher:
         self._inflight.clear()
         self._waiting.clear()
 
-    def _reopen(self) -> None:
+    def reopen(self) -> None:
+        """IO thread: open the confirm channel unless it is open or opening."""
         connection = self._link.connection
         if connection is not None:
             self._open(connection, None)
@@ -508,7 +533,7 @@ class Publisher:
         for waiter in waiters:
             settle(waiter, exc=exc)
 
-    # -- Component -------------------------------------------------------------------------
+    # -- Restorable ------------------------------------------------------------------------
 
     def _link_lost(self, reason: BaseException) -> None:
         """IO thread: the connection is gone; what was in flight is sent again later."""

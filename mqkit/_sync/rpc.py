@@ -34,20 +34,24 @@ from mqkit.retry import GiveUp
 from mqkit.rpc import REPLY_TO, answer, read_reply, request_envelope, request_timeout
 
 if TYPE_CHECKING:
-    from mqkit._sync.client import Client
+    from mqkit._sync.connection import Link
+    from mqkit._sync.consumer import ReplyStep
+    from mqkit._sync.publisher import Publisher
 
 __all__ = ["Requester", "reply_step"]
 
-log = logging.getLogger("mqkit")
+log = logging.getLogger("mqkit.rpc")
 
 R = TypeVar("R", bound=BaseModel)
 
 
 class Requester:
-    """The client's RPC caller: one direct reply-to consumer, futures by correlation id."""
+    """The client's RPC caller: one direct reply-to consumer (on the publishing channel of
+    ``publisher``), futures by correlation id. ``link`` connects the client on first use."""
 
-    def __init__(self, client: Client) -> None:
-        self._client = client
+    def __init__(self, link: Link, publisher: Publisher) -> None:
+        self._link = link
+        self._publisher = publisher
         self._lock = threading.Lock()
         self._consuming = False
         self._hooked = False  # IO thread
@@ -60,17 +64,16 @@ class Requester:
     def request(self, queue: str, message: BaseModel, response_type: type[R], timeout: float) -> R:
         """Publish ``message`` to ``queue`` and wait up to ``timeout`` s for the typed reply."""
         started = time.monotonic()
-        client = self._client
         correlation_id = uuid.uuid4().hex
         envelope = request_envelope(
-            message, service=client.settings.service, correlation_id=correlation_id
+            message, service=self._link.settings.service, correlation_id=correlation_id
         )
-        client._ensure_open()
+        self._link.ensure_open()
         self._ensure_consuming()
         future: Future[tuple[BasicProperties, bytes]] = Future()
         self._waiting[correlation_id] = future
         try:
-            client._publisher.publish("", queue, [envelope], mandatory=True)
+            self._publisher.publish("", queue, [envelope], mandatory=True)
             self._sent.add(correlation_id)
             left = max(0.0, timeout - (time.monotonic() - started))
             props, body = future.result(left)
@@ -90,7 +93,7 @@ class Requester:
 
             def op(_connection: SelectConnection, future: Future[None]) -> None:
                 self._waiter = future
-                publisher = self._client._publisher
+                publisher = self._publisher
                 if not self._hooked:  # one reply consumer per channel, ever
                     self._hooked = True
                     publisher.add_channel_hook(self._consume)
@@ -100,14 +103,14 @@ class Requester:
                 # way (asking twice would make the broker close the channel).
                 channel = publisher.channel
                 if channel is None:
-                    publisher._reopen()  # the hook consumes once it is open
+                    publisher.reopen()  # the hook consumes once it is open
                 elif channel is self._consumed_on:
                     settle(future)
                 elif channel is not self._consume_sent:
                     self._consume(channel)
 
-            self._client._link.call(
-                op, self._client.settings.connect_timeout, what="start the RPC reply consumer"
+            self._link.call(
+                op, self._link.settings.connect_timeout, what="start the RPC reply consumer"
             )
             self._consuming = True
 
@@ -133,7 +136,7 @@ class Requester:
         if future is not None:
             settle(future, (props, body))
 
-    # -- Component ---------------------------------------------------------------------------
+    # -- Restorable --------------------------------------------------------------------------
 
     def _link_lost(self, reason: BaseException) -> None:
         """IO thread: replies to requests already sent can no longer arrive; fail them now."""
@@ -157,12 +160,11 @@ class Requester:
 
 
 def reply_step(
-    client: Client, queue: str, handler: Callable[[Any, Context], object]
-) -> Callable[[Incoming, Any, Context, GiveUp | None], None]:
+    link: Link, publisher: Publisher, queue: str, handler: Callable[[Any, Context], object]
+) -> ReplyStep:
     """What a responder does with a request instead of the usual ack/retry/dead-letter: run
     the handler and publish :func:`mqkit.rpc.answer`'s reply (never raises)."""
-    publisher = client._publisher
-    service = client.settings.service
+    service = link.settings.service
 
     def step(incoming: Incoming, message: Any, ctx: Context, failure: GiveUp | None) -> None:
         outcome: GiveUp | Exception | None = failure
