@@ -13,8 +13,9 @@ What it records (:data:`METRICS` lists the names; every one starts with ``mqkit_
 - ``mqkit_messages_published_total`` (service, exchange, queue, event_type): messages
   published and confirmed (publish hook);
 - ``mqkit_publish_errors_total`` (the same and error_type): messages not confirmed;
-- ``mqkit_publish_confirm_seconds`` (service, exchange), histogram: send to confirm
-  (``published`` events);
+- ``mqkit_publish_confirm_seconds`` (service, exchange), histogram: seconds from handing a
+  publish call's messages over to their broker confirm (one observation per ``publish`` or
+  ``publish_many`` call that succeeded; publish hook);
 - ``mqkit_messages_consumed_total`` (service, queue, event_type, outcome): deliveries handled
   (``handled`` / ``retried`` / ``dead_lettered`` events);
 - ``mqkit_handler_duration_seconds`` (service, queue, event_type), histogram: time in the
@@ -41,6 +42,7 @@ Several middlewares (and several clients) on one registry share its metrics: two
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -256,26 +258,30 @@ class PrometheusMiddleware(Middleware):
     # -- publishing ----------------------------------------------------------------------
 
     def publish(self, messages: list[Outgoing], call_next: PublishNext) -> list[str]:
+        started = time.perf_counter()
         try:
             ids = call_next(messages)
         except BaseException as exc:
-            self._published(messages, exc)
+            self._published(messages, exc, 0.0)
             raise
-        self._published(messages, None)
+        self._published(messages, None, time.perf_counter() - started)
         return ids
 
     async def publish_async(
         self, messages: list[Outgoing], call_next: AsyncPublishNext
     ) -> list[str]:
+        started = time.perf_counter()
         try:
             ids = await call_next(messages)
         except BaseException as exc:
-            self._published(messages, exc)
+            self._published(messages, exc, 0.0)
             raise
-        self._published(messages, None)
+        self._published(messages, None, time.perf_counter() - started)
         return ids
 
-    def _published(self, messages: Sequence[Outgoing], error: BaseException | None) -> None:
+    def _published(
+        self, messages: Sequence[Outgoing], error: BaseException | None, seconds: float
+    ) -> None:
         failed: set[str] | None = None
         if isinstance(error, PublishError) and error.unconfirmed:
             failed = set(error.unconfirmed)
@@ -290,6 +296,10 @@ class PrometheusMiddleware(Middleware):
                 counts[labels] = counts.get(labels, 0) + 1
         for key, count in counts.items():
             self._m.published.labels(*key).inc(count)
+        if error is None and counts:  # one publish call: one service, one exchange
+            service, exchange = next(iter(counts))[:2]
+            self._m.confirm_seconds.labels(service, exchange).observe(seconds)
+            self._m.connection_up.labels(service).set(1)
         for key, count in errors.items():
             self._m.publish_errors.labels(*key).inc(count)
 
@@ -341,12 +351,8 @@ class PrometheusMiddleware(Middleware):
             if not (isinstance(event, DeadLettered) and event.error_type == "DecodeError"):
                 m.handler_seconds.labels(service, queue, event_type).observe(event.seconds)
             m.connection_up.labels(service).set(1)
-        elif isinstance(event, Published):
-            service = label("service", event.service or self.service)
-            m.confirm_seconds.labels(service, label("exchange", event.exchange)).observe(
-                event.seconds
-            )
-            m.connection_up.labels(service).set(1)
+        elif isinstance(event, Published):  # confirm times come from the publish hook
+            m.connection_up.labels(label("service", event.service or self.service)).set(1)
         elif isinstance(event, Undecodable):
             d = event.delivery
             m.undecodable.labels(

@@ -3,6 +3,8 @@ labels, bounded; several middlewares on one registry."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel
@@ -138,13 +140,22 @@ def test_outcomes_are_counted_and_handler_time_observed(registry):
     )
 
 
-def test_confirm_latency_comes_from_published_events(registry):
-    middleware = PrometheusMiddleware(registry)
-    middleware.on_event(lc.Published("shop", "orders.placed", "m", service="shop", seconds=0.003))
+def test_confirm_latency_is_observed_once_per_successful_publish_call(registry):
+    stack = MiddlewareStack([PrometheusMiddleware(registry)], runtime="sync")
+
+    def slow(ms: list[Outgoing]) -> list[str]:
+        time.sleep(0.003)
+        return [m.message_id for m in ms]
+
+    messages = [outgoing(Placed(order_id=str(n)), exchange="shop") for n in range(3)]
+    stack.publish(messages, slow)
+    with pytest.raises(PublishTimeout):
+        stack.publish(messages, lambda ms: (_ for _ in ()).throw(PublishTimeout("no")))
     labels = {"service": "shop", "exchange": "shop"}
     assert value(registry, "mqkit_publish_confirm_seconds_count", **labels) == 1
-    assert value(registry, "mqkit_publish_confirm_seconds_bucket", **labels, le="0.005") == 1
-    assert value(registry, "mqkit_publish_confirm_seconds_bucket", **labels, le="0.0025") == 0
+    assert value(registry, "mqkit_publish_confirm_seconds_sum", **labels) >= 0.003
+    assert value(registry, "mqkit_publish_confirm_seconds_bucket", **labels, le="0.001") == 0
+    assert value(registry, "mqkit_connection_up", service="shop") == 1
 
 
 def test_in_flight_counts_running_handlers_on_both_runtimes(registry):
