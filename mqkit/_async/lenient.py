@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
+from importlib.metadata import version
 from typing import Any
 
 import aio_pika
@@ -139,7 +140,7 @@ def install(connection: aio_pika.Connection, url: str) -> bool:
                 "aiormq %s takes no transport_factory: a message whose content header pamqp "
                 "cannot decode (a timestamp beyond the year 9999) will cost the connection; "
                 "upgrade aiormq to 6.9 or later",
-                getattr(aiormq, "__version__", "?"),
+                version("aiormq"),
             )
         return False
     inner = TLSTransportFactory() if URL(url).scheme == "amqps" else TCPTransportFactory()
