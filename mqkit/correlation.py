@@ -13,7 +13,8 @@ published from inside the handler, on either runtime, by a producer, the event b
 :func:`mqkit.messages.encode` applies these defaults (:func:`inherit`), so both clients get
 them without code of their own; the shells only enter :func:`handling` around each delivery::
 
-    with handling(ctx, service="billing") as scope:
+    scope = handling(ctx, service="billing")
+    with scope:
         result = run_the_handler(message, ctx)   # publishes inside inherit the correlation
     copy = follow_up(..., headers=scope.copy_headers)
 
@@ -23,9 +24,7 @@ into a new ``threading.Thread``); run it with ``contextvars.copy_context().run(.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,12 +39,14 @@ CAUSATION_ID = "x-mqkit-causation-id"
 
 @dataclass(slots=True)
 class Handling:
-    """The delivery a handler is handling, as the messages it publishes see it.
+    """The delivery a handler is handling, as the messages it publishes see it; a context
+    manager that makes it the current one (:func:`handling` makes one).
 
     ``correlation_id`` is what they inherit: the delivery's correlation id, else its message
     id. ``copy_headers`` are headers a retry or dead-letter copy of the delivery gains beyond
     mqkit's own (middleware fills them while the handler runs: the tracing middleware keeps
-    the first attempt's span there, so later attempts can link to it).
+    the first attempt's span there, so later attempts can link to it); the scope stays
+    readable after the block, for the shell that publishes the copy.
     """
 
     message_id: str | None
@@ -54,6 +55,14 @@ class Handling:
     service: str = ""
     attempt: int = 1
     copy_headers: dict[str, Any] = field(default_factory=dict)
+    _tokens: list[Token[Handling | None]] = field(default_factory=list, repr=False)
+
+    def __enter__(self) -> Handling:
+        self._tokens.append(_current.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._tokens.pop())
 
 
 _current: ContextVar[Handling | None] = ContextVar("mqkit_handling", default=None)
@@ -64,22 +73,17 @@ def current() -> Handling | None:
     return _current.get()
 
 
-@contextmanager
-def handling(ctx: Context, *, service: str = "") -> Iterator[Handling]:
-    """Make ``ctx``'s delivery the current one while the block runs (the shells wrap each
-    handler call in it). The :class:`Handling` stays readable after the block."""
-    scope = Handling(
+def handling(ctx: Context, *, service: str = "") -> Handling:
+    """The :class:`Handling` of ``ctx``'s delivery: ``with handling(ctx) as scope:`` makes it
+    the current one while the block runs (the shells wrap each handler call in it; one scope
+    may be entered again, e.g. for the handler and then for a responder's reply)."""
+    return Handling(
         message_id=ctx.message_id,
         correlation_id=ctx.correlation_id or ctx.message_id,
         queue=ctx.queue,
         service=service,
         attempt=ctx.attempt,
     )
-    token = _current.set(scope)
-    try:
-        yield scope
-    finally:
-        _current.reset(token)
 
 
 def inherit(correlation_id: str | None, headers: dict[str, Any]) -> str | None:

@@ -156,3 +156,16 @@ async def test_concurrent_tasks_each_see_their_own_delivery_and_tasks_they_creat
 
     results = await asyncio.gather(handle("a"), handle("b"))
     assert results == [("conv-a", "conv-a"), ("conv-b", "conv-b")]
+
+
+def test_one_scope_can_be_entered_again_and_nested_in_itself():
+    scope = handling(ctx())
+    assert correlation.current() is None  # made, not entered
+    with scope:
+        with scope:
+            assert correlation.current() is scope
+        assert correlation.current() is scope
+    assert correlation.current() is None
+    with scope:
+        assert encode(ORDER, service="s").correlation_id == "conv-1"
+    assert correlation.current() is None
