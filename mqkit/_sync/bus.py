@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from mqkit._sync.consumer import Consumer
 from mqkit.consumers import plan_subscriber
 from mqkit.handlers import check_handler, role
 from mqkit.lifecycle import Pipeline
@@ -22,14 +21,15 @@ from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
 from mqkit.topology import Exchange
 
+from .consumer import Consumer
+
 if TYPE_CHECKING:
-    from mqkit._sync.connection import Link
-    from mqkit._sync.declarer import Declarer
-    from mqkit._sync.publisher import Publisher
+    from .connection import Link
+    from .declarer import Declarer
+    from .publisher import Publisher
 
 __all__ = ["EventBus"]
 
-E = TypeVar("E", bound=Event)
 H = TypeVar("H", bound=Callable[..., Any])
 
 # Buses of one client share the set of keys subscribed to (see EventBus): check-and-add
@@ -77,10 +77,10 @@ class EventBus:
         self._service = service
         self._exchange = exchange
         self._target = PublishTarget(Event, exchange, owner="EventBus")
-        self._subscriptions: list[Consumer[Any]] = []
+        self._consumers: list[Consumer[Any]] = []
         self._keys: set[str] = set() if subscribed is None else subscribed
         self._lock = threading.Lock()
-        self._running = False
+        self._started = False
         self._ever_started = False
         self._stopped = threading.Event()
 
@@ -88,27 +88,27 @@ class EventBus:
         return f"EventBus(service={self._service!r}, exchange={self._exchange!r})"
 
     @property
-    def service(self) -> str:
-        """The service whose queues this bus's subscriptions use."""
-        return self._service
-
-    @property
     def exchange(self) -> str:
         """The topic exchange's name."""
         return self._exchange
+
+    @property
+    def service(self) -> str:
+        """The service whose queues this bus's subscriptions use."""
+        return self._service
 
     @property
     def consumers(self) -> tuple[Consumer[Any], ...]:
         """One consumer per subscription, in the order subscribed (to check on them: each
         one's ``started``, ``attached``, ``queue``)."""
         with self._lock:
-            return tuple(self._subscriptions)
+            return tuple(self._consumers)
 
     @property
     def started(self) -> bool:
         """Whether :meth:`start` ran and :meth:`stop` did not (subscriptions added meanwhile
         start at once)."""
-        return self._running
+        return self._started
 
     @property
     def ever_started(self) -> bool:
@@ -119,7 +119,7 @@ class EventBus:
     @overload
     def subscribe(
         self,
-        target: type[E] | str,
+        target: type[Event] | str,
         handler: None = None,
         *,
         broadcast: bool = False,
@@ -132,7 +132,7 @@ class EventBus:
     @overload
     def subscribe(
         self,
-        target: type[E] | str,
+        target: type[Event] | str,
         handler: H,
         *,
         broadcast: bool = False,
@@ -144,7 +144,7 @@ class EventBus:
 
     def subscribe(
         self,
-        target: type[E] | str,
+        target: type[Event] | str,
         handler: H | None = None,
         *,
         broadcast: bool = False,
@@ -192,8 +192,8 @@ class EventBus:
             self._link, self._declarer, self._publisher, self._pipeline, plan, handler
         )
         with self._lock:
-            self._subscriptions.append(consumer)
-            running = self._running
+            self._consumers.append(consumer)
+            running = self._started
         if running:
             consumer.start()
         return handler
@@ -227,10 +227,10 @@ class EventBus:
     def start(self) -> None:
         """Start every subscription (and any added later); idempotent."""
         with self._lock:
-            self._running = True
+            self._started = True
             self._ever_started = True
             self._stopped.clear()
-            subscriptions = list(self._subscriptions)
+            subscriptions = list(self._consumers)
         for consumer in subscriptions:
             consumer.start()
 
@@ -239,8 +239,8 @@ class EventBus:
         bus stops within ``timeout`` (plus the consumer's slack), not once per subscription;
         idempotent. Re-raises the first error a subscription's stop raised."""
         with self._lock:
-            self._running = False
-            subscriptions = list(self._subscriptions)
+            self._started = False
+            subscriptions = list(self._consumers)
         errors: list[BaseException] = []
 
         def stop(consumer: Consumer[Any]) -> None:

@@ -1,5 +1,5 @@
-"""A channel for request/response work (declares, gets, purges), and deliveries as the core
-sees them.
+"""Opening channels on the link, a channel for request/response work (declares, gets,
+purges), and deliveries as the core sees them.
 
 :class:`ChannelHandle` serialises its callers: one operation at a time is handed to the IO
 thread, which opens the channel when needed. If the broker closes the channel (a declare that
@@ -20,12 +20,13 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from mqkit._sync.connection import Link, LinkDown, translate
-from mqkit._sync.io_thread import settle
 from mqkit.errors import MqkitError
 from mqkit.messages import Incoming, to_datetime
 
-__all__ = ["ChannelHandle", "Got", "incoming_of"]
+from .connection import Link, LinkDown, translate
+from .io_thread import settle
+
+__all__ = ["ChannelHandle", "Got", "incoming_of", "open_channel"]
 
 T = TypeVar("T")
 Got = tuple[Any, BasicProperties, bytes]  # (Basic.GetOk or Basic.Deliver, properties, body)
@@ -50,6 +51,21 @@ def incoming_of(method: Any, props: BasicProperties, body: bytes) -> Incoming:
         exchange=method.exchange or "",
         routing_key=method.routing_key or "",
     )
+
+
+def open_channel(
+    connection: SelectConnection,
+    on_open: Callable[[Channel], None],
+    on_close: Callable[[Channel, BaseException], None],
+) -> None:
+    """IO thread: open a channel; ``on_close(channel, reason)`` runs once it closes (a
+    channel lost while opening goes with its connection: its parts hear ``_link_lost``)."""
+
+    def opened(channel: Channel) -> None:
+        channel.add_on_close_callback(on_close)
+        on_open(channel)
+
+    connection.channel(on_open_callback=opened)
 
 
 class ChannelHandle:
@@ -160,7 +176,7 @@ class ChannelHandle:
             except Exception as exc:
                 settle(future, exc=exc)
 
-        self._link.open_channel(connection, on_open, self._on_close)
+        open_channel(connection, on_open, self._on_close)
 
     def _on_get_empty(self, _frame: Any) -> None:
         future, self._get = self._get, None

@@ -13,14 +13,6 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel
 
 from mqkit import running
-from mqkit._sync.bus import EventBus
-from mqkit._sync.connection import Link
-from mqkit._sync.consumer import Consumer
-from mqkit._sync.dead_letters import DeadLetterQueue
-from mqkit._sync.declarer import Declarer
-from mqkit._sync.producer import Producer
-from mqkit._sync.publisher import Publisher
-from mqkit._sync.rpc import Requester, reply_step
 from mqkit.consumers import plan_consumer, plan_responder
 from mqkit.context import Context
 from mqkit.declaring import expand
@@ -31,6 +23,15 @@ from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
 from mqkit.topology import Entity, Exchange, Queue, check_entities
+
+from .bus import EventBus
+from .connection import Link
+from .consumer import Consumer
+from .dead_letters import DeadLetterQueue
+from .declarer import Declarer
+from .producer import Producer
+from .publisher import Publisher
+from .rpc import Requester, reply_step
 
 __all__ = ["Client"]
 
@@ -221,8 +222,8 @@ class Client:
         Buses of this client for the same service and exchange share its subscription
         queues, so subscribing one event type on two of them is refused like subscribing
         it twice on one (:class:`~mqkit.ConfigError`: each would get half the events)."""
-        name = exchange or self._settings.events_exchange
         owner = service or self._settings.service
+        name = exchange or self._settings.events_exchange
         self.declare(Exchange(name))
         with self._lock:
             subscribed = self._subscribed.setdefault((owner, name), set())

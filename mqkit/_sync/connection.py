@@ -40,11 +40,8 @@ import pika
 import pika.exceptions as pex
 import tenacity
 from pika.adapters.select_connection import SelectConnection
-from pika.channel import Channel
 
 from mqkit import explain, tls
-from mqkit._sync.io_thread import IOThread, settle
-from mqkit._sync.lenient import LenientSelectConnection
 from mqkit.backoff import LINK_BACKOFF
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import (
@@ -56,6 +53,9 @@ from mqkit.lifecycle import (
 )
 from mqkit.settings import Settings, mask_url
 from mqkit.shell import Restorable
+
+from .io_thread import IOThread, settle
+from .lenient import LenientSelectConnection
 
 __all__ = ["Link", "LinkDown", "Restorable", "connect_error", "describe", "translate"]
 
@@ -321,21 +321,6 @@ class Link:
         if self._closed.is_set():
             return explain.closed(what)
         return explain.not_connected(what, timeout, self.last_error)
-
-    def open_channel(
-        self,
-        connection: SelectConnection,
-        on_open: Callable[[Channel], None],
-        on_close: Callable[[Channel, BaseException], None],
-    ) -> None:
-        """IO thread: open a channel; ``on_close(channel, reason)`` runs once it closes (a
-        channel lost while opening goes with its connection: components hear ``_link_lost``)."""
-
-        def opened(channel: Channel) -> None:
-            channel.add_on_close_callback(on_close)
-            on_open(channel)
-
-        connection.channel(on_open_callback=opened)
 
     # -- connecting ----------------------------------------------------------------------
 

@@ -36,10 +36,6 @@ from pika.channel import Channel
 from pika.spec import BasicProperties
 from pydantic import BaseModel
 
-from mqkit._sync.acks import ACK, REJECT, REQUEUE, Acks, Settle
-from mqkit._sync.channel import incoming_of
-from mqkit._sync.connection import LinkDown, describe, translate
-from mqkit._sync.io_thread import settle
 from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
@@ -56,10 +52,15 @@ from mqkit.lifecycle import (
 from mqkit.messages import Incoming
 from mqkit.retry import Ack, GiveUp, Outcome, decide
 
+from .acks import ACK, REJECT, REQUEUE, Acks, Settle
+from .channel import incoming_of, open_channel
+from .connection import LinkDown, describe, translate
+from .io_thread import settle
+
 if TYPE_CHECKING:
-    from mqkit._sync.connection import Link
-    from mqkit._sync.declarer import Declarer
-    from mqkit._sync.publisher import Publisher
+    from .connection import Link
+    from .declarer import Declarer
+    from .publisher import Publisher
 
 __all__ = ["Consumer", "ReplyStep"]
 
@@ -123,7 +124,7 @@ class Consumer(Generic[T]):
         self._acks = Acks(self._link.submit)
         self._consumer_tag: str | None = None
         self._attached = False
-        self._reattaching = False
+        self._reattacher: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"Consumer(queue={self._plan.queue!r}, concurrency={self._plan.concurrency})"
@@ -277,7 +278,7 @@ class Consumer(Generic[T]):
             settle(future, exc=reason)
             self._on_closed(channel, reason)
 
-        self._link.open_channel(connection, on_open, on_close)
+        open_channel(connection, on_open, on_close)
 
     def _reset(self) -> None:
         self._acks.reset()  # deliveries of the old channel are stale from now on
@@ -317,29 +318,25 @@ class Consumer(Generic[T]):
 
     def _schedule_reattach(self) -> None:
         """IO thread: subscribe again from a helper thread (declaring blocks)."""
-        if self._reattaching:
-            return
-        self._reattaching = True
-        threading.Thread(target=self._reattach, name="mqkit-reattach", daemon=True).start()
+        if self._reattacher is None or not self._reattacher.is_alive():
+            self._reattacher = threading.Thread(
+                target=self._reattach, name="mqkit-reattach", daemon=True
+            )
+            self._reattacher.start()
 
     def _reattach(self) -> None:
         failures = 0
-        try:
-            while not self._stopping and not self._link.closed:
-                failures += 1
-                self._stopped.wait(LINK_BACKOFF.delay(failures))
-                if self._stopping or self._attached:
-                    return
-                try:
-                    self._declarer.declare(self._plan.entities, force=True)
-                    self._attach(again=True, wait_ready=True)
-                    return
-                except MqkitError as exc:
-                    log.warning(
-                        "cannot re-attach the consumer of %r yet: %s", self._plan.queue, exc
-                    )
-        finally:
-            self._reattaching = False
+        while not self._stopping and not self._link.closed:
+            failures += 1
+            self._stopped.wait(LINK_BACKOFF.delay(failures))
+            if self._stopping or self.attached:
+                return
+            try:
+                self._declarer.declare(self._plan.entities, force=True)
+                self._attach(again=True, wait_ready=True)
+                return
+            except MqkitError as exc:
+                log.warning("cannot re-attach the consumer of %r yet: %s", self._plan.queue, exc)
 
     # -- deliveries --------------------------------------------------------------------------
 

@@ -12,16 +12,17 @@ from typing import IO, TYPE_CHECKING, Any
 from pika.channel import Channel
 
 from mqkit import explain
-from mqkit._sync.channel import ChannelHandle, incoming_of
-from mqkit._sync.io_thread import settle
 from mqkit.dead_letters import RETURN_WAIT, DeadLetter, Replay, scan_bound
 from mqkit.errors import MqkitError
 from mqkit.topology import dlq_name
 
+from .channel import ChannelHandle, incoming_of
+from .io_thread import settle
+
 if TYPE_CHECKING:
-    from mqkit._sync.connection import Link
-    from mqkit._sync.declarer import Declarer
-    from mqkit._sync.publisher import Publisher
+    from .connection import Link
+    from .declarer import Declarer
+    from .publisher import Publisher
 
 __all__ = ["DeadLetterQueue"]
 

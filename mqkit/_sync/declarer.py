@@ -17,12 +17,13 @@ from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
 from mqkit import explain
-from mqkit._sync.channel import ChannelHandle
-from mqkit._sync.connection import Link
-from mqkit._sync.io_thread import settle
 from mqkit.declaring import DeclareMode, checks_only, missing_advice, use_existing
 from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
+
+from .channel import ChannelHandle
+from .connection import Link
+from .io_thread import settle
 
 __all__ = ["Declarer"]
 

@@ -51,6 +51,7 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from mqkit import explain
+from mqkit._sync.channel import open_channel
 from mqkit._sync.connection import Link, translate
 from mqkit._sync.io_thread import settle
 from mqkit.errors import ConnectionFailed, MqkitError
@@ -526,7 +527,7 @@ class Publisher:
                 return
             self._on_channel_closed(channel, reason)
 
-        self._link.open_channel(connection, on_open, on_close)
+        open_channel(connection, on_open, on_close)
 
     def _settle_waiters(self, exc: BaseException | None) -> None:
         waiters, self._open_waiters = self._open_waiters, []

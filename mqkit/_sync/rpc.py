@@ -26,17 +26,18 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 from pydantic import BaseModel
 
-from mqkit._sync.io_thread import settle
 from mqkit.context import Context
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.messages import Incoming
 from mqkit.retry import GiveUp
 from mqkit.rpc import REPLY_TO, answer, read_reply, request_envelope, request_timeout
 
+from .io_thread import settle
+
 if TYPE_CHECKING:
-    from mqkit._sync.connection import Link
-    from mqkit._sync.consumer import ReplyStep
-    from mqkit._sync.publisher import Publisher
+    from .connection import Link
+    from .consumer import ReplyStep
+    from .publisher import Publisher
 
 __all__ = ["Requester", "reply_step"]
 
