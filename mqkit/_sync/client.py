@@ -115,17 +115,13 @@ class Client:
             if self._link.closed:
                 return
             made = list(self._made)
-        active: list[Consumer[Any] | EventBus] = list(self._consumers())
         running.warn_never_started(
             [(kind, item) for kind, item in made if isinstance(item, Consumer) and kind != "bus"],
             [item for _, item in made if isinstance(item, EventBus)],
             runtime="sync",
         )
-        items = [item for _, item in made]
-        try:
-            self._stop_all(
-                items + [c for c in active if c not in items], self._settings.drain_timeout
-            )
+        try:  # a bus stops its own consumers
+            self._stop_all([item for _, item in made], self._settings.drain_timeout)
         finally:
             self._link.close()
 

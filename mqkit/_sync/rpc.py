@@ -62,29 +62,6 @@ class Requester:
         self._waiting: dict[str, Future[tuple[BasicProperties, bytes]]] = {}
         self._sent: set[str] = set()  # requests published: their reply dies with the channel
 
-    def request(self, queue: str, message: BaseModel, response_type: type[R], timeout: float) -> R:
-        """Publish ``message`` to ``queue`` and wait up to ``timeout`` s for the typed reply."""
-        started = time.monotonic()
-        correlation_id = uuid.uuid4().hex
-        envelope = request_envelope(
-            message, service=self._link.settings.service, correlation_id=correlation_id
-        )
-        self._link.ensure_open()
-        self._ensure_consuming()
-        future: Future[tuple[BasicProperties, bytes]] = Future()
-        self._waiting[correlation_id] = future
-        try:
-            self._publisher.publish("", queue, [envelope], mandatory=True)
-            self._sent.add(correlation_id)
-            left = max(0.0, timeout - (time.monotonic() - started))
-            props, body = future.result(left)
-        except FutureTimeout:
-            raise request_timeout(queue, timeout) from None
-        finally:
-            self._waiting.pop(correlation_id, None)
-            self._sent.discard(correlation_id)
-        return read_reply(props.headers, body, response_type)
-
     def _ensure_consuming(self) -> None:
         if self._consuming:
             return
@@ -136,6 +113,29 @@ class Requester:
         future = self._waiting.get(props.correlation_id or "")
         if future is not None:
             settle(future, (props, body))
+
+    def request(self, queue: str, message: BaseModel, response_type: type[R], timeout: float) -> R:
+        """Publish ``message`` to ``queue`` and wait up to ``timeout`` s for the typed reply."""
+        started = time.monotonic()
+        correlation_id = uuid.uuid4().hex
+        envelope = request_envelope(
+            message, service=self._link.settings.service, correlation_id=correlation_id
+        )
+        self._link.ensure_open()
+        self._ensure_consuming()
+        future: Future[tuple[BasicProperties, bytes]] = Future()
+        self._waiting[correlation_id] = future
+        try:
+            self._publisher.publish("", queue, [envelope], mandatory=True)
+            self._sent.add(correlation_id)
+            left = max(0.0, timeout - (time.monotonic() - started))
+            props, body = future.result(left)
+        except FutureTimeout:
+            raise request_timeout(queue, timeout) from None
+        finally:
+            self._waiting.pop(correlation_id, None)
+            self._sent.discard(correlation_id)
+        return read_reply(props.headers, body, response_type)
 
     # -- Restorable --------------------------------------------------------------------------
 
