@@ -408,6 +408,10 @@ def level_of(event: LifecycleEvent) -> int:
     return LOG_POLICY[type(event)].level
 
 
+# getLogger takes logging's module lock: look each logger up once, not per delivery.
+_LOGGERS: dict[str, logging.Logger] = {}
+
+
 class LogObserver:
     """mqkit's own logging, as an observer of the pipeline: one record per event, by the
     policy in :data:`LOG_POLICY`, every field also in ``extra=`` (for JSON formatters). A
@@ -415,7 +419,9 @@ class LogObserver:
 
     def on_event(self, event: LifecycleEvent) -> None:
         rule = LOG_POLICY[type(event)]
-        logger = logging.getLogger(rule.logger)
+        logger = _LOGGERS.get(rule.logger) or _LOGGERS.setdefault(
+            rule.logger, logging.getLogger(rule.logger)
+        )
         level = level_of(event)
         if not logger.isEnabledFor(level):
             return
