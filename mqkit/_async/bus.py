@@ -71,7 +71,7 @@ class AsyncEventBus:
         self._publisher = publisher
         self._pipeline = pipeline
         self._service = service
-        self._exchange = Exchange(exchange, type="topic", durable=True)
+        self._exchange = exchange
         self._target = PublishTarget(Event, exchange, owner="EventBus")
         self._consumers: list[AsyncConsumer[Any]] = []
         self._keys: set[str] = set() if subscribed is None else subscribed
@@ -89,12 +89,12 @@ class AsyncEventBus:
         yield  # a generator that returns at once
 
     def __repr__(self) -> str:
-        return f"<AsyncEventBus exchange={self._exchange.name!r} service={self._service!r}>"
+        return f"<AsyncEventBus exchange={self._exchange!r} service={self._service!r}>"
 
     @property
     def exchange(self) -> str:
         """The topic exchange's name."""
-        return self._exchange.name
+        return self._exchange
 
     @property
     def service(self) -> str:
@@ -106,6 +106,18 @@ class AsyncEventBus:
         """One consumer per subscription, in the order subscribed (to check on them: each
         one's ``started``, ``attached``, ``queue``)."""
         return tuple(self._consumers)
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` ran and :meth:`stop` did not (subscriptions added meanwhile
+        start at once)."""
+        return self._started
+
+    @property
+    def ever_started(self) -> bool:
+        """Whether :meth:`start` ever succeeded (:meth:`AsyncClient.close` warns about a bus
+        with subscriptions that never was)."""
+        return self._ever_started
 
     @overload
     def subscribe(
@@ -143,7 +155,7 @@ class AsyncEventBus:
         queue: str | None = None,
         prefetch: int | None = None,
         concurrency: int = 1,
-    ) -> Any:
+    ) -> H | Callable[[H], H]:
         """Subscribe ``handler`` to an :class:`~mqkit.Event` subclass (its ``event_type``) or
         to a topic pattern such as ``"orders.*"`` (events decoded by their ``type``).
 
@@ -155,7 +167,7 @@ class AsyncEventBus:
         if handler is None:
 
             def decorate(fn: H) -> H:
-                self._add(
+                self.subscribe(
                     target,
                     fn,
                     broadcast=broadcast,
@@ -167,34 +179,12 @@ class AsyncEventBus:
                 return fn
 
             return decorate
-        self._add(
-            target,
-            handler,
-            broadcast=broadcast,
-            retry=retry,
-            queue=queue,
-            prefetch=prefetch,
-            concurrency=concurrency,
-        )
-        return handler
-
-    def _add(
-        self,
-        target: type[Event] | str,
-        handler: H,
-        *,
-        broadcast: bool,
-        retry: RetryPolicy | None,
-        queue: str | None,
-        prefetch: int | None,
-        concurrency: int,
-    ) -> None:
         check_handler(handler, runtime="async", role=role("subscription", target))
         plan = plan_subscriber(
             target,
             settings=self._link.settings,
             service=self._service,
-            exchange=self._exchange,
+            exchange=Exchange(self._exchange),
             subscribed=self._keys,
             broadcast=broadcast,
             queue=queue,
@@ -212,6 +202,7 @@ class AsyncEventBus:
             self._background.add(task)  # a task nothing refers to may be collected mid-way
             task.add_done_callback(self._background.discard)
             task.add_done_callback(_start_failed)
+        return handler
 
     async def publish(
         self,
@@ -239,7 +230,7 @@ class AsyncEventBus:
         if not self._declared:
             await self._declare()
         await self._publisher.publish(
-            envelope, exchange=self._exchange.name, routing_key=key, mandatory=mandatory
+            envelope, exchange=self._exchange, routing_key=key, mandatory=mandatory
         )
         return envelope.message_id
 
@@ -253,7 +244,7 @@ class AsyncEventBus:
         self._ever_started = True
 
     async def _declare(self) -> None:
-        await self._declarer.declare([self._exchange])
+        await self._declarer.declare([Exchange(self._exchange)])
         self._declared = True
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -266,18 +257,6 @@ class AsyncEventBus:
         """Start, then wait until :meth:`stop`."""
         await self.start()
         await self._stopped.wait()
-
-    @property
-    def started(self) -> bool:
-        """Whether :meth:`start` ran and :meth:`stop` did not (subscriptions added meanwhile
-        start at once)."""
-        return self._started
-
-    @property
-    def ever_started(self) -> bool:
-        """Whether :meth:`start` ever succeeded (:meth:`AsyncClient.close` warns about a bus
-        with subscriptions that never was)."""
-        return self._ever_started
 
     async def __aenter__(self) -> AsyncEventBus:
         await self.start()

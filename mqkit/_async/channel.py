@@ -76,11 +76,8 @@ async def open_channel(
     connection = link.connection
     if connection is None:
         raise explain.link_lost("open a channel", link.last_error or "connection closed")
-    left = (
-        RPC_TIMEOUT
-        if timeout is None
-        else min(max(0.001, deadline - time.monotonic()), RPC_TIMEOUT)
-    )
+    left = RPC_TIMEOUT if timeout is None else max(0.001, deadline - time.monotonic())
+    left = min(left, RPC_TIMEOUT)
     try:
         channel = connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
         await asyncio.wait_for(channel.initialize(), left)
@@ -167,14 +164,6 @@ class ChannelHandle:
 
         async def op(channel: aiormq.abc.AbstractChannel) -> None:
             await channel.basic_ack(delivery_tag)
-
-        await self.run(op, what=what)
-
-    async def nack(self, delivery_tag: int, *, what: str, multiple: bool = False) -> None:
-        """Return a message got on this channel (``multiple``: and every one before it)."""
-
-        async def op(channel: aiormq.abc.AbstractChannel) -> None:
-            await channel.basic_nack(delivery_tag, multiple=multiple, requeue=True)
 
         await self.run(op, what=what)
 

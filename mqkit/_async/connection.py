@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -254,30 +254,32 @@ class Link:
     # -- connecting ----------------------------------------------------------------------
 
     async def _connect(self, deadline: float | None) -> None:
-        """Connect to the first URL that answers, with back-off; ``deadline=None``: until it
-        works (errors of credentials or vhost are retried then too: they may be fixed)."""
+        """Connect to the first URL that answers, with back-off; ``deadline=None``: forever."""
         urls = self.settings.all_urls
         tried: list[str] = []
         last: list[BaseException] = []
 
         async def one_round() -> tuple[aio_pika.abc.AbstractConnection, str]:
-            try:
-                return await self._connect_any(urls, deadline, tried, last)
-            except _Unreachable:
-                self.last_error = describe(last[-1]) if last else "no URL answered"
-                raise
-            except ConnectionFailed as exc:
-                self.last_error = mask_url(str(exc))
-                raise
+            for url in urls:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                tried.append(url)
+                try:
+                    return await self._attempt(url, self._per_try(remaining)), url
+                except Exception as exc:
+                    fatal = connect_error(url, exc)  # what no retry can fix
+                    if fatal is not None:
+                        raise fatal from exc
+                    last.append(exc)
+                    log.debug("connecting to %s failed: %s", mask_url(url), describe(exc))
+            self.last_error = describe(last[-1]) if last else "no URL answered"
+            raise _Unreachable()
 
-        if deadline is None:
-            retry = tenacity.retry_if_exception_type((_Unreachable, ConnectionFailed))
-            stop: Any = tenacity.stop_never
-        else:
-            retry = tenacity.retry_if_exception_type(_Unreachable)
-            stop = _stop_at(deadline)
+        stop: Any = tenacity.stop_never if deadline is None else _stop_at(deadline)
+
         retrying = tenacity.AsyncRetrying(
-            retry=retry,
+            retry=tenacity.retry_if_exception_type(_Unreachable),
             wait=LINK_BACKOFF.wait(deadline=deadline),  # a last try at the deadline
             stop=stop,
             reraise=True,
@@ -286,6 +288,9 @@ class Link:
         url: str
         try:
             connection, url = await retrying(one_round)
+        except ConnectionFailed as exc:
+            self.last_error = mask_url(str(exc))
+            raise
         except _Unreachable:
             last_cause = last[-1] if last else None
             error = explain.unreachable(
@@ -297,34 +302,12 @@ class Link:
             raise error from last_cause
         self._install(connection, url)
 
-    async def _connect_any(
-        self,
-        urls: Sequence[str],
-        deadline: float | None,
-        tried: list[str],
-        last: list[BaseException],
-    ) -> tuple[aio_pika.abc.AbstractConnection, str]:
-        """Try each URL once; fatal errors raise ConnectionFailed, the rest _Unreachable."""
-        for url in urls:
-            if deadline is None:
-                per_try = max(5.0, self.settings.connect_timeout)
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                per_try = min(left, max(2.0, self.settings.connect_timeout / len(urls)))
-            tried.append(url)
-            try:
-                return await self._attempt(url, per_try), url
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                last.append(exc)
-                fatal = connect_error(url, exc)
-                if fatal is not None:
-                    raise fatal from exc
-                log.debug("connecting to %s failed: %s", mask_url(url), describe(exc))
-        raise _Unreachable()
+    def _per_try(self, remaining: float | None) -> float:
+        """Seconds one URL gets to connect: a share of what is left of connect_timeout."""
+        timeout = self.settings.connect_timeout
+        if remaining is None:
+            return max(5.0, timeout)
+        return min(remaining, max(2.0, timeout / len(self.settings.all_urls)))
 
     async def _attempt(self, url: str, timeout: float) -> aio_pika.abc.AbstractConnection:
         """Open one connection to ``url``."""

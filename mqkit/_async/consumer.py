@@ -307,14 +307,17 @@ class AsyncConsumer(Generic[T]):
             self._session = session
             self._pipeline.emit(ConsumerAttached(plan.queue, again, service=plan.service))
 
+    def _reset(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.alive = False  # deliveries of the old channel are stale from now on
+        self._drop_timer()
+
     def _lose(self, reason: str) -> None:
         """The channel is gone or useless; report it once, if it was attached."""
-        session, self._session = self._session, None
-        lost = session is not None and session.alive and not self._stopping
-        if session is not None:
-            session.alive = False
-        self._drop_timer()
-        if lost and not self._link.closed:
+        lost = self.attached and not self._stopping and not self._link.closed
+        self._reset()
+        if lost:
             self._detached(reason)
 
     def _detached(self, reason: str) -> None:
@@ -323,10 +326,9 @@ class AsyncConsumer(Generic[T]):
 
     def _on_closed(self, session: Acks, _sender: Any, exc: BaseException | None) -> None:
         if session is not self._session:
-            session.alive = False
             return
         self._lose(describe(exc))
-        if self._stopping or not self._started or self._link.closed:
+        if self._stopping or self._link.closed:
             return
         if isinstance(exc, amqp.AMQPChannelError):
             self._schedule_reattach()
@@ -555,9 +557,7 @@ class AsyncConsumer(Generic[T]):
             if session is not None and session.alive:
                 try:
                     await session.underlay.basic_cancel(session.tag, timeout=RPC_TIMEOUT)
-                except (
-                    RPC_ERRORS
-                ) as exc:  # the link is down: nothing to cancel, the broker requeues
+                except RPC_ERRORS as exc:  # the link is down: the broker requeues
                     log.debug("basic.cancel of the consumer of %r failed: %s", queue, describe(exc))
             for waiter in self._waiters:
                 if not waiter.done():

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import IO, TYPE_CHECKING, Any
 
 import aiormq.abc
@@ -153,14 +153,15 @@ class AsyncDeadLetterQueue:
         await self._returned(replay.left)
         return replay.result()
 
-    async def _run(self, op: Callable[[aiormq.abc.AbstractChannel], Any], action: str) -> int:
+    async def _run(
+        self, op: Callable[[aiormq.abc.AbstractChannel], Awaitable[int]], action: str
+    ) -> int:
         """Run ``op`` on the client's control channel."""
-        self._link.require_open(explain.on_dead_letters(action, self._dlq))
         what = explain.on_dead_letters(action, self._dlq)
-        result: int = await self._declarer.handle.run(
+        self._link.require_open(what)
+        return await self._declarer.handle.run(
             op, what=what, missing=explain.missing_dlq(self._queue)
         )
-        return result
 
     async def _returned(self, expected: int) -> None:
         """Wait (at most RETURN_WAIT) until the DLQ counts ``expected`` letters again."""
