@@ -1,27 +1,55 @@
 """The IO thread: a pika ``IOLoop`` on a daemon thread of its own, and handing work to it.
 
-pika is not thread-safe, so each client keeps every pika object on one thread. Other
-threads never touch them: they :meth:`IOThread.submit` a function (pika's
-``add_callback_threadsafe``, the one thread-safe entry point) and wait on a
-``concurrent.futures.Future`` that the function, or a pika callback it registered, settles
-with :func:`settle`. A function that raises is logged, never allowed to kill the thread.
+pika is not thread-safe, so each client keeps every pika object behind one lock, its
+:class:`Loop`'s, which the IO thread holds except while it waits for I/O. Other threads hand
+it work: they :meth:`IOThread.submit` a function (pika's ``add_callback_threadsafe``, the one
+thread-safe entry point) and wait on a ``concurrent.futures.Future`` that the function, or a
+pika callback it registered, settles with :func:`settle`. A function that raises is logged,
+never allowed to kill the thread.
+
+**Running in place.** A hand-off costs thread switches: the IO thread wakes to run the
+function, and later wakes the caller with its answer. On a latency-bound path (one confirmed
+publish at a time) those switches, and the GIL passed back and forth with them, were most of
+what a client cost on top of pika's own work. So a short function may also be run with
+:meth:`Loop.run_here`: while the IO thread waits for I/O and nothing is queued for it, the
+function runs at once on the calling thread, holding the loop's lock (the IO thread, should
+it wake, waits for it); otherwise the caller submits it as usual. Either way one thread at a
+time touches pika. :func:`send_at_once` makes a connection send what it writes at once, in one
+piece per publish, so such a function needs the IO thread for nothing but the answer. And the
+IO thread wakes a waiting thread (:func:`wake`) just before it next waits for I/O, not while it
+still runs Python code, so the woken thread finds the GIL free instead of waiting for it and
+being woken a second time.
+
+That uses pika internals (stable from pika 1.0 to 1.4): ``IOLoop._get_poller``,
+``IOLoop._callbacks`` and ``EPollPoller._create_poller`` (so Linux's ``select.epoll``), the
+plaintext transport's ``write``, ``_sock``, ``_tx_buffers`` and ``_state``, and a connection's
+``_transport`` and ``_output_marshaled_frames``. Where they are missing, work is handed over
+as before (:attr:`Loop.in_place` is ``False``, :func:`send_at_once` returns ``False``);
+``tests/unit/test_io_thread.py`` fails loudly if they change.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from pika.adapters.select_connection import IOLoop
+from pika.adapters.select_connection import EPollPoller, IOLoop
+from pika.adapters.utils import io_services_utils
 
 from mqkit.errors import ConnectionFailed
 
-__all__ = ["IOThread", "settle"]
+__all__ = ["IOThread", "Loop", "send_at_once", "settle", "wake"]
 
 log = logging.getLogger("mqkit.connection")
+
+_EPOLL = hasattr(select, "epoll") and hasattr(EPollPoller, "_create_poller")
+_PLAINTEXT: Any = getattr(io_services_utils, "_AsyncPlaintextTransport", None)
+
+_here = threading.local()  # on an IO thread: ``wakes``, run before it next waits for I/O
 
 
 def settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
@@ -34,11 +62,147 @@ def settle(future: Future[Any], result: Any = None, exc: BaseException | None = 
         future.set_result(result)
 
 
+def wake(release: Callable[[], None]) -> None:
+    """Run ``release`` (what wakes a waiting thread): on an IO thread, just before it next
+    waits for I/O; on any other thread, at once."""
+    wakes: list[Callable[[], None]] | None = getattr(_here, "wakes", None)
+    if wakes is None:
+        release()
+    else:
+        wakes.append(release)
+
+
+def _run_wakes(wakes: list[Callable[[], None]]) -> None:
+    for release in wakes:
+        try:
+            release()
+        except Exception:
+            log.exception("waking a waiting thread failed")
+    wakes.clear()
+
+
+class _Epoll:
+    """``select.epoll`` for pika's poller, letting go of the loop's lock while it waits."""
+
+    __slots__ = ("_epoll", "_loop", "close", "modify", "register", "unregister")
+
+    def __init__(self, loop: Loop) -> None:
+        epoll = select.epoll()
+        self._epoll = epoll
+        self._loop = loop
+        self.close = epoll.close
+        self.modify = epoll.modify
+        self.register = epoll.register
+        self.unregister = epoll.unregister
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        loop = self._loop
+        loop.waiting = True
+        loop.lock.release()
+        try:
+            # Woken once the lock is free: a publisher woken here can send its next one in place.
+            _run_wakes(loop.wakes)
+            return self._epoll.poll(timeout, maxevents)
+        finally:
+            loop.lock.acquire()
+            loop.waiting = False
+
+
+class _Poller(EPollPoller):
+    def __init__(self, loop: Loop, **kwargs: Any) -> None:
+        self._loop = loop
+        super().__init__(**kwargs)
+
+    def _create_poller(self) -> _Epoll:
+        return _Epoll(self._loop)
+
+
+class Loop(IOLoop):
+    """pika's ``IOLoop`` behind :attr:`lock`; other threads may :meth:`run_here`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held by the thread running pika code
+        self.waiting = False  # the IO thread waits for I/O (read and written under the lock)
+        self.wakes: list[Callable[[], None]] = []  # IO thread: see wake()
+        self.in_place = _EPOLL  # whether run_here can ever run a function
+        super().__init__()
+
+    def _get_poller(self, get_wait_seconds: Any, process_timeouts: Any) -> Any:
+        if not self.in_place:
+            return IOLoop._get_poller(get_wait_seconds, process_timeouts)  # type: ignore[attr-defined]
+        return _Poller(self, get_wait_seconds=get_wait_seconds, process_timeouts=process_timeouts)
+
+    def run_here(self, fn: Callable[[], bool]) -> bool:
+        """Run ``fn`` on this thread now if the IO thread waits for I/O and nothing is queued
+        for it (which then runs first), holding the IO thread off meanwhile; return what ``fn``
+        returned, or ``False`` without running it: then :meth:`IOThread.submit` the work.
+
+        ``fn`` must be short and must not block, start timers or wait for the IO thread (it
+        computed how long to wait without them). Its exceptions are logged, as on the IO
+        thread, and count as done (``True``)."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            callbacks: Sequence[object] = self._callbacks  # type: ignore[attr-defined]
+            if not self.waiting or callbacks:
+                return False
+            try:
+                return fn()
+            except Exception:
+                log.exception("error in IO-thread work run in place")
+                return True
+        finally:
+            self.lock.release()
+
+
+def send_at_once(connection: Any) -> bool:
+    """IO thread: have pika's plaintext ``connection`` join the frames of each publish into
+    one write and send a write at once when nothing waits before it (instead of asking the
+    ioloop to wait until the socket is writable); ``False`` if its transport is not one that
+    can (TLS: pika's own writing stays). Idempotent."""
+    if getattr(connection, "_mqkit_sends_at_once", False):
+        return True
+    transport: Any = getattr(connection, "_transport", None)
+    if _PLAINTEXT is None or type(transport) is not _PLAINTEXT:
+        return False
+    sock = getattr(transport, "_sock", None)
+    buffered = getattr(transport, "_tx_buffers", None)
+    active = getattr(transport, "_STATE_ACTIVE", None)
+    emit = getattr(connection, "_adapter_emit_data", None)
+    if sock is None or buffered is None or active is None or emit is None:
+        return False
+    queue_write: Callable[[bytes], None] = transport.write
+
+    def write(data: bytes) -> None:
+        if not buffered and transport._state == active:
+            try:
+                sent = sock.send(data)
+            except OSError:  # would block, or failed: pika's writer meets the error and aborts
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        queue_write(data)
+
+    def output_frames(frames: Sequence[bytes]) -> None:
+        if not frames:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        connection.bytes_sent += len(data)
+        connection.frames_sent += len(frames)
+        emit(data)
+
+    transport.write = write
+    connection._output_marshaled_frames = output_frames
+    connection._mqkit_sends_at_once = True
+    return True
+
+
 class IOThread:
-    """One ``IOLoop`` running on a daemon thread until :meth:`stop`."""
+    """One :class:`Loop` running on a daemon thread until :meth:`stop`."""
 
     def __init__(self, name: str = "mqkit-io") -> None:
-        self.loop = IOLoop()
+        self.loop = Loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopped = False
 
@@ -64,14 +228,21 @@ class IOThread:
             self.loop.close()
 
     def _run(self) -> None:
-        while True:
+        loop = self.loop
+        if loop.in_place:
+            _here.wakes = loop.wakes
+        with loop.lock:
             try:
-                self.loop.start()
-                return
-            except Exception:  # a bug in a callback must not kill the connection's thread
-                log.exception("error in the IO thread (continuing)")
-                if self._stopped:
-                    return
+                while True:
+                    try:
+                        loop.start()
+                        return
+                    except Exception:  # a bug in a callback must not kill the connection's thread
+                        log.exception("error in the IO thread (continuing)")
+                        if self._stopped:
+                            return
+            finally:
+                _run_wakes(loop.wakes)
 
 
 def _guarded(fn: Callable[[], None]) -> None:

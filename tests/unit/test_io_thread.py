@@ -1,0 +1,294 @@
+"""The IO thread's fast paths: work run in place while it waits, wakes deferred until it
+waits, and a connection that sends at once (``mqkit._sync.io_thread``).
+
+They rely on pika internals: ``pyproject.toml`` pins pika to the versions these tests passed
+on, and the first two tests fail loudly if the installed pika is another or renamed them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pika.connection
+import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from pika.adapters.base_connection import BaseConnection
+from pika.adapters.select_connection import EPollPoller, IOLoop
+from pika.adapters.utils import io_services_utils
+
+from mqkit._sync.io_thread import IOThread, Loop, send_at_once, wake
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def io() -> Iterator[IOThread]:
+    thread = IOThread(name="mqkit-io-test")
+    thread.start()
+    wait_for(lambda: thread.loop.waiting, "the IO thread to wait for I/O")
+    try:
+        yield thread
+    finally:
+        thread.stop(5.0)
+
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_the_installed_pika_is_one_pyproject_pins() -> None:
+    match = re.search(r'^\s*"pika(?P<spec>[^"]+)"', PYPROJECT.read_text(), re.MULTILINE)
+    assert match, "pyproject.toml must pin pika: Client relies on its private ioloop state"
+    pinned, installed = SpecifierSet(match["spec"]), version("pika")
+    assert Version(installed) in pinned, (
+        f"pika {installed} is installed, but pyproject.toml pins pika{pinned}: run "
+        "tests/unit/test_io_thread.py on it and widen the pin only if it passes"
+    )
+
+
+def test_the_pika_internals_the_fast_paths_use_are_there() -> None:
+    # If one of these fails, a pika release changed what mqkit._sync.io_thread relies on:
+    # adapt it (or pin pika) before anything else.
+    assert "_get_poller" in vars(IOLoop)
+    assert "_create_poller" in vars(EPollPoller)
+    assert "_output_marshaled_frames" in vars(pika.connection.Connection)
+    assert "_adapter_emit_data" in vars(BaseConnection)
+    transport = io_services_utils._AsyncPlaintextTransport  # type: ignore[attr-defined]
+    assert "write" in vars(transport)
+    assert {"_STATE_ACTIVE"} <= set(vars(io_services_utils._AsyncTransportBase))  # type: ignore[attr-defined]
+    loop = Loop()
+    try:
+        assert loop.in_place  # Linux: epoll
+        assert isinstance(loop._callbacks, collections.deque)  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+
+
+def test_run_here_runs_on_the_calling_thread_while_the_io_thread_waits(io: IOThread) -> None:
+    ran: list[threading.Thread] = []
+
+    def work() -> bool:
+        ran.append(threading.current_thread())
+        assert io.loop.lock.locked()  # the IO thread is held off meanwhile
+        return True
+
+    assert io.loop.run_here(work)
+    assert ran == [threading.current_thread()]
+    assert not io.loop.lock.locked()
+
+
+def test_run_here_says_what_the_function_said(io: IOThread) -> None:
+    assert io.loop.run_here(lambda: False) is False
+
+
+def test_run_here_declines_while_the_io_thread_is_busy(io: IOThread) -> None:
+    busy, release = threading.Event(), threading.Event()
+    ran: list[bool] = []
+
+    def record() -> bool:
+        ran.append(True)
+        return True
+
+    def block() -> None:
+        busy.set()
+        release.wait(5)
+
+    io.submit(block)
+    assert busy.wait(5)
+    try:
+        assert not io.loop.run_here(record)
+        assert not ran
+    finally:
+        release.set()
+    wait_for(lambda: io.loop.waiting, "the IO thread to wait again")
+    assert io.loop.run_here(record)
+    assert ran == [True]
+
+
+def test_run_here_declines_while_work_is_queued_so_it_stays_in_order() -> None:
+    loop = Loop()  # not running: stand in for an IO thread that was woken but not yet run
+    try:
+        loop.waiting = True
+        loop.add_callback_threadsafe(lambda: None)
+        ran: list[bool] = []
+
+        def record() -> bool:
+            ran.append(True)
+            return True
+
+        assert not loop.run_here(record)
+        assert not ran
+    finally:
+        loop.close()
+
+
+def test_run_here_declines_when_no_io_thread_waits() -> None:
+    loop = Loop()  # never started (or stopped): nobody would read the answers
+    try:
+        assert not loop.run_here(lambda: True)
+    finally:
+        loop.close()
+
+
+def test_run_here_logs_what_the_function_raised(
+    io: IOThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> bool:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="mqkit.connection"):
+        assert io.loop.run_here(broken)  # done, as on the IO thread
+    assert "run in place" in caplog.text and "boom" in caplog.text
+    assert not io.loop.lock.locked()
+
+
+def test_wake_on_another_thread_runs_at_once() -> None:
+    woken: list[bool] = []
+    wake(lambda: woken.append(True))
+    assert woken == [True]
+
+
+def test_wake_on_the_io_thread_waits_until_it_waits_for_io(io: IOThread) -> None:
+    order: list[str] = []
+    done = threading.Event()
+
+    def woken() -> None:
+        order.append("woken")
+        done.set()
+
+    def on_io_thread() -> None:
+        wake(woken)
+        order.append("callback finished")
+
+    io.submit(on_io_thread)
+    assert done.wait(5)
+    assert order == ["callback finished", "woken"]
+
+
+def test_wakes_still_pending_run_when_the_io_thread_stops() -> None:
+    io = IOThread(name="mqkit-io-test")
+    io.start()
+    woken = threading.Event()
+
+    def wake_then_stop() -> None:
+        wake(woken.set)
+        io.loop.stop()
+
+    io.submit(wake_then_stop)
+    assert woken.wait(5)
+    io.stop(5.0)
+
+
+# ---------------------------------------------------------------------------- send_at_once
+
+
+class _Services:
+    """What pika's transport asks of the ioloop, recorded."""
+
+    def __init__(self) -> None:
+        self.writer: Callable[[], None] | None = None
+
+    def set_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        pass
+
+    def set_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        self.writer = callback
+
+    def remove_writer(self, fd: int) -> bool:
+        self.writer = None
+        return True
+
+
+class _Connection:
+    """The parts of a pika connection :func:`send_at_once` changes, around a real transport."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.bytes_sent = 0
+        self.frames_sent = 0
+        self.emitted: list[bytes] = []
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        self.emitted.append(data)
+        self._transport.write(data)
+
+    def _output_marshaled_frames(self, frames: list[bytes]) -> None:
+        raise AssertionError("replaced by send_at_once")
+
+
+@pytest.fixture
+def wire() -> Iterator[tuple[_Connection, _Services, socket.socket]]:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    services = _Services()
+    transport = io_services_utils._AsyncPlaintextTransport(ours, object(), services)  # type: ignore[attr-defined]
+    connection = _Connection(transport)
+    try:
+        yield connection, services, peer
+    finally:
+        ours.close()
+        peer.close()
+
+
+def read(peer: socket.socket, size: int) -> bytes:
+    peer.settimeout(5)
+    data = b""
+    while len(data) < size:
+        data += peer.recv(size - len(data))
+    return data
+
+
+def test_send_at_once_joins_a_publish_and_sends_it_without_the_ioloop(
+    wire: tuple[_Connection, _Services, socket.socket],
+) -> None:
+    connection, services, peer = wire
+    assert send_at_once(connection)
+    assert send_at_once(connection)  # idempotent
+    frames = [b"method", b"header", b"body"]
+    connection._output_marshaled_frames(frames)
+    assert connection.emitted == [b"methodheaderbody"]  # one write, so one TCP segment
+    assert (connection.bytes_sent, connection.frames_sent) == (16, 3)
+    assert services.writer is None  # sent: the ioloop was not asked to wait for writability
+    assert read(peer, 16) == b"methodheaderbody"
+
+
+def test_send_at_once_queues_what_the_socket_cannot_take_in_order(
+    wire: tuple[_Connection, _Services, socket.socket],
+) -> None:
+    connection, services, peer = wire
+    assert send_at_once(connection)
+    big = bytes(range(256)) * 40_000  # more than a socket buffer holds
+    connection._output_marshaled_frames([big])
+    assert services.writer is not None  # the rest waits for the ioloop, as pika does it
+    connection._output_marshaled_frames([b"after"])  # behind what is queued, not before
+    received = b""
+    peer.settimeout(5)
+    while len(received) < len(big) + 5:
+        received += peer.recv(1 << 20)
+        if services.writer is not None:
+            services.writer()  # the ioloop found the socket writable
+    assert received == big + b"after"
+    assert services.writer is None
+
+
+def test_send_at_once_leaves_other_transports_to_pika() -> None:
+    class Other:
+        pass
+
+    connection = _Connection(Other())
+    assert not send_at_once(connection)
+    assert not send_at_once(object())
