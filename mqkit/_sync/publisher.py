@@ -2,11 +2,13 @@
 
 Every publish of a client (producers, the event bus, retry and dead-letter copies, RPC
 requests and replies, replays) goes through its :class:`Publisher`. A publishing thread turns
-its messages into pika properties, hands them to the IO thread in one callback, and waits on a
-:class:`Batch`. The IO thread keeps up to :data:`~mqkit.publishing.CONFIRM_WINDOW` messages
-in flight, matches ``basic.ack``/``basic.nack`` (``multiple`` included) by delivery tag and
-``basic.return`` (which arrives before the ack of the same publish) by ``message_id``. A
-publish that fails returned or nacked is reported to the pipeline
+its messages into pika properties and waits on a :class:`Batch`. It sends them itself while
+the IO thread is idle (:meth:`~mqkit._sync.io_thread.Loop.run_here`: one publish at a time
+then costs no thread switch but the one that brings its confirm), else hands them to the IO
+thread in one callback. Up to :data:`~mqkit.publishing.CONFIRM_WINDOW` messages are in
+flight; the IO thread matches ``basic.ack``/``basic.nack`` (``multiple`` included) by
+delivery tag and ``basic.return`` (which arrives before the ack of the same publish) by
+``message_id``. A publish that fails returned or nacked is reported to the pipeline
 (:class:`~mqkit.lifecycle.Returned`, :class:`~mqkit.lifecycle.Nacked`).
 
 When the link drops, messages in flight go back to the head of the queue and are sent again
@@ -53,7 +55,7 @@ from pika.spec import Basic, BasicProperties
 from mqkit import explain
 from mqkit._sync.channel import open_channel
 from mqkit._sync.connection import Link, translate
-from mqkit._sync.io_thread import settle
+from mqkit._sync.io_thread import Loop, send_at_once, settle, wake
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import Nacked, Pipeline, Returned
 from mqkit.messages import Envelope
@@ -115,7 +117,7 @@ class Batch:
         self.progress += 1
         self.remaining -= 1
         if self.remaining == 0:
-            self._done.release()
+            wake(self._done.release)
 
     def wait(self, timeout: float) -> bool:
         """Wait until all are settled, as long as confirms keep coming at least every
@@ -167,6 +169,8 @@ class Publisher:
         self._renewal = ChannelRenewal()
         self._renewing: Channel | None = None  # a channel that nacked, to be replaced
         self._limit = SizeLimit(link.settings.max_message_size)
+        # Loop.run_here of the IO thread, once a channel is open (None: hand everything over)
+        self._run_here: Callable[[Callable[[], bool]], bool] | None = None
 
     @property
     def channel(self) -> Channel | None:
@@ -239,7 +243,18 @@ class Publisher:
         raise self._failure(batch, exchange, routing_key, timed_out=not confirmed)
 
     def _hand_over(self, messages: list[_Message]) -> None:
-        self._link.submit(lambda: self._enqueue(messages))
+        """Send ``messages`` from this thread if the IO thread is idle, else hand them over."""
+        run_here = self._run_here
+        if run_here is not None and run_here(partial(self._send_here, messages)):
+            return
+        self._link.submit(partial(self._enqueue, messages))
+
+    def _send_here(self, messages: list[_Message]) -> bool:
+        """In place of the IO thread (:meth:`Loop.run_here`): send if the channel is open."""
+        if self._channel is None:
+            return False  # opening a channel is the IO thread's work
+        self._enqueue(messages)
+        return True
 
     def _failure(
         self, batch: Batch, exchange: str, routing_key: str, *, timed_out: bool
@@ -512,6 +527,7 @@ class Publisher:
 
         def ready(channel: Channel) -> None:
             readied.append(channel)
+            self._send_in_place(channel)
             self._opening = False
             self._channel = channel
             self._next_tag = 1
@@ -528,6 +544,14 @@ class Publisher:
             self._on_channel_closed(channel, reason)
 
         open_channel(connection, on_open, on_close)
+
+    def _send_in_place(self, channel: Channel) -> None:
+        """IO thread: let publishing threads send on ``channel``'s connection themselves
+        while the IO thread is idle (see :mod:`mqkit._sync.io_thread`)."""
+        connection: Any = channel.connection
+        send_at_once(connection)
+        loop = connection.ioloop
+        self._run_here = loop.run_here if isinstance(loop, Loop) and loop.in_place else None
 
     def _settle_waiters(self, exc: BaseException | None) -> None:
         waiters, self._open_waiters = self._open_waiters, []
