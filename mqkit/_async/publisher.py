@@ -79,19 +79,19 @@ log = logging.getLogger("mqkit.publisher")
 
 
 def properties(envelope: Envelope) -> spec.Basic.Properties:
-    """AMQP properties for an envelope."""
+    """pamqp properties for an envelope."""
     return spec.Basic.Properties(
         content_type=envelope.content_type,
-        headers=envelope.headers or None,
         delivery_mode=envelope.delivery_mode,
-        priority=envelope.priority,
-        correlation_id=envelope.correlation_id,
-        reply_to=envelope.reply_to,
-        expiration=None if envelope.expiration is None else str(envelope.expiration),
         message_id=envelope.message_id,
         timestamp=datetime.fromtimestamp(envelope.timestamp, tz=timezone.utc),
         message_type=envelope.type or None,
         app_id=envelope.app_id or None,
+        headers=envelope.headers or None,
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        priority=envelope.priority,
+        expiration=None if envelope.expiration is None else str(envelope.expiration),
     )
 
 
