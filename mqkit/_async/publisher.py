@@ -464,6 +464,8 @@ async def _drain(
     The broker closing the channel over a message too large fails the ones above its limit
     (``limit`` learns it); the others are lost (sent again)."""
     batch = [inflight.popleft() for _ in range(min(count, len(inflight)))]
+    if not batch:  # nothing was sent (the channel was closing): nothing to wait for
+        return
     _, pending = await asyncio.wait([future for _, future in batch], timeout=budget)
     for future in pending:
         future.cancel()
