@@ -1,4 +1,4 @@
-"""A process of the crash tests (test_crash.py): an orders service writing through the
+"""A process of the crash tests (test_outbox_crash.py): an orders service writing through the
 outbox, or a billing service applying through the inbox, on either runtime.
 
 ``python crash_child.py CONFIG_JSON``; ``MQKIT_TEST_CRASH_AT`` (see mqkit/outbox/failpoints.py)
