@@ -63,6 +63,7 @@ check: install ## lint, format check and type check (ruff, mypy)
 # test4's output is shown after the main pass's.
 test: install ## everything: checks, then all tests on the main broker with test4 alongside
 	@bash scripts/broker.sh $(TEST_URL)
+	@bash scripts/postgres.sh  # the outbox tests' PostgreSQL (MQKIT_TEST_DB), found or started
 	@$(MAKE) --no-print-directory check
 	@if [ -z "$${MQKIT_TEST_URL4:-}" ]; then \
 		MQKIT_TEST_URL4="$$(bash scripts/rabbitmq4.sh start)"; \
