@@ -16,7 +16,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
@@ -39,6 +39,9 @@ from .declarer import Declarer
 from .producer import AsyncProducer
 from .publisher import Publisher
 from .rpc import Requester, reply_step
+
+if TYPE_CHECKING:
+    from mqkit.outbox import AsyncOutboxRelay, Outbox
 
 __all__ = ["AsyncClient"]
 
@@ -80,6 +83,7 @@ class AsyncClient:
         self._link.register(self._declarer)
         self._publish_link.register(self._publisher)
         self._made: list[tuple[Made, AsyncConsumer[Any] | AsyncEventBus]] = []
+        self._relays: list[AsyncOutboxRelay] = []  # outbox relays: started first, stopped last
         self._subscribed: dict[tuple[str, str], set[str]] = {}  # (service, exchange): keys
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -139,8 +143,9 @@ class AsyncClient:
             [item for _, item in made if isinstance(item, AsyncEventBus)],
             runtime="async",
         )
-        try:
+        try:  # relays last, so what the handlers wrote goes out too
             await self._stop_all([item for _, item in made], self._settings.drain_timeout)
+            await self._stop_relays(self._settings.drain_timeout)
         finally:
             await self._close_links()
 
@@ -337,6 +342,8 @@ class AsyncClient:
         restore, signals = self._install_signal_handlers(on_signal)
         try:
             try:
+                for relay in list(self._relays):
+                    await relay.start()
                 for item in made:
                     if not item.started:
                         await item.start()
@@ -346,6 +353,8 @@ class AsyncClient:
                 stop_event.set()  # from here on, a signal is the second one
                 running.stopping(len(made), timeout, signals=signals)
                 drained = await self._stop_all(made, timeout, again)
+                if drained:  # after the consumers: what their handlers wrote goes out too
+                    await self._stop_relays(timeout)
         finally:
             restore()
             stop_event.clear()
@@ -372,6 +381,22 @@ class AsyncClient:
         else:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(event.set)
+
+    async def _stop_relays(self, timeout: float) -> None:
+        for relay in list(self._relays):
+            await relay.stop(timeout)
+
+    def outbox_relay(self, outbox: Outbox) -> AsyncOutboxRelay:
+        """The relay that publishes ``outbox``'s committed rows through this client (see
+        :mod:`mqkit.outbox`; needs ``mqkit[outbox]`` and an ``AsyncEngine``). :meth:`run`
+        starts it before the consumers and stops it after they drained, so the rows their
+        handlers wrote go out too; or await its ``start()``/``stop()``. :meth:`close` stops
+        it."""
+        from mqkit.outbox import AsyncOutboxRelay  # SQLAlchemy is an extra
+
+        relay = AsyncOutboxRelay(self, outbox)
+        self._relays.append(relay)
+        return relay
 
     async def _stop_all(
         self,

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
@@ -32,6 +32,9 @@ from .declarer import Declarer
 from .producer import Producer
 from .publisher import Publisher
 from .rpc import Requester, reply_step
+
+if TYPE_CHECKING:
+    from mqkit.outbox import Outbox, OutboxRelay
 
 __all__ = ["Client"]
 
@@ -81,6 +84,7 @@ class Client:
         self._publish_link.register(self._requester)  # replies come on the publishing channel
         self._lock = threading.RLock()
         self._made: list[tuple[Made, Consumer[Any] | EventBus]] = []
+        self._relays: list[OutboxRelay] = []  # outbox relays: started first, stopped last
         self._subscribed: dict[tuple[str, str], set[str]] = {}  # (service, exchange): keys
         self._stop = threading.Event()
 
@@ -120,8 +124,9 @@ class Client:
             [item for _, item in made if isinstance(item, EventBus)],
             runtime="sync",
         )
-        try:  # a bus stops its own consumers
+        try:  # a bus stops its own consumers; relays last, so the handlers' rows go out too
             self._stop_all([item for _, item in made], self._settings.drain_timeout)
+            self._stop_relays(self._settings.drain_timeout)
         finally:
             self._link.close()
 
@@ -308,6 +313,10 @@ class Client:
                 previous[sig] = signal.signal(sig, on_signal)
         try:
             try:
+                with self._lock:
+                    relays = list(self._relays)
+                for relay in relays:
+                    relay.start()
                 for item in made:
                     item.start()
                 running.started(len(made))
@@ -318,6 +327,8 @@ class Client:
                 self._stop.set()  # from here on, a signal is the second one
                 running.stopping(len(made), timeout, signals=bool(previous))
                 drained = self._stop_all(made, timeout, again)
+                if drained:  # after the consumers: what their handlers wrote goes out too
+                    self._stop_relays(timeout)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -331,6 +342,24 @@ class Client:
         """End :meth:`run`, which then drains (see there); thread-safe, callable from a
         handler or a signal handler, does not wait."""
         self._stop.set()
+
+    def _stop_relays(self, timeout: float) -> None:
+        with self._lock:
+            relays = list(self._relays)
+        for relay in relays:
+            relay.stop(timeout)
+
+    def outbox_relay(self, outbox: Outbox) -> OutboxRelay:
+        """The relay that publishes ``outbox``'s committed rows through this client (see
+        :mod:`mqkit.outbox`; needs ``mqkit[outbox]``). :meth:`run` starts it before the
+        consumers and stops it after they drained, so the rows their handlers wrote go out
+        too; or call its ``start()``/``stop()``. :meth:`close` stops it."""
+        from mqkit.outbox import OutboxRelay  # SQLAlchemy is an extra
+
+        relay = OutboxRelay(self, outbox)
+        with self._lock:
+            self._relays.append(relay)
+        return relay
 
     def _stop_all(
         self,

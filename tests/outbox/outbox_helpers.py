@@ -208,9 +208,8 @@ class Side:
         return Inbox(self.engine, **kw)  # type: ignore[call-overload]
 
     def relay(self, outbox: Outbox) -> Relay:
-        if self.loop is None:
-            return Relay(OutboxRelay(self.client, outbox), None)
-        return Relay(AsyncOutboxRelay(self.client, outbox), self.loop)
+        """The client's relay for ``outbox`` (``client.outbox_relay``), started by hand."""
+        return Relay(self.client.outbox_relay(outbox), self.loop)
 
     def write(
         self,

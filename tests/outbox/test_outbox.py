@@ -3,6 +3,8 @@ SQLite (``db``), with the blocking and the asyncio runtime (``side``)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import time
 from typing import Any
@@ -323,3 +325,35 @@ def test_a_stopping_relay_publishes_what_was_committed_before(side, names, raw) 
         sent = relay.sent
     assert sent == 3
     assert [props.message_id for _, props, _ in drained(raw, queue, 3)] == ids
+
+
+def test_client_run_starts_and_stops_the_relay(side, names, raw) -> None:
+    """A relay made with ``client.outbox_relay`` is started by ``client.run()`` (rows written
+    before and while it runs go out) and stopped when ``run()`` returns."""
+    queue = names.queue()
+    with side.connected() as s:
+        outbox = s.outbox(poll_interval=30.0)
+        relay = s.client.outbox_relay(outbox)
+        side._do(s.client.producer(Charge, queue=queue))  # declares the queue
+        s.write(outbox, [(Charge(order_id="before run"), {"queue": queue})])
+        if side.is_async:
+            loop = side.loop.loop
+            done = asyncio.run_coroutine_threadsafe(s.client.run(), loop)
+            stop = lambda: loop.call_soon_threadsafe(s.client.stop)  # noqa: E731
+        else:
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            done = pool.submit(s.client.run)  # run() off the main thread: no signal handlers
+            stop = s.client.stop
+        try:
+            first = drained(raw, queue, 1)
+            s.write(outbox, [(Charge(order_id="while running"), {"queue": queue})])
+            second = drained(raw, queue, 1)
+            assert relay.started
+        finally:
+            stop()
+            done.result(timeout=30)
+        assert not relay.started
+    assert [json.loads(body)["order_id"] for _, _, body in first + second] == [
+        "before run",
+        "while running",
+    ]
