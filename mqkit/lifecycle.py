@@ -438,10 +438,15 @@ class LogObserver:
 
 
 def _quoted(values: dict[str, Any]) -> dict[str, Any]:
-    return {
+    """The values as the messages show them: names quoted, a message by its id."""
+    shown = {
         key: repr(value) if key in ("queue", "dlq") and isinstance(value, str) else value
         for key, value in values.items()
     }
+    if "message_id" in shown:
+        mid = shown["message_id"]
+        shown["message_id"] = f"message {mid}" if mid else "a message without message_id"
+    return shown
 
 
 def _target(values: dict[str, Any]) -> str:
