@@ -6,16 +6,24 @@ publish what :func:`answer` returns.
 A reply that carries ``x-mqkit-error-type`` / ``x-mqkit-error-message`` says the responder
 failed; the caller gets :class:`~mqkit.RemoteError`. Its body is a small JSON object with the
 same two fields, for callers that are not mqkit.
+
+A request's ``correlation_id`` is the conversation it belongs to (given, or inherited when
+it is sent from inside a handler, :mod:`mqkit.correlation`), so several requests may share
+one: a reply is matched to its request by the ``x-mqkit-request-id`` header mqkit's
+responders set (the request's message id), and else by its correlation id (what any other
+responder echoes; a request without a conversation carries its own message id there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -27,6 +35,8 @@ from mqkit.retry import GiveUp
 __all__ = [
     "ERROR_REPLY_TYPE",
     "REPLY_TO",
+    "REQUEST_ID",
+    "Pending",
     "Reply",
     "answer",
     "read_reply",
@@ -35,17 +45,89 @@ __all__ = [
 ]
 
 R = TypeVar("R", bound=BaseModel)
+F = TypeVar("F")
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 ERROR_REPLY_TYPE = "mqkit.error"  # the AMQP ``type`` of an error reply
+REQUEST_ID = "x-mqkit-request-id"  # a reply's header: the message id of its request
 
 
-def request_envelope(message: object, *, service: str, correlation_id: str) -> Envelope:
+def request_envelope(
+    message: object,
+    *,
+    service: str,
+    correlation_id: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> Envelope:
     """The request to publish (``reply_to`` = direct reply-to); ``TypeError`` if ``message``
-    is not a pydantic model."""
+    is not a pydantic model. Its correlation id: ``correlation_id``, else the handled
+    delivery's (inside a handler), else its own message id."""
     if not isinstance(message, BaseModel):
         raise TypeError(f"request expected a pydantic model, got {type(message).__name__}")
-    return encode(message, service=service, correlation_id=correlation_id, reply_to=REPLY_TO)
+    envelope = encode(
+        message,
+        service=service,
+        headers=headers,
+        correlation_id=correlation_id,
+        reply_to=REPLY_TO,
+    )
+    if envelope.correlation_id is None:
+        envelope = dataclasses.replace(envelope, correlation_id=envelope.message_id)
+    return envelope
+
+
+class Pending(Generic[F]):
+    """The requests of one requester waiting for their replies (``F``: what a reply
+    completes, e.g. a future), by request message id; thread-safe.
+
+    ```python
+    pending: Pending[str] = Pending()
+    pending.add(request, "waiter")
+    assert pending.answered({REQUEST_ID: request.message_id}, "anything") == "waiter"
+    pending.discard(request.message_id)
+    ```
+    """
+
+    __slots__ = ("_by_correlation", "_by_id", "_lock")
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, F] = {}
+        self._by_correlation: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, request: Envelope, waiter: F) -> None:
+        with self._lock:
+            self._by_id[request.message_id] = waiter
+            key = request.correlation_id or request.message_id
+            self._by_correlation.setdefault(key, []).append(request.message_id)
+
+    def discard(self, message_id: str) -> None:
+        """Forget the request ``message_id`` (answered, timed out or failed)."""
+        with self._lock:
+            if self._by_id.pop(message_id, None) is None:
+                return
+            for key, ids in list(self._by_correlation.items()):
+                if message_id in ids:
+                    ids.remove(message_id)
+                    if not ids:
+                        del self._by_correlation[key]
+                    return
+
+    def get(self, message_id: str) -> F | None:
+        with self._lock:
+            return self._by_id.get(message_id)
+
+    def answered(self, headers: Mapping[str, Any] | None, correlation_id: str | None) -> F | None:
+        """The waiter of the request a reply answers: the one its ``x-mqkit-request-id``
+        names, else the oldest one waiting with its correlation id; ``None`` for a late or
+        unknown reply."""
+        request_id = _text((headers or {}).get(REQUEST_ID))
+        with self._lock:
+            waiter = self._by_id.get(request_id) if request_id else None
+            if waiter is not None:
+                return waiter
+            ids = self._by_correlation.get(correlation_id or "")
+            return self._by_id.get(ids[0]) if ids else None
 
 
 def request_timeout(queue: str, timeout: float) -> RequestTimeout:
@@ -99,13 +181,17 @@ def answer(
             f"responder for {queue!r} returned {type(result).__name__}; return a pydantic model",
         )
     correlation_id = request.correlation_id
+    names = {REQUEST_ID: request.message_id} if request.message_id else {}
     if error is not None:
-        return Reply(request.reply_to, _error_envelope(error, service, correlation_id))
+        return Reply(request.reply_to, _error_envelope(error, service, correlation_id, names))
     assert isinstance(result, BaseModel)
-    return Reply(request.reply_to, encode(result, service=service, correlation_id=correlation_id))
+    envelope = encode(result, service=service, headers=names, correlation_id=correlation_id)
+    return Reply(request.reply_to, envelope)
 
 
-def _error_envelope(error: tuple[str, str], service: str, correlation_id: str | None) -> Envelope:
+def _error_envelope(
+    error: tuple[str, str], service: str, correlation_id: str | None, names: dict[str, str]
+) -> Envelope:
     error_type, message = error
     return Envelope(
         body=json.dumps({"error_type": error_type, "error_message": message}).encode(),
@@ -113,7 +199,7 @@ def _error_envelope(error: tuple[str, str], service: str, correlation_id: str | 
         type=ERROR_REPLY_TYPE,
         app_id=service,
         timestamp=int(time.time()),
-        headers={ERROR_TYPE: error_type, ERROR_MESSAGE: message[:4000]},
+        headers={**names, ERROR_TYPE: error_type, ERROR_MESSAGE: message[:4000]},
         correlation_id=correlation_id,
     )
 
