@@ -45,11 +45,15 @@ On ``AsyncClient`` the same middleware defines ``async def publish_async`` and
 both pairs and serve both clients (mqkit's own do); a client refuses, with ``TypeError``, a
 middleware that defines only the other client's hooks, so none is silently skipped.
 
-The shells run the chains with :class:`MiddlewareStack` (one per client): each publish calls
-:meth:`MiddlewareStack.publish` (or ``publish_async``) with the function that sends, each
-delivery :meth:`MiddlewareStack.handle` (or ``handle_async``) with the handler. Retry and
-dead-letter copies, replays and RPC replies are mqkit's own publishes, not the application's:
-they do not pass through the publish hooks (a copy keeps the original's headers).
+What passes through the publish hooks: every message the application publishes (producers,
+the event bus, ``request()``) and a responder's reply (published inside the responder's
+handle chain). Retry and dead-letter copies and replays are copies of a message that passed
+through already, with its headers: they do not pass again.
+
+The shells run the chains with :class:`MiddlewareStack` (one per client):
+:meth:`MiddlewareStack.publish_prepared` around each publish call,
+:meth:`MiddlewareStack.wrap` around each consumer's handler (``publish_prepared_async`` and
+``wrap_async`` on ``AsyncClient``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from mqkit.lifecycle import LifecycleEvent
 from mqkit.messages import Envelope
 
 __all__ = [
+    "NO_MIDDLEWARE",
     "AsyncHandleNext",
     "AsyncPublishNext",
     "HandleNext",
@@ -132,6 +137,9 @@ PublishNext = Callable[[list[Outgoing]], list[str]]
 AsyncPublishNext = Callable[[list[Outgoing]], Awaitable[list[str]]]
 HandleNext = Callable[[Any, Context], Any]
 AsyncHandleNext = Callable[[Any, Context], Awaitable[Any]]
+# What a shell's publish does with (envelope, routing key) pairs to one exchange: their ids.
+PreparedSend = Callable[[Sequence[tuple[Envelope, str]]], list[str]]
+AsyncPreparedSend = Callable[[Sequence[tuple[Envelope, str]]], Awaitable[list[str]]]
 
 
 class Middleware:
@@ -344,6 +352,52 @@ class MiddlewareStack:
             return await send(messages)
         return await run_publish_chain_async(self._publishers, messages, send)
 
+    def publish_prepared(
+        self, exchange: str, prepared: Sequence[tuple[Envelope, str]], send: PreparedSend
+    ) -> list[str]:
+        """``send(prepared)`` (``(envelope, routing key)`` pairs to ``exchange``, as
+        :meth:`mqkit.publishing.PublishTarget.prepare` makes them) through the publish hooks:
+        what the producers, the bus and ``request()`` of ``Client`` call. Without publish
+        hooks nothing is built per message."""
+        if not self._publishers:
+            return send(prepared)
+        messages = [Outgoing(envelope, exchange, key) for envelope, key in prepared]
+        return run_publish_chain(self._publishers, messages, lambda ms: send(_pairs(ms)))
+
+    async def publish_prepared_async(
+        self, exchange: str, prepared: Sequence[tuple[Envelope, str]], send: AsyncPreparedSend
+    ) -> list[str]:
+        """:meth:`publish_prepared` for ``AsyncClient``."""
+        if not self._publishers:
+            return await send(prepared)
+        messages = [Outgoing(envelope, exchange, key) for envelope, key in prepared]
+        return await run_publish_chain_async(
+            self._publishers, messages, lambda ms: send(_pairs(ms))
+        )
+
+    def wrap(self, handler: HandleNext) -> HandleNext:
+        """``handler`` run through the handle hooks (``handler`` itself without any): what
+        a consumer of ``Client`` calls per delivery."""
+        if not self._handlers:
+            return handler
+        handlers = self._handlers
+
+        def handle(message: Any, ctx: Context) -> Any:
+            return run_handle_chain(handlers, handler, message, ctx)
+
+        return handle
+
+    def wrap_async(self, handler: AsyncHandleNext) -> AsyncHandleNext:
+        """:meth:`wrap` for ``AsyncClient`` (``handler`` is a coroutine function)."""
+        if not self._handlers:
+            return handler
+        handlers = self._handlers
+
+        async def handle(message: Any, ctx: Context) -> Any:
+            return await run_handle_chain_async(handlers, handler, message, ctx)
+
+        return handle
+
     def handle(self, handler: HandleNext, message: Any, ctx: Context) -> Any:
         """``handler(message, ctx)`` through the handle hooks (``Client``)."""
         if not self._handlers:
@@ -356,3 +410,11 @@ class MiddlewareStack:
         if not self._handlers:
             return await handler(message, ctx)
         return await run_handle_chain_async(self._handlers, handler, message, ctx)
+
+
+def _pairs(messages: Sequence[Outgoing]) -> list[tuple[Envelope, str]]:
+    return [(message.envelope, message.routing_key) for message in messages]
+
+
+# The stack of a part made without one (a client always passes its own): no middleware.
+NO_MIDDLEWARE = MiddlewareStack((), runtime="sync")
