@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mqkit.consumers import plan_subscriber
 from mqkit.handlers import check_handler, role
 from mqkit.lifecycle import Pipeline
-from mqkit.messages import Event
+from mqkit.messages import Envelope, Event
+from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
 from mqkit.topology import Exchange
@@ -65,11 +66,13 @@ class AsyncEventBus:
         service: str,
         exchange: str,
         subscribed: set[str] | None = None,
+        middleware: MiddlewareStack = NO_MIDDLEWARE,
     ) -> None:
         self._link = link
         self._declarer = declarer
         self._publisher = publisher
         self._pipeline = pipeline
+        self._middleware = middleware
         self._service = service
         self._exchange = exchange
         self._target = PublishTarget(Event, exchange, owner="EventBus")
@@ -193,7 +196,13 @@ class AsyncEventBus:
             concurrency=concurrency,
         )
         consumer: AsyncConsumer[Any] = AsyncConsumer(
-            self._link, self._declarer, self._publisher, self._pipeline, plan, handler
+            self._link,
+            self._declarer,
+            self._publisher,
+            self._pipeline,
+            plan,
+            handler,
+            middleware=self._middleware,
         )
         self._consumers.append(consumer)
         if self._started:
@@ -229,10 +238,18 @@ class AsyncEventBus:
         )
         if not self._declared:
             await self._declare()
-        await self._publisher.publish(
-            envelope, exchange=self._exchange, routing_key=key, mandatory=mandatory
+
+        async def send(prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
+            [(envelope, key)] = prepared
+            await self._publisher.publish(
+                envelope, exchange=self._exchange, routing_key=key, mandatory=mandatory
+            )
+            return [envelope.message_id]
+
+        [message_id] = await self._middleware.publish_prepared_async(
+            self._exchange, [(envelope, key)], send
         )
-        return envelope.message_id
+        return message_id
 
     async def start(self) -> None:
         """Declare the exchange and start every subscription (returns once consuming)."""

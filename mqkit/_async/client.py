@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -26,6 +26,7 @@ from mqkit.declaring import expand
 from mqkit.handlers import check_handler, role
 from mqkit.health import Health, health_of
 from mqkit.lifecycle import LogObserver, Pipeline
+from mqkit.middleware import Middleware, MiddlewareStack
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
@@ -56,20 +57,30 @@ Made = Literal["consumer", "responder", "bus"]
 class AsyncClient:
     """A connection to RabbitMQ for asyncio services; every I/O method is ``async``.
 
-    ``AsyncClient(settings=None, **overrides)`` does no I/O; ``async with`` (or
-    :meth:`connect`) connects, raising :class:`~mqkit.ConnectionFailed` within
-    ``connect_timeout``. After that the client reconnects by itself (fail-over across
-    ``settings.all_urls``), re-declares its topology and restores its consumers.
+    ``AsyncClient(settings=None, *, middleware=None, **overrides)`` does no I/O (``middleware``:
+    a list of :class:`~mqkit.Middleware` with ``async def`` hooks, applied in order, the first
+    outermost; see :mod:`mqkit.middleware`); ``async with`` (or :meth:`connect`) connects,
+    raising :class:`~mqkit.ConnectionFailed` within ``connect_timeout``. After that the client
+    reconnects by itself (fail-over across ``settings.all_urls``), re-declares its topology
+    and restores its consumers.
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        middleware: Sequence[Middleware] | None = None,
+        **overrides: Any,
+    ) -> None:
         self._settings = (settings or Settings()).merged(**overrides)
+        self._middleware = MiddlewareStack(middleware, runtime="async", client="AsyncClient")
         self._id = uuid.uuid4().hex[:8]
         name = f"mqkit async {self._settings.service} {self._id}"
         # Two connections, as RabbitMQ advises: a memory or disk alarm blocks the publishing
         # one, and consumers (and declares) on the other keep going.
-        # What happens is reported to one pipeline; logging is one of its observers.
-        self._pipeline = Pipeline([LogObserver()])
+        # What happens is reported to one pipeline; logging is its first observer, then the
+        # middlewares' on_event.
+        self._pipeline = Pipeline([LogObserver(), *self._middleware.observers])
         self._link = Link(self._settings, self._pipeline, purpose="consuming", connection_name=name)
         self._publish_link = Link(
             self._settings,
@@ -79,7 +90,7 @@ class AsyncClient:
         )
         self._publisher = Publisher(self._publish_link, self._pipeline)
         self._declarer = Declarer(self._link)
-        self._requester = Requester(self._link, self._publisher)
+        self._requester = Requester(self._link, self._publisher, middleware=self._middleware)
         self._link.register(self._declarer)
         self._publish_link.register(self._publisher)
         self._made: list[tuple[Made, AsyncConsumer[Any] | AsyncEventBus]] = []
@@ -199,7 +210,7 @@ class AsyncClient:
         )
         if entities:
             await self._declarer.declare(entities)
-        return AsyncProducer(self._link, self._publisher, target)
+        return AsyncProducer(self._link, self._publisher, target, middleware=self._middleware)
 
     def consumer(
         self,
@@ -230,7 +241,13 @@ class AsyncClient:
         )
         check_handler(handler, runtime="async", role=role("consumer", plan.queue))
         consumer: AsyncConsumer[T] = AsyncConsumer(
-            self._link, self._declarer, self._publisher, self._pipeline, plan, as_async(handler)
+            self._link,
+            self._declarer,
+            self._publisher,
+            self._pipeline,
+            plan,
+            as_async(handler),
+            middleware=self._middleware,
         )
         return self._made_consumer(consumer, "consumer")
 
@@ -254,6 +271,7 @@ class AsyncClient:
             service=owner,
             exchange=name,
             subscribed=subscribed,
+            middleware=self._middleware,
         )
         self._made.append(("bus", bus))
         return bus
@@ -265,13 +283,24 @@ class AsyncClient:
         response_type: type[R],
         *,
         timeout: float = 5.0,
+        headers: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
     ) -> R:
         """Send ``message`` to ``queue`` and return the typed reply (direct reply-to).
 
-        Raises :class:`~mqkit.RequestTimeout`, :class:`~mqkit.RemoteError` (the responder
-        raised), :class:`~mqkit.PublishUnroutable` (no such queue).
+        ``headers`` go with the request; ``correlation_id`` names its conversation (default:
+        inside a handler, the handled message's; else the request's own id). Raises
+        :class:`~mqkit.RequestTimeout`, :class:`~mqkit.RemoteError` (the responder raised),
+        :class:`~mqkit.PublishUnroutable` (no such queue).
         """
-        return await self._requester.request(queue, message, response_type, timeout)
+        return await self._requester.request(
+            queue,
+            message,
+            response_type,
+            timeout,
+            headers=headers,
+            correlation_id=correlation_id,
+        )
 
     def responder(
         self,
@@ -286,7 +315,9 @@ class AsyncClient:
         plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
         check_handler(handler, runtime="async", role=role("responder", plan.queue))
         wrapped = as_async(handler)
-        reply = reply_step(self._link, self._publisher, plan.queue, wrapped)
+        reply = reply_step(
+            self._link, self._publisher, plan.queue, wrapped, middleware=self._middleware
+        )
         consumer: AsyncConsumer[T] = AsyncConsumer(
             self._link,
             self._declarer,

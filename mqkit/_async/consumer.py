@@ -40,6 +40,7 @@ from pydantic import BaseModel
 from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
+from mqkit.correlation import handling
 from mqkit.delivery import follow_up, format_traceback, prepare
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.handlers import is_async_handler
@@ -52,6 +53,7 @@ from mqkit.lifecycle import (
     outcome_event,
 )
 from mqkit.messages import Incoming
+from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import Ack, GiveUp, Outcome, decide
 
 from .acks import ACK, REJECT, REQUEUE, Acks, Settle
@@ -152,13 +154,14 @@ class AsyncConsumer(Generic[T]):
         handler: Handler[T],
         *,
         reply: ReplyStep | None = None,
+        middleware: MiddlewareStack = NO_MIDDLEWARE,
     ) -> None:
         self._link = link
         self._declarer = declarer
         self._publisher = publisher
         self._pipeline = pipeline
         self._plan = plan
-        self._handler = as_async(handler)
+        self._handler = middleware.wrap_async(as_async(handler))
         self._reply = reply
         self._start_lock = asyncio.Lock()  # two tasks may start it at once (a bus, client.run())
         self._ready: deque[tuple[Acks, aiormq.abc.DeliveredMessage]] = deque()
@@ -425,8 +428,10 @@ class AsyncConsumer(Generic[T]):
         if failure is not None:
             delivery = delivery_of(ctx, service=plan.service)
             self._pipeline.emit(Undecodable(delivery, failure.error_message))
+        scope = handling(ctx, service=plan.service)  # what the handler publishes inherits
         if self._reply is not None:
-            await self._reply(incoming, value, ctx, failure)
+            with scope:
+                await self._reply(incoming, value, ctx, failure)
             await self._finish(session, tag, _ACK)
             delivery = delivery_of(ctx, service=plan.service)
             self._pipeline.emit(outcome_event(delivery, _ACKED, dlq=plan.dlq))
@@ -436,7 +441,8 @@ class AsyncConsumer(Generic[T]):
         seconds = 0.0
         if failure is None:
             started = time.monotonic()
-            exc = await self._call(value, ctx)
+            with scope:
+                exc = await self._call(value, ctx)
             seconds = time.monotonic() - started
             if exc is not None:
                 outcome = decide(exc, ctx.attempt, plan.policy, format_traceback(exc))
@@ -444,6 +450,7 @@ class AsyncConsumer(Generic[T]):
             outcome = failure
         copy = follow_up(incoming, outcome, queue=plan.queue, service=plan.service, dlq=plan.dlq)
         if copy is not None:
+            scope.stamp(copy.envelope)  # what middleware asked the copy to carry
             try:
                 await self._publisher.publish(
                     copy.envelope,

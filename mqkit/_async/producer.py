@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from mqkit.messages import Envelope
+from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.publishing import PublishTarget
 
 if TYPE_CHECKING:
@@ -28,10 +30,18 @@ class AsyncProducer(Generic[T]):
     :class:`~mqkit.PublishTimeout`. Safe to share across tasks.
     """
 
-    def __init__(self, link: Link, publisher: Publisher, target: PublishTarget[T]) -> None:
+    def __init__(
+        self,
+        link: Link,
+        publisher: Publisher,
+        target: PublishTarget[T],
+        *,
+        middleware: MiddlewareStack = NO_MIDDLEWARE,
+    ) -> None:
         self._link = link
         self._publisher = publisher
         self._target = target
+        self._middleware = middleware
 
     def __repr__(self) -> str:
         return f"<AsyncProducer[{self._target.message_type.__name__}] {self._target.describe()}>"
@@ -72,8 +82,11 @@ class AsyncProducer(Generic[T]):
             priority=priority,
             expiration=expiration,
         )
-        await self._publisher.publish(envelope, exchange=self._target.exchange, routing_key=key)
-        return envelope.message_id
+        exchange = self._target.exchange
+        [message_id] = await self._middleware.publish_prepared_async(
+            exchange, [(envelope, key)], self._send_one
+        )
+        return message_id
 
     async def publish_many(
         self,
@@ -101,6 +114,16 @@ class AsyncProducer(Generic[T]):
             priority=priority,
             expiration=expiration,
         )
+        return await self._middleware.publish_prepared_async(
+            self._target.exchange, prepared, self._send_many
+        )
+
+    async def _send_one(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
+        [(envelope, key)] = prepared
+        await self._publisher.publish(envelope, exchange=self._target.exchange, routing_key=key)
+        return [envelope.message_id]
+
+    async def _send_many(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
         exchange = self._target.exchange
         await self._publisher.publish_many(
             [(envelope, exchange, key) for envelope, key in prepared]

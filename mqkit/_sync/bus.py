@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mqkit.consumers import plan_subscriber
 from mqkit.handlers import check_handler, role
 from mqkit.lifecycle import Pipeline
-from mqkit.messages import Event
+from mqkit.messages import Envelope, Event
+from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
 from mqkit.topology import Exchange
@@ -69,11 +70,13 @@ class EventBus:
         service: str,
         exchange: str,
         subscribed: set[str] | None = None,
+        middleware: MiddlewareStack = NO_MIDDLEWARE,
     ) -> None:
         self._link = link
         self._declarer = declarer
         self._publisher = publisher
         self._pipeline = pipeline
+        self._middleware = middleware
         self._service = service
         self._exchange = exchange
         self._target = PublishTarget(Event, exchange, owner="EventBus")
@@ -189,7 +192,13 @@ class EventBus:
                 concurrency=concurrency,
             )
         consumer: Consumer[Any] = Consumer(
-            self._link, self._declarer, self._publisher, self._pipeline, plan, handler
+            self._link,
+            self._declarer,
+            self._publisher,
+            self._pipeline,
+            plan,
+            handler,
+            middleware=self._middleware,
         )
         with self._lock:
             self._consumers.append(consumer)
@@ -222,7 +231,12 @@ class EventBus:
             correlation_id=correlation_id,
         )
         self._link.ensure_open()
-        return self._publisher.publish(self._exchange, key, [envelope], mandatory=mandatory)[0]
+
+        def send(prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
+            [(envelope, key)] = prepared
+            return self._publisher.publish(self._exchange, key, [envelope], mandatory=mandatory)
+
+        return self._middleware.publish_prepared(self._exchange, [(envelope, key)], send)[0]
 
     def start(self) -> None:
         """Start every subscription (and any added later); idempotent."""

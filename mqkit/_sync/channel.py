@@ -62,10 +62,25 @@ def open_channel(
     channel lost while opening goes with its connection: its parts hear ``_link_lost``)."""
 
     def opened(channel: Channel) -> None:
+        _unwrapped(channel)
         channel.add_on_close_callback(on_close)
         on_open(channel)
 
     connection.channel(on_open_callback=opened)
+
+
+# What opentelemetry-instrumentation-pika (and the like) put on a channel instance, over
+# pika's own methods: mqkit's channels use pika's, so such instrumentation sees none of their
+# traffic. Its spans would duplicate mqkit.observability.TracingMiddleware's, and made on the
+# IO thread, outside the caller's trace, they would start new traces and overwrite the
+# traceparent header mqkit's tracing writes (tests/integration/test_observability.py).
+_INSTANCE_WRAPPED = ("basic_publish", "basic_consume")
+
+
+def _unwrapped(channel: Channel) -> None:
+    """Drop per-instance wrappers of pika's methods from ``channel`` (pika sets none)."""
+    for name in _INSTANCE_WRAPPED:
+        vars(channel).pop(name, None)
 
 
 class ChannelHandle:

@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -19,6 +19,7 @@ from mqkit.declaring import expand
 from mqkit.handlers import check_handler, role
 from mqkit.health import Health, health_of
 from mqkit.lifecycle import LogObserver, Pipeline
+from mqkit.middleware import Middleware, MiddlewareStack
 from mqkit.publishing import plan_producer
 from mqkit.retry import RetryPolicy
 from mqkit.settings import Settings, mask_url
@@ -51,10 +52,12 @@ _STOP_SLACK = 2.0  # a consumer's stop(timeout) may take this much longer (broke
 class Client:
     """A blocking mqkit client on pika; thread-safe.
 
-    ``Client(settings=None, **overrides)``: any :class:`~mqkit.Settings` field can be given as
-    a keyword. Nothing happens until the client is used: entering the context manager
-    connects (raising :class:`~mqkit.ConnectionFailed` within ``connect_timeout``), leaving it
-    closes. The connection lives on an IO thread of its own that keeps heartbeats going while
+    ``Client(settings=None, *, middleware=None, **overrides)``: any :class:`~mqkit.Settings`
+    field can be given as a keyword; ``middleware`` is a list of :class:`~mqkit.Middleware`
+    applied in order (the first is the outermost; see :mod:`mqkit.middleware`). Nothing
+    happens until the client is used: entering the context manager connects (raising
+    :class:`~mqkit.ConnectionFailed` within ``connect_timeout``), leaving it closes. The
+    connection lives on an IO thread of its own that keeps heartbeats going while
     handlers run on worker threads; after a connection loss it reconnects (fail-over across
     ``urls``), re-declares :attr:`topology` and restores consumers by itself.
 
@@ -66,19 +69,27 @@ class Client:
     ```
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        middleware: Sequence[Middleware] | None = None,
+        **overrides: Any,
+    ) -> None:
         self._settings = (settings or Settings()).merged(**overrides)
+        self._middleware = MiddlewareStack(middleware, runtime="sync", client="Client")
         # Two connections, as RabbitMQ advises: a memory or disk alarm blocks the publishing
         # one, and consumers (and declares) on the other keep going. They share an IO thread.
-        # What happens is reported to one pipeline; logging is one of its observers.
-        self._pipeline = Pipeline([LogObserver()])
+        # What happens is reported to one pipeline; logging is its first observer, then the
+        # middlewares' on_event.
+        self._pipeline = Pipeline([LogObserver(), *self._middleware.observers])
         self._link = Link(self._settings, self._pipeline, purpose="consuming")
         self._publish_link = Link(
             self._settings, self._pipeline, purpose="publishing", io_from=self._link
         )
         self._publisher = Publisher(self._publish_link, self._pipeline)
         self._declarer = Declarer(self._link)
-        self._requester = Requester(self._link, self._publisher)
+        self._requester = Requester(self._link, self._publisher, middleware=self._middleware)
         self._link.register(self._declarer)
         self._publish_link.register(self._publisher)
         self._publish_link.register(self._requester)  # replies come on the publishing channel
@@ -182,7 +193,7 @@ class Client:
         if entities:
             self._link.ensure_open()
             self._declarer.declare(entities)
-        return Producer(self._link, self._publisher, target)
+        return Producer(self._link, self._publisher, target, middleware=self._middleware)
 
     def consumer(
         self,
@@ -212,7 +223,13 @@ class Client:
         )
         check_handler(handler, runtime="sync", role=role("consumer", plan.queue))
         consumer: Consumer[T] = Consumer(
-            self._link, self._declarer, self._publisher, self._pipeline, plan, handler
+            self._link,
+            self._declarer,
+            self._publisher,
+            self._pipeline,
+            plan,
+            handler,
+            middleware=self._middleware,
         )
         return self._made_consumer(consumer, "consumer")
 
@@ -236,21 +253,38 @@ class Client:
             service=owner,
             exchange=name,
             subscribed=subscribed,
+            middleware=self._middleware,
         )
         with self._lock:
             self._made.append(("bus", bus))
         return bus
 
     def request(
-        self, queue: str, message: BaseModel, response_type: type[R], *, timeout: float = 5.0
+        self,
+        queue: str,
+        message: BaseModel,
+        response_type: type[R],
+        *,
+        timeout: float = 5.0,
+        headers: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
     ) -> R:
         """Send ``message`` to ``queue`` and wait for the typed reply (direct reply-to).
 
-        Raises :class:`~mqkit.RequestTimeout` after ``timeout`` seconds,
-        :class:`~mqkit.RemoteError` if the responder's handler raised, and
-        :class:`~mqkit.PublishUnroutable` if no such queue exists.
+        ``headers`` go with the request; ``correlation_id`` names its conversation (default:
+        inside a handler, the handled message's; else the request's own id). Raises
+        :class:`~mqkit.RequestTimeout` after ``timeout`` seconds, :class:`~mqkit.RemoteError`
+        if the responder's handler raised, and :class:`~mqkit.PublishUnroutable` if no such
+        queue exists.
         """
-        return self._requester.request(queue, message, response_type, timeout)
+        return self._requester.request(
+            queue,
+            message,
+            response_type,
+            timeout,
+            headers=headers,
+            correlation_id=correlation_id,
+        )
 
     def responder(
         self,
@@ -263,7 +297,9 @@ class Client:
         ``handler`` is checked as for :meth:`consumer` (``TypeError`` if it cannot run)."""
         plan = plan_responder(queue, request_type, settings=self._settings, declared=self.topology)
         check_handler(handler, runtime="sync", role=role("responder", plan.queue))
-        reply = reply_step(self._link, self._publisher, plan.queue, handler)
+        reply = reply_step(
+            self._link, self._publisher, plan.queue, handler, middleware=self._middleware
+        )
         consumer: Consumer[T] = Consumer(
             self._link, self._declarer, self._publisher, self._pipeline, plan, handler, reply=reply
         )

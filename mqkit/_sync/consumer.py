@@ -39,6 +39,7 @@ from pydantic import BaseModel
 from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
+from mqkit.correlation import handling
 from mqkit.delivery import follow_up, format_traceback, prepare
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import (
@@ -50,6 +51,7 @@ from mqkit.lifecycle import (
     outcome_event,
 )
 from mqkit.messages import Incoming
+from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import Ack, GiveUp, Outcome, decide
 
 from .acks import ACK, REJECT, REQUEUE, Acks, Settle
@@ -106,13 +108,14 @@ class Consumer(Generic[T]):
         handler: Callable[[T, Context], object],
         *,
         reply: ReplyStep | None = None,
+        middleware: MiddlewareStack = NO_MIDDLEWARE,
     ) -> None:
         self._link = link
         self._declarer = declarer
         self._publisher = publisher
         self._pipeline = pipeline
         self._plan = plan
-        self._handler = handler
+        self._handler = middleware.wrap(handler)
         self._reply = reply
         self._start_lock = threading.Lock()  # start and stop, one at a time
         self._ready: SimpleQueue[_Delivery | None] = SimpleQueue()
@@ -378,8 +381,10 @@ class Consumer(Generic[T]):
         if failure is not None:
             delivery = delivery_of(ctx, service=plan.service)
             self._pipeline.emit(Undecodable(delivery, failure.error_message))
+        scope = handling(ctx, service=plan.service)  # what the handler publishes inherits
         if self._reply is not None:
-            self._reply(incoming, value, ctx, failure)
+            with scope:
+                self._reply(incoming, value, ctx, failure)
             self._finish(generation, tag, _ACK)
             delivery = delivery_of(ctx, service=plan.service)
             self._pipeline.emit(outcome_event(delivery, _ACKED, dlq=plan.dlq))
@@ -389,7 +394,8 @@ class Consumer(Generic[T]):
         seconds = 0.0
         if failure is None:
             started = time.monotonic()
-            exc = self._call(value, ctx)
+            with scope:
+                exc = self._call(value, ctx)
             seconds = time.monotonic() - started
             if exc is not None:
                 outcome = decide(exc, ctx.attempt, plan.policy, format_traceback(exc))
@@ -397,6 +403,7 @@ class Consumer(Generic[T]):
             outcome = failure
         copy = follow_up(incoming, outcome, queue=plan.queue, service=plan.service, dlq=plan.dlq)
         if copy is not None:
+            scope.stamp(copy.envelope)  # what middleware asked the copy to carry
             try:
                 self._publisher.publish("", copy.routing_key, [copy.envelope], mandatory=True)
             except MqkitError as error:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from mqkit.messages import Envelope
+from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.publishing import PublishTarget
 
 if TYPE_CHECKING:
@@ -45,10 +47,18 @@ class Producer(Generic[T]):
     ```
     """
 
-    def __init__(self, link: Link, publisher: Publisher, target: PublishTarget[T]) -> None:
+    def __init__(
+        self,
+        link: Link,
+        publisher: Publisher,
+        target: PublishTarget[T],
+        *,
+        middleware: MiddlewareStack = NO_MIDDLEWARE,
+    ) -> None:
         self._link = link
         self._publisher = publisher
         self._target = target
+        self._middleware = middleware
 
     def __repr__(self) -> str:
         return f"Producer[{self._target.message_type.__name__}]({self._target.describe()})"
@@ -114,6 +124,9 @@ class Producer(Generic[T]):
         if not prepared:
             return []
         self._link.ensure_open()
+        return self._middleware.publish_prepared(self._target.exchange, prepared, self._send)
+
+    def _send(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
         envelopes = [envelope for envelope, _ in prepared]
         keys = [key for _, key in prepared]
         return self._publisher.publish(self._target.exchange, keys[0], envelopes, routing_keys=keys)

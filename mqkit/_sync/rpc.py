@@ -2,7 +2,8 @@
 
 The requesting side consumes replies no-ack on the client's publishing channel (direct
 reply-to requires the channel that publishes the request), one reply consumer per client,
-and matches replies to waiting callers by ``correlation_id``. The responding side is a
+and matches replies to waiting callers (:class:`mqkit.rpc.Pending`: by the request's id a
+reply names, else by ``correlation_id``). The responding side is a
 consumer whose handler's return value is published to the request's ``reply_to``; if the
 handler raises (or returns something that is not a pydantic model) the reply carries
 ``x-mqkit-error-type`` / ``x-mqkit-error-message`` and the caller gets
@@ -15,8 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,9 +28,18 @@ from pydantic import BaseModel
 
 from mqkit.context import Context
 from mqkit.errors import ConnectionFailed, MqkitError
-from mqkit.messages import Incoming
+from mqkit.messages import Envelope, Incoming
+from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import GiveUp
-from mqkit.rpc import REPLY_TO, answer, read_reply, request_envelope, request_timeout
+from mqkit.rpc import (
+    REPLY_TO,
+    Pending,
+    Reply,
+    answer,
+    read_reply,
+    request_envelope,
+    request_timeout,
+)
 
 from .io_thread import settle
 
@@ -48,18 +57,22 @@ R = TypeVar("R", bound=BaseModel)
 
 class Requester:
     """The client's RPC caller: one direct reply-to consumer (on the publishing channel of
-    ``publisher``), futures by correlation id. ``link`` connects the client on first use."""
+    ``publisher``), futures by request (:class:`mqkit.rpc.Pending`). ``link`` connects the
+    client on first use; requests go through ``middleware``'s publish hooks."""
 
-    def __init__(self, link: Link, publisher: Publisher) -> None:
+    def __init__(
+        self, link: Link, publisher: Publisher, *, middleware: MiddlewareStack = NO_MIDDLEWARE
+    ) -> None:
         self._link = link
         self._publisher = publisher
+        self._middleware = middleware
         self._lock = threading.Lock()
         self._consuming = False
         self._hooked = False  # IO thread
         self._consume_sent: Channel | None = None  # IO thread: basic.consume issued on it
         self._consumed_on: Channel | None = None  # IO thread: consume-ok received on it
         self._waiter: Future[None] | None = None
-        self._waiting: dict[str, Future[tuple[BasicProperties, bytes]]] = {}
+        self._waiting: Pending[Future[tuple[BasicProperties, bytes]]] = Pending()
         self._sent: set[str] = set()  # requests published: their reply dies with the channel
 
     def _ensure_consuming(self) -> None:
@@ -110,32 +123,48 @@ class Requester:
     def _on_reply(
         self, _channel: Channel, _method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
-        future = self._waiting.get(props.correlation_id or "")
+        future = self._waiting.answered(props.headers, props.correlation_id)
         if future is not None:
             settle(future, (props, body))
 
-    def request(self, queue: str, message: BaseModel, response_type: type[R], timeout: float) -> R:
+    def request(
+        self,
+        queue: str,
+        message: BaseModel,
+        response_type: type[R],
+        timeout: float,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
+    ) -> R:
         """Publish ``message`` to ``queue`` and wait up to ``timeout`` s for the typed reply."""
         started = time.monotonic()
-        correlation_id = uuid.uuid4().hex
         envelope = request_envelope(
-            message, service=self._link.settings.service, correlation_id=correlation_id
+            message,
+            service=self._link.settings.service,
+            correlation_id=correlation_id,
+            headers=headers,
         )
+        request_id = envelope.message_id
         self._link.ensure_open()
         self._ensure_consuming()
         future: Future[tuple[BasicProperties, bytes]] = Future()
-        self._waiting[correlation_id] = future
+        self._waiting.add(envelope, future)
         try:
-            self._publisher.publish("", queue, [envelope], mandatory=True)
-            self._sent.add(correlation_id)
+            self._middleware.publish_prepared("", [(envelope, queue)], self._send)
+            self._sent.add(request_id)
             left = max(0.0, timeout - (time.monotonic() - started))
             props, body = future.result(left)
         except FutureTimeout:
             raise request_timeout(queue, timeout) from None
         finally:
-            self._waiting.pop(correlation_id, None)
-            self._sent.discard(correlation_id)
+            self._waiting.discard(request_id)
+            self._sent.discard(request_id)
         return read_reply(props.headers, body, response_type)
+
+    def _send(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
+        [(envelope, queue)] = prepared
+        return self._publisher.publish("", queue, [envelope], mandatory=True)
 
     # -- Restorable --------------------------------------------------------------------------
 
@@ -145,8 +174,8 @@ class Requester:
 
     def _fail_sent(self, what: str) -> None:
         """IO thread: fail the requests already sent, whose replies can no longer arrive."""
-        for correlation_id in list(self._sent):
-            future = self._waiting.get(correlation_id)
+        for request_id in list(self._sent):
+            future = self._waiting.get(request_id)
             if future is not None:
                 settle(
                     future,
@@ -161,30 +190,57 @@ class Requester:
 
 
 def reply_step(
-    link: Link, publisher: Publisher, queue: str, handler: Callable[[Any, Context], object]
+    link: Link,
+    publisher: Publisher,
+    queue: str,
+    handler: Callable[[Any, Context], object],
+    *,
+    middleware: MiddlewareStack = NO_MIDDLEWARE,
 ) -> ReplyStep:
     """What a responder does with a request instead of the usual ack/retry/dead-letter: run
-    the handler and publish :func:`mqkit.rpc.answer`'s reply (never raises)."""
+    the handler and publish :func:`mqkit.rpc.answer`'s reply (never raises). The reply is
+    published inside ``middleware``'s handle chain (a trace has it under the handling span),
+    through its publish hooks."""
     service = link.settings.service
 
-    def step(incoming: Incoming, message: Any, ctx: Context, failure: GiveUp | None) -> None:
-        outcome: GiveUp | Exception | None = failure
-        result: object = None
-        if failure is None:
-            try:
-                result = handler(message, ctx)
-            except Exception as exc:
-                log.warning("responder for %r raised %r", queue, exc, exc_info=exc)
-                outcome = exc
-        reply = answer(queue, incoming, service=service, result=result, failure=outcome)
+    def send(prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
+        [(envelope, reply_to)] = prepared
+        return publisher.publish("", reply_to, [envelope], mandatory=False)
+
+    def publish(reply: Reply | None, ctx: Context) -> None:
         if reply is None:
             log.warning(
                 "request %s on %r has no reply_to; dropping the reply", ctx.message_id, queue
             )
             return
         try:
-            publisher.publish("", reply.reply_to, [reply.envelope], mandatory=False)
+            middleware.publish_prepared("", [(reply.envelope, reply.reply_to)], send)
         except MqkitError as exc:
             log.error("could not reply to request %s on %r: %s", ctx.message_id, queue, exc)
+
+    def step(incoming: Incoming, message: Any, ctx: Context, failure: GiveUp | None) -> None:
+        if failure is not None:
+            publish(answer(queue, incoming, service=service, failure=failure), ctx)
+            return
+        replied = False
+
+        def respond(message: Any, ctx: Context) -> object:
+            nonlocal replied
+            try:
+                result = handler(message, ctx)
+            except Exception as exc:
+                replied = True
+                publish(answer(queue, incoming, service=service, failure=exc), ctx)
+                raise
+            replied = True
+            publish(answer(queue, incoming, service=service, result=result), ctx)
+            return result
+
+        try:
+            middleware.wrap(respond)(message, ctx)
+        except Exception as exc:
+            log.warning("responder for %r raised %r", queue, exc, exc_info=exc)
+            if not replied:  # a middleware raised before the handler ran
+                publish(answer(queue, incoming, service=service, failure=exc), ctx)
 
     return step
