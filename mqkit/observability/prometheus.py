@@ -88,8 +88,13 @@ __all__ = ["MAX_LABEL_VALUES", "METRICS", "PrometheusMiddleware"]
 MAX_LABEL_VALUES = 200
 OTHER = "other"
 
+_SERVICE = ("service",)
 _PUBLISH_LABELS = ("service", "exchange", "queue", "event_type")
+_ERROR_LABELS = (*_PUBLISH_LABELS, "error_type")
+_CONFIRM_LABELS = ("service", "exchange")
 _CONSUME_LABELS = ("service", "queue", "event_type")
+_CONSUMED_LABELS = (*_CONSUME_LABELS, "outcome")
+_QUEUE_LABELS = ("service", "queue")
 _CONFIRM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -103,17 +108,17 @@ _SPEC: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mqkit_publish_errors": (
         "counter",
         "Messages whose publish failed (not confirmed), by error type",
-        (*_PUBLISH_LABELS, "error_type"),
+        _ERROR_LABELS,
     ),
     "mqkit_publish_confirm_seconds": (
         "histogram",
-        "Seconds from sending a message to the broker's confirm",
-        ("service", "exchange"),
+        "Seconds from handing a publish call's messages over to their broker confirms",
+        _CONFIRM_LABELS,
     ),
     "mqkit_messages_consumed": (
         "counter",
         "Deliveries handled, by outcome (acked, retried, dead_lettered, rejected)",
-        (*_CONSUME_LABELS, "outcome"),
+        _CONSUMED_LABELS,
     ),
     "mqkit_handler_duration_seconds": (
         "histogram",
@@ -230,6 +235,11 @@ class _Bounded:
             return value
 
 
+# Label children kept per middleware, by raw label values, at most this many (raw values
+# past the bound map onto "other" children: a flood of made-up event types costs no memory).
+_CACHE_LIMIT = 10_000
+
+
 class PrometheusMiddleware(Middleware):
     """Records what the client publishes and handles into ``registry`` (default:
     ``prometheus_client.REGISTRY``); serve it with ``prometheus_client.start_http_server``
@@ -251,9 +261,28 @@ class PrometheusMiddleware(Middleware):
         self._m = _metrics_for(self.registry)
         self._label = _Bounded(max_label_values)
         self.service = service
+        # (metric, raw label values) -> its child: a delivery costs dict lookups, not
+        # prometheus_client's labels() (which validates and locks)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._up: dict[str, int] = {}  # connection_up as this middleware last set it
 
     def __repr__(self) -> str:
         return f"PrometheusMiddleware(registry={self.registry!r})"
+
+    def _child(self, metric: Any, names: tuple[str, ...], values: tuple[str, ...]) -> Any:
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            label = self._label
+            child = metric.labels(*(label(n, v) for n, v in zip(names, values, strict=True)))
+            if len(self._children) < _CACHE_LIMIT:
+                self._children[key] = child
+        return child
+
+    def _connected(self, service: str, up: int) -> None:
+        if self._up.get(service) != up:
+            self._up[service] = up
+            self._child(self._m.connection_up, _SERVICE, (service,)).set(up)
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -285,33 +314,32 @@ class PrometheusMiddleware(Middleware):
         failed: set[str] | None = None
         if isinstance(error, PublishError) and error.unconfirmed:
             failed = set(error.unconfirmed)
+        fallback = self.service
         counts: dict[tuple[str, ...], int] = {}
         errors: dict[tuple[str, ...], int] = {}
         for message in messages:
-            labels = self._publish_labels(message)
-            if error is not None and (failed is None or message.message_id in failed):
-                failure: tuple[str, ...] = (*labels, type(error).__name__)
-                errors[failure] = errors.get(failure, 0) + 1
+            envelope, exchange = message.envelope, message.exchange
+            labels = (
+                envelope.app_id or fallback,
+                exchange,
+                message.routing_key if exchange == "" else "",
+                envelope.type,
+            )
+            if error is not None and (failed is None or envelope.message_id in failed):
+                errors[labels] = errors.get(labels, 0) + 1
             else:
                 counts[labels] = counts.get(labels, 0) + 1
-        for key, count in counts.items():
-            self._m.published.labels(*key).inc(count)
+        m, child = self._m, self._child
+        for labels, count in counts.items():
+            child(m.published, _PUBLISH_LABELS, labels).inc(count)
         if error is None and counts:  # one publish call: one service, one exchange
             service, exchange = next(iter(counts))[:2]
-            self._m.confirm_seconds.labels(service, exchange).observe(seconds)
-            self._m.connection_up.labels(service).set(1)
-        for key, count in errors.items():
-            self._m.publish_errors.labels(*key).inc(count)
-
-    def _publish_labels(self, message: Outgoing) -> tuple[str, str, str, str]:
-        label = self._label
-        exchange = message.exchange
-        return (
-            label("service", message.envelope.app_id or self.service),
-            label("exchange", exchange),
-            label("queue", message.routing_key) if exchange == "" else "",
-            label("event_type", message.event_type),
-        )
+            child(m.confirm_seconds, _CONFIRM_LABELS, (service, exchange)).observe(seconds)
+            self._connected(service, 1)
+        if errors:
+            kind = type(error).__name__
+            for labels, count in errors.items():
+                child(m.publish_errors, _ERROR_LABELS, (*labels, kind)).inc(count)
 
     # -- handling ------------------------------------------------------------------------
 
@@ -334,48 +362,41 @@ class PrometheusMiddleware(Middleware):
     def _in_flight(self, ctx: Context) -> Any:
         scope = current()
         service = (scope.service if scope is not None else "") or self.service
-        return self._m.in_flight.labels(
-            self._label("service", service), self._label("queue", ctx.queue)
-        )
+        return self._child(self._m.in_flight, _QUEUE_LABELS, (service, ctx.queue))
 
     # -- events --------------------------------------------------------------------------
 
     def on_event(self, event: LifecycleEvent) -> None:
-        m, label = self._m, self._label
+        m, child = self._m, self._child
+        fallback = self.service
         if isinstance(event, (Handled, Retried, DeadLettered)):
             d = event.delivery
-            service = label("service", d.service or self.service)
-            queue = label("queue", d.queue)
-            event_type = label("event_type", d.event_type)
-            m.consumed.labels(service, queue, event_type, _outcome(event)).inc()
+            labels = (d.service or fallback, d.queue, d.event_type or "")
+            child(m.consumed, _CONSUMED_LABELS, (*labels, _outcome(event))).inc()
             if not (isinstance(event, DeadLettered) and event.error_type == "DecodeError"):
-                m.handler_seconds.labels(service, queue, event_type).observe(event.seconds)
-            m.connection_up.labels(service).set(1)
+                child(m.handler_seconds, _CONSUME_LABELS, labels).observe(event.seconds)
+            self._connected(labels[0], 1)
         elif isinstance(event, Published):  # confirm times come from the publish hook
-            m.connection_up.labels(label("service", event.service or self.service)).set(1)
+            self._connected(event.service or fallback, 1)
         elif isinstance(event, Undecodable):
             d = event.delivery
-            m.undecodable.labels(
-                label("service", d.service or self.service), label("queue", d.queue)
-            ).inc()
-        elif isinstance(event, ConsumerAttached):
-            service = label("service", event.service or self.service)
-            m.consumers.labels(service, label("queue", event.queue)).set(1)
-            m.connection_up.labels(service).set(1)
-        elif isinstance(event, ConsumerDetached):
-            service = label("service", event.service or self.service)
-            m.consumers.labels(service, label("queue", event.queue)).set(0)
+            child(m.undecodable, _QUEUE_LABELS, (d.service or fallback, d.queue)).inc()
+        elif isinstance(event, (ConsumerAttached, ConsumerDetached)):
+            service = event.service or fallback
+            attached = 1 if isinstance(event, ConsumerAttached) else 0
+            child(m.consumers, _QUEUE_LABELS, (service, event.queue)).set(attached)
+            if attached:
+                self._connected(service, 1)
         elif isinstance(event, LinkLost):
-            m.connection_up.labels(label("service", event.service or self.service)).set(0)
+            self._connected(event.service or fallback, 0)
         elif isinstance(event, LinkRestored):
-            service = label("service", event.service or self.service)
-            m.connection_up.labels(service).set(1)
+            service = event.service or fallback
+            self._connected(service, 1)
             if event.reconnects:
-                m.reconnects.labels(service).inc()
-        elif isinstance(event, PublishingBlocked):
-            m.blocked.labels(label("service", event.service or self.service)).set(1)
-        elif isinstance(event, PublishingUnblocked):
-            m.blocked.labels(label("service", event.service or self.service)).set(0)
+                child(m.reconnects, _SERVICE, (service,)).inc()
+        elif isinstance(event, (PublishingBlocked, PublishingUnblocked)):
+            blocked = 1 if isinstance(event, PublishingBlocked) else 0
+            child(m.blocked, _SERVICE, (event.service or fallback,)).set(blocked)
 
 
 def _outcome(event: Handled | Retried | DeadLettered) -> str:

@@ -81,6 +81,7 @@ SUBSCRIPTION = "messaging.destination.subscription.name"
 MESSAGE_ID = "messaging.message.id"
 CONVERSATION_ID = "messaging.message.conversation_id"
 BODY_SIZE = "messaging.message.body.size"
+BATCH_COUNT = "messaging.batch.message_count"
 ERROR_TYPE = "error.type"
 
 _REPLY_TO = "amq.rabbitmq.reply-to"
@@ -102,6 +103,7 @@ class _HeaderGetter(Getter[dict[str, Any]]):
 
 
 _GETTER = _HeaderGetter()
+_EMPTY = OtelContext()
 _TRACECONTEXT = TraceContextTextMapPropagator()
 
 
@@ -116,6 +118,8 @@ class TracingMiddleware(Middleware):
 
     def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
         self._tracer = trace.get_tracer("mqkit", __version__, tracer_provider)
+        self._propagator: object = None
+        self._fields: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return "TracingMiddleware()"
@@ -123,54 +127,65 @@ class TracingMiddleware(Middleware):
     # -- publishing ----------------------------------------------------------------------
 
     def publish(self, messages: list[Outgoing], call_next: PublishNext) -> list[str]:
-        spans = self._start_publish(messages)
+        span = self._start_publish(messages)
         try:
             ids = call_next(messages)
         except BaseException as exc:
-            _end_publish(messages, spans, exc)
+            _end_publish(messages, span, exc)
             raise
-        _end_publish(messages, spans, None)
+        _end_publish(messages, span, None)
         return ids
 
     async def publish_async(
         self, messages: list[Outgoing], call_next: AsyncPublishNext
     ) -> list[str]:
-        spans = self._start_publish(messages)
+        span = self._start_publish(messages)
         try:
             ids = await call_next(messages)
         except BaseException as exc:
-            _end_publish(messages, spans, exc)
+            _end_publish(messages, span, exc)
             raise
-        _end_publish(messages, spans, None)
+        _end_publish(messages, span, None)
         return ids
 
-    def _start_publish(self, messages: Sequence[Outgoing]) -> list[Span]:
-        propagator = propagate.get_global_textmap()
-        spans = []
-        for message in messages:
-            envelope = message.envelope
-            exchange = message.exchange
-            attributes: dict[str, Any] = {
-                SYSTEM: "rabbitmq",
-                OPERATION_TYPE: "send",
-                OPERATION_NAME: "publish",
-                DESTINATION: exchange,
-                MESSAGE_ID: envelope.message_id,
-                BODY_SIZE: len(envelope.body),
-                "mqkit.message.type": envelope.type,
-            }
-            if message.routing_key:
-                attributes[ROUTING_KEY] = message.routing_key
+    def _start_publish(self, messages: Sequence[Outgoing]) -> Span:
+        """One PRODUCER span for the call: its messages are created and sent in it, so each
+        carries its context (a batch's span counts them, as the conventions have it)."""
+        first = messages[0]
+        exchange = first.exchange
+        attributes: dict[str, Any] = {
+            SYSTEM: "rabbitmq",
+            OPERATION_TYPE: "send",
+            OPERATION_NAME: "publish",
+            DESTINATION: exchange,
+        }
+        envelope = first.envelope
+        if len(messages) == 1:
+            attributes[MESSAGE_ID] = envelope.message_id
+            attributes[BODY_SIZE] = len(envelope.body)
+            if first.routing_key:
+                attributes[ROUTING_KEY] = first.routing_key
             if envelope.correlation_id:
                 attributes[CONVERSATION_ID] = envelope.correlation_id
-            span = self._tracer.start_span(
-                f"publish {exchange or _queue_name(message.routing_key)}",
-                kind=SpanKind.PRODUCER,
-                attributes=attributes,
-            )
-            propagator.inject(message.headers, context=trace.set_span_in_context(span))
-            spans.append(span)
-        return spans
+        else:
+            attributes[BATCH_COUNT] = len(messages)
+            keys = {message.routing_key for message in messages}
+            if len(keys) == 1 and first.routing_key:
+                attributes[ROUTING_KEY] = first.routing_key
+            conversations = {message.envelope.correlation_id for message in messages}
+            if len(conversations) == 1 and envelope.correlation_id:
+                attributes[CONVERSATION_ID] = envelope.correlation_id
+        span = self._tracer.start_span(
+            f"publish {exchange or _queue_name(first.routing_key)}",
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+        )
+        carrier: dict[str, str] = {}
+        propagate.get_global_textmap().inject(carrier, context=trace.set_span_in_context(span))
+        if carrier:
+            for message in messages:
+                message.headers.update(carrier)
+        return span
 
     # -- handling ------------------------------------------------------------------------
 
@@ -198,14 +213,19 @@ class TracingMiddleware(Middleware):
 
     def _start_handle(self, ctx: Context) -> tuple[Span, Token[OtelContext]]:
         headers = ctx.headers
-        parent = propagate.extract(headers, getter=_GETTER)
+        propagator = propagate.get_global_textmap()
+        if propagator is not self._propagator:  # its fields, once per propagator
+            self._propagator, self._fields = propagator, frozenset(propagator.fields)
+        if headers and not self._fields.isdisjoint(headers):
+            parent = propagator.extract(headers, getter=_GETTER)
+        else:
+            parent = _EMPTY  # nothing to extract: a new trace
         attributes: dict[str, Any] = {
             SYSTEM: "rabbitmq",
             OPERATION_TYPE: "process",
             OPERATION_NAME: "process",
             DESTINATION: ctx.exchange,
             SUBSCRIPTION: ctx.queue,
-            "mqkit.attempt": ctx.attempt,
         }
         if ctx.routing_key:
             attributes[ROUTING_KEY] = ctx.routing_key
@@ -213,14 +233,14 @@ class TracingMiddleware(Middleware):
             attributes[MESSAGE_ID] = ctx.message_id
         if ctx.correlation_id:
             attributes[CONVERSATION_ID] = ctx.correlation_id
-        if ctx.event_type:
-            attributes["mqkit.message.type"] = ctx.event_type
+        if ctx.attempt > 1:
+            attributes["mqkit.attempt"] = ctx.attempt
         span = self._tracer.start_span(
             f"process {_queue_name(ctx.queue)}",
             context=parent,
             kind=SpanKind.CONSUMER,
             attributes=attributes,
-            links=_first_attempt(headers),
+            links=_first_attempt(headers) if FIRST_ATTEMPT in headers else (),
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
@@ -262,13 +282,9 @@ def _fail(span: Span, error: BaseException) -> None:
         span.record_exception(error)
 
 
-def _end_publish(
-    messages: Sequence[Outgoing], spans: Sequence[Span], error: BaseException | None
-) -> None:
-    failed: set[str] | None = None
-    if isinstance(error, PublishError) and error.unconfirmed:
-        failed = set(error.unconfirmed)
-    for message, span in zip(messages, spans, strict=True):
-        if error is not None and (failed is None or message.message_id in failed):
-            _fail(span, error)
-        span.end()
+def _end_publish(messages: Sequence[Outgoing], span: Span, error: BaseException | None) -> None:
+    if error is not None:
+        if isinstance(error, PublishError) and error.unconfirmed and len(messages) > 1:
+            span.set_attribute("mqkit.unconfirmed", len(error.unconfirmed))
+        _fail(span, error)
+    span.end()
