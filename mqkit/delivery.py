@@ -5,7 +5,8 @@ The shells (``_sync/consumer.py``, ``_async/consumer.py``) only do I/O::
     message, ctx, failure = prepare(incoming, queue=..., decoder=...)
     outcome = failure or decide(<handler's exception or None>, ctx.attempt, policy)
     copy = follow_up(incoming, outcome, queue=..., service=...)
-    if copy: publish copy (confirmed), then ack; if that publish fails: nack(requeue=True)
+    if copy: publish copy to copy.exchange, copy.routing_key (confirmed, mandatory), then ack;
+             if that publish fails: nack(requeue=True)
     else:    ack
 
 so a message is never acked before its retry or dead-letter copy is safely stored.
@@ -48,10 +49,12 @@ def registry_decoder(body: bytes, event_type: str | None) -> BaseModel:
 
 @dataclass(frozen=True, slots=True)
 class FollowUp:
-    """A copy to publish (default exchange, ``routing_key`` = a queue) before the ack."""
+    """A copy to publish to ``exchange`` (the default exchange, ``""``, unless given) with
+    ``routing_key`` before the ack."""
 
     routing_key: str
     envelope: Envelope
+    exchange: str = ""
 
 
 def prepare(

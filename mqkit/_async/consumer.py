@@ -454,7 +454,7 @@ class AsyncConsumer(Generic[T]):
             try:
                 await self._publisher.publish(
                     copy.envelope,
-                    exchange="",
+                    exchange=copy.exchange,
                     routing_key=copy.routing_key,
                     mandatory=True,
                 )

@@ -405,7 +405,9 @@ class Consumer(Generic[T]):
         if copy is not None:
             scope.stamp(copy.envelope)  # what middleware asked the copy to carry
             try:
-                self._publisher.publish("", copy.routing_key, [copy.envelope], mandatory=True)
+                self._publisher.publish(
+                    copy.exchange, copy.routing_key, [copy.envelope], mandatory=True
+                )
             except MqkitError as error:
                 log.error(
                     "could not move message %s to %r (%s); returning it to %r",
