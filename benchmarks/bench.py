@@ -40,10 +40,20 @@ from rows_async import async_section
 from rows_faststream import faststream_section, faststream_version
 from rows_footprint import footprint_section
 from rows_latency import latency_section
+from rows_observability import observability_section
 from rows_rss import rss_section
 from rows_sync import codec_section, sync_section
 
-SECTIONS = ("codec", "async", "faststream", "sync", "latency", "rss", "footprint")
+SECTIONS = (
+    "codec",
+    "async",
+    "faststream",
+    "sync",
+    "observability",
+    "latency",
+    "rss",
+    "footprint",
+)
 
 # (full, quick) defaults of the options --quick scales down
 DEFAULTS: dict[str, tuple[Any, Any]] = {
@@ -190,6 +200,7 @@ def _run(name: str, cfg: Config, queues: Queues, spent: dict[str, float]) -> lis
         "faststream": lambda: asyncio.run(faststream_section(cfg, queues)),
         "sync": lambda: sync_section(cfg, queues),
         "latency": lambda: latency_section(cfg, queues),
+        "observability": lambda: observability_section(cfg, queues),
         "rss": lambda: rss_section(cfg, queues),
         "footprint": lambda: footprint_section(cfg),
     }

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from common import ASYNC_MISSING, SYNC_MISSING, Result
 from rows_latency import RAW_RUNTIMES, row_key
+from rows_observability import PAIRS
 from rows_rss import RSS_LIMIT_KIB
 
 Kind = Literal["rate", "p99", "growth"]
@@ -38,6 +39,7 @@ FASTSTREAM_PEERS = {
     "sync.mqkit_consume": "faststream.consume",
 }
 FASTSTREAM_RATIO = 1.5
+OBS_RATIO = 0.85  # throughput with logging, metrics and tracing on, over the same row off
 P99_RATIO = 1.2
 CODEC_LIMIT_US = 20.0
 
@@ -56,6 +58,10 @@ def targets(top_load: int | None) -> tuple[Target, ...]:
         Target("sync consume vs raw pika (kept from the first benchmark)", "sync.mqkit_consume",
                ("sync.raw_consume",), 0.9),
     ]  # fmt: skip
+    for off, on in PAIRS:  # observability on vs off (logging INFO + metrics + tracing)
+        found.append(
+            Target(f"{on} vs {off}", f"observability.{on}", (f"observability.{off}",), OBS_RATIO)
+        )
     for key, peer in FASTSTREAM_PEERS.items():
         label = f"{key} vs {peer}"
         found.append(Target(label, key, (peer,), FASTSTREAM_RATIO))
@@ -80,6 +86,7 @@ def targets(top_load: int | None) -> tuple[Target, ...]:
 
 # The ratio column of the throughput table: each row against the row it is compared with.
 BASELINES = {
+    **{f"observability.{on}": f"observability.{off}" for off, on in PAIRS},
     "async.raw_publish_windowed": "async.raw_publish_each",
     "async.mqkit_publish": "async.raw_publish_each",
     "async.mqkit_publish_many": "async.raw_publish_windowed",
@@ -92,7 +99,7 @@ BASELINES = {
     "sync.mqkit_publish_many": "sync.raw_publish_select",
     "sync.mqkit_consume": "sync.raw_consume",
 }
-THROUGHPUT = ("codec", "async", "faststream", "sync")
+THROUGHPUT = ("codec", "async", "faststream", "sync", "observability")
 ONCE = ("rss", "footprint")  # sections run once, whatever --rounds says
 
 

@@ -330,16 +330,16 @@ class PrometheusMiddleware(Middleware):
             else:
                 counts[labels] = counts.get(labels, 0) + 1
         m, child = self._m, self._child
-        for labels, count in counts.items():
-            child(m.published, _PUBLISH_LABELS, labels).inc(count)
+        for key, count in counts.items():
+            child(m.published, _PUBLISH_LABELS, key).inc(count)
         if error is None and counts:  # one publish call: one service, one exchange
             service, exchange = next(iter(counts))[:2]
             child(m.confirm_seconds, _CONFIRM_LABELS, (service, exchange)).observe(seconds)
             self._connected(service, 1)
         if errors:
             kind = type(error).__name__
-            for labels, count in errors.items():
-                child(m.publish_errors, _ERROR_LABELS, (*labels, kind)).inc(count)
+            for key, count in errors.items():
+                child(m.publish_errors, _ERROR_LABELS, (*key, kind)).inc(count)
 
     # -- handling ------------------------------------------------------------------------
 
