@@ -9,7 +9,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY . .
-RUN pip install . \
+RUN pip install ".[prometheus,outbox]" \
     && useradd --system --no-create-home --home-dir /app mqkit
 
 # `python -m examples.<name>` finds the examples package in /app, the working directory.

@@ -14,6 +14,9 @@ sets its own service name. Two more variables let the demo keep runs apart:
 ``DEMO_PREFIX`` is put in front of every queue name a service chooses, and
 ``DEMO_TOPOLOGY_FILE`` names a file where each service records what it declared, so the demo
 can delete it afterwards. ``DEMO_INSTANCE`` tells instances of one service apart in output.
+Every service records Prometheus metrics (:func:`middleware`); ``DEMO_METRICS_PORT`` serves
+them at ``/metrics`` on that port (docker-compose.yml sets 9100, and its "observability"
+profile's Prometheus scrapes them).
 
 This module holds the few helpers the services share: names, output, logging.
 """
@@ -28,7 +31,15 @@ from contextlib import contextmanager
 
 import mqkit
 
-__all__ = ["exit_on_failure", "label", "queue_name", "record_topology", "say", "setup_logging"]
+__all__ = [
+    "exit_on_failure",
+    "label",
+    "middleware",
+    "queue_name",
+    "record_topology",
+    "say",
+    "setup_logging",
+]
 
 
 def queue_name(name: str) -> str:
@@ -77,6 +88,23 @@ def setup_logging(service: str, level: int = logging.WARNING) -> None:
     # own logs would repeat each failed connection attempt several times over.
     for noisy in ("pika", "aiormq", "aio_pika"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def middleware(service: str) -> list[mqkit.Middleware]:
+    """The middleware every service runs with: mqkit's Prometheus metrics, served on
+    ``DEMO_METRICS_PORT`` when it is set. Without the ``prometheus`` extra, none (and a
+    WARNING saying how to get them)."""
+    try:
+        from prometheus_client import start_http_server
+
+        from mqkit.observability import PrometheusMiddleware
+    except ImportError as exc:
+        logging.getLogger("examples").warning("%s: metrics are off (%s)", service, exc)
+        return []
+    port = os.environ.get("DEMO_METRICS_PORT")
+    if port:
+        start_http_server(int(port))
+    return [PrometheusMiddleware()]
 
 
 @contextmanager

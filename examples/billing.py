@@ -33,7 +33,7 @@ from decimal import Decimal
 from sqlalchemy import Column, Engine, MetaData, Numeric, String, Table, create_engine, insert
 
 import mqkit
-from examples import exit_on_failure, queue_name, record_topology, say, setup_logging
+from examples import exit_on_failure, middleware, queue_name, record_topology, say, setup_logging
 from examples.models import CURRENCY, ChargeCard, OrderPaid, PaymentFailed, mask_card
 from mqkit.outbox import Inbox, Outbox, OutboxRelay
 
@@ -226,7 +226,10 @@ def serve(client: mqkit.Client, engine: Engine | None = None) -> None:
 def main() -> None:
     """``python -m examples.billing``."""
     setup_logging(SERVICE)
-    with exit_on_failure(SERVICE), mqkit.Client(mqkit.Settings(service=SERVICE)) as client:
+    with (
+        exit_on_failure(SERVICE),
+        mqkit.Client(mqkit.Settings(service=SERVICE), middleware=middleware(SERVICE)) as client,
+    ):
         serve(client)
     say(SERVICE, "stopped")
 

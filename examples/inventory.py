@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 
 import mqkit
-from examples import exit_on_failure, queue_name, record_topology, say, setup_logging
+from examples import exit_on_failure, middleware, queue_name, record_topology, say, setup_logging
 from examples.models import OrderPlaced, StockReserved
 
 __all__ = ["RETRY", "SERVICE", "Inventory", "StockServiceBusy", "Warehouse", "main", "serve"]
@@ -119,7 +119,9 @@ async def serve(client: mqkit.AsyncClient) -> None:
 
 
 async def _main() -> None:
-    async with mqkit.AsyncClient(mqkit.Settings(service=SERVICE)) as client:
+    async with mqkit.AsyncClient(
+        mqkit.Settings(service=SERVICE), middleware=middleware(SERVICE)
+    ) as client:
         await serve(client)
     say(SERVICE, "stopped")
 

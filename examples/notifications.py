@@ -17,7 +17,7 @@ Three subscriptions on one :class:`mqkit.EventBus`:
 from __future__ import annotations
 
 import mqkit
-from examples import exit_on_failure, queue_name, record_topology, say, setup_logging
+from examples import exit_on_failure, middleware, queue_name, record_topology, say, setup_logging
 from examples.models import (
     CURRENCY,
     CacheCleared,
@@ -98,7 +98,10 @@ def serve(client: mqkit.Client) -> None:
 def main() -> None:
     """``python -m examples.notifications``."""
     setup_logging(SERVICE)
-    with exit_on_failure(SERVICE), mqkit.Client(mqkit.Settings(service=SERVICE)) as client:
+    with (
+        exit_on_failure(SERVICE),
+        mqkit.Client(mqkit.Settings(service=SERVICE), middleware=middleware(SERVICE)) as client,
+    ):
         serve(client)
     say(SERVICE, "stopped")
 

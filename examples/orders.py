@@ -35,7 +35,7 @@ from sqlalchemy import Column, Connection, MetaData, Numeric, String, Table, cre
 from sqlalchemy.pool import StaticPool
 
 import mqkit
-from examples import exit_on_failure, queue_name, record_topology, say, setup_logging
+from examples import exit_on_failure, middleware, queue_name, record_topology, say, setup_logging
 from examples.models import (
     CURRENCY,
     ChargeCard,
@@ -206,7 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(SERVICE)
     orders = _parse(argv)
     failed = 0
-    with exit_on_failure(SERVICE), mqkit.Client(mqkit.Settings(service=SERVICE)) as client:
+    with (
+        exit_on_failure(SERVICE),
+        mqkit.Client(mqkit.Settings(service=SERVICE), middleware=middleware(SERVICE)) as client,
+    ):
         checkout = Checkout(client, database_url())
         try:
             for new in orders:

@@ -15,7 +15,7 @@ import asyncio
 from decimal import Decimal
 
 import mqkit
-from examples import exit_on_failure, queue_name, record_topology, say, setup_logging
+from examples import exit_on_failure, middleware, queue_name, record_topology, say, setup_logging
 from examples.models import CURRENCY, Price, PriceQuote
 
 __all__ = ["CATALOG", "QUEUE", "SERVICE", "UnknownProduct", "answer", "main", "quote", "serve"]
@@ -71,7 +71,9 @@ async def serve(client: mqkit.AsyncClient) -> None:
 
 
 async def _main() -> None:
-    async with mqkit.AsyncClient(mqkit.Settings(service=SERVICE)) as client:
+    async with mqkit.AsyncClient(
+        mqkit.Settings(service=SERVICE), middleware=middleware(SERVICE)
+    ) as client:
         await serve(client)
     say(SERVICE, "stopped")
 

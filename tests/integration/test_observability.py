@@ -638,3 +638,96 @@ def test_log_records_carry_their_fields_and_tracebacks_come_at_debug(rt, names, 
         r.name for r in caplog.records if r.name.split(".")[0] in ("pika", "aiormq", "aio_pika")
     ]
     assert noisy == []
+
+
+# -- the example services --------------------------------------------------------------------
+
+
+class ExampleQuote(BaseModel, extra="allow"):
+    """examples.models.PriceQuote on the wire (the examples are not importable from here)."""
+
+    customer: str
+    items: list[dict[str, Any]]
+
+
+class ExamplePrice(BaseModel, extra="allow"):
+    total: float
+
+
+def test_an_example_service_serves_its_metrics(broker_url, names, tmp_path):
+    """``python -m examples.pricing`` with ``DEMO_METRICS_PORT`` (as docker-compose.yml runs
+    it) answers a quote and shows it on /metrics."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    port, topology = free_port(), tmp_path / "topology"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQKIT_")}
+    env.update(
+        MQKIT_URL=broker_url,
+        DEMO_PREFIX=f"{names.base}-",
+        DEMO_TOPOLOGY_FILE=str(topology),
+        DEMO_METRICS_PORT=str(port),
+        PYTHONPATH=str(root),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.pricing"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert "ready" in process.stdout.readline()
+        with mqkit.Client(url=broker_url) as client:  # the example's messages, as JSON
+            quote = ExampleQuote(customer="ada", items=[{"sku": "MUG", "quantity": 2}])
+            price = client.request(f"{names.base}-pricing.quotes", quote, ExamplePrice)
+        assert price.total > 0
+        url = f"http://127.0.0.1:{port}/metrics"
+        labels = {"service": "pricing", "queue": f"{names.base}-pricing.quotes"}
+        wait_until(
+            lambda: (
+                sample(
+                    scrape(url),
+                    "mqkit_messages_consumed_total",
+                    **labels,
+                    event_type="ExampleQuote",
+                    outcome="acked",
+                )
+                == 1
+            ),
+            what="the quote on the service's /metrics",
+        )
+        samples = scrape(url)
+        assert sample(samples, "mqkit_consumers_attached", **labels) == 1
+        assert sample(samples, "mqkit_connection_up", service="pricing") == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+            lines = topology.read_text().splitlines() if topology.exists() else []
+            _delete_queues(broker_url, [line[6:] for line in lines if line.startswith("queue ")])
+    assert process.returncode == 0
+
+
+def _delete_queues(url: str, queues: list[str]) -> None:
+    """Delete what a service process declared (the suite's clean-up does not see it)."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        for queue in queues:
+            channel = connection.channel()
+            channel.queue_delete(queue)
+            channel.close()
+    finally:
+        connection.close()
