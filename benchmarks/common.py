@@ -50,7 +50,15 @@ IMPORT_PROBLEM = _import_core()
 # Only after _import_core(): it decides whether "mqkit" is the package or a stub of its core.
 from mqkit.messages import decode, encode  # noqa: E402
 from mqkit.retry import DEFAULT_POLICY  # noqa: E402
-from mqkit.topology import Queue, consumer_topology, queue_arguments  # noqa: E402
+from mqkit.topology import (  # noqa: E402
+    Binding,
+    Entity,
+    Exchange,
+    Queue,
+    consumer_topology,
+    dlq_name,
+    queue_arguments,
+)
 
 __all__ = ["IMPORT_PROBLEM", "decode", "encode"]  # re-exported for the codec row and main
 
@@ -212,6 +220,27 @@ class Config:
 # --------------------------------------------------------------------------- queues
 
 
+def _declare(channel: Any, entity: Entity) -> None:
+    """Declare ``entity`` with pika exactly as mqkit's declarer does."""
+    if isinstance(entity, Queue):
+        channel.queue_declare(
+            entity.name,
+            durable=entity.durable,
+            exclusive=entity.exclusive,
+            auto_delete=entity.auto_delete,
+            arguments=queue_arguments(entity, QUEUE_TYPE),
+        )
+    elif isinstance(entity, Exchange):
+        channel.exchange_declare(
+            entity.name,
+            exchange_type=entity.type,
+            durable=entity.durable,
+            auto_delete=entity.auto_delete,
+        )
+    elif isinstance(entity, Binding):
+        channel.queue_bind(entity.queue, entity.exchange, routing_key=entity.routing_key)
+
+
 class Queues:
     """Fresh, identically shaped queues for each measurement; all deleted at the end."""
 
@@ -222,31 +251,43 @@ class Queues:
         # Never pruned: the final clean-up deletes these again, in case a client re-declared
         # a queue (topology replay after a channel was replaced) after its row deleted it.
         self.ever: list[str] = []
+        self.exchanges: list[str] = []  # the retry tiers' exchanges (deleted at the end)
         self._n = 0
 
-    def _topology(self, name: str) -> list[Queue]:
+    def _topology(self, name: str) -> list[Entity]:
+        """What an mqkit consumer of ``name`` declares: the retry tiers of :data:`SERVICE`
+        (an exchange and a queue per delay, shared by every work queue of the run), the DLQ
+        and the work queue."""
         return consumer_topology(
-            Queue(name), DEFAULT_POLICY, default_type=QUEUE_TYPE, delivery_limit=DELIVERY_LIMIT
+            Queue(name),
+            DEFAULT_POLICY,
+            default_type=QUEUE_TYPE,
+            delivery_limit=DELIVERY_LIMIT,
+            service=SERVICE,
         )
 
+    def _own(self, name: str) -> list[str]:
+        """The queues of work queue ``name`` alone, its DLQ and itself (the tiers are the
+        service's: they go at the final clean-up)."""
+        return [dlq_name(name), name]
+
     def fresh(self, slug: str) -> str:
-        """Declare a new work queue (with its DLQ and retry queues, as an mqkit consumer
-        declares them) and return its name."""
+        """Declare a new work queue (with its DLQ and the service's retry tiers, as an mqkit
+        consumer declares them) and return its name."""
         self._n += 1
         name = f"mqkit-bench-{self.run_id}-{self._n:02d}-{slug}"
         connection = pika.BlockingConnection(pika.URLParameters(self.url))
         try:
             channel = connection.channel()
-            for queue in self._topology(name):
-                self.declared.append(queue.name)
-                self.ever.append(queue.name)
-                channel.queue_declare(
-                    queue.name,
-                    durable=queue.durable,
-                    exclusive=queue.exclusive,
-                    auto_delete=queue.auto_delete,
-                    arguments=queue_arguments(queue, QUEUE_TYPE),
-                )
+            for entity in self._topology(name):
+                _declare(channel, entity)
+                if isinstance(entity, Exchange) and entity.name not in self.exchanges:
+                    self.exchanges.append(entity.name)
+                elif isinstance(entity, Queue):
+                    if entity.name not in self.declared:
+                        self.declared.append(entity.name)
+                    if entity.name not in self.ever:
+                        self.ever.append(entity.name)
         finally:
             connection.close()
         return name
@@ -261,9 +302,11 @@ class Queues:
             self.delete(name)
 
     def delete(self, name: str | None = None) -> None:
-        """Delete one work queue and its companions, or (``None``) everything ever declared."""
-        doomed = list(self.ever) if name is None else [q.name for q in self._topology(name)]
-        if not doomed:
+        """Delete one work queue and its DLQ, or (``None``) everything ever declared, the
+        retry tiers included."""
+        doomed = list(self.ever) if name is None else self._own(name)
+        exchanges = list(self.exchanges) if name is None else []
+        if not doomed and not exchanges:
             return
         try:
             connection = pika.BlockingConnection(pika.URLParameters(self.url))
@@ -277,6 +320,10 @@ class Queues:
                 channel.close()
                 if queue in self.declared:
                     self.declared.remove(queue)
+            for exchange in exchanges:
+                channel = connection.channel()
+                channel.exchange_delete(exchange)
+                channel.close()
         finally:
             connection.close()
 

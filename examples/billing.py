@@ -226,9 +226,11 @@ def serve(client: mqkit.Client, engine: Engine | None = None) -> None:
 def main() -> None:
     """``python -m examples.billing``."""
     setup_logging(SERVICE)
+    # In the demo, named with the run's prefix like its queues: so are its retry tiers.
+    settings = mqkit.Settings(service=queue_name(SERVICE))
     with (
         exit_on_failure(SERVICE),
-        mqkit.Client(mqkit.Settings(service=SERVICE), middleware=middleware(SERVICE)) as client,
+        mqkit.Client(settings, middleware=middleware(SERVICE)) as client,
     ):
         serve(client)
     say(SERVICE, "stopped")

@@ -61,7 +61,7 @@ from examples.models import CacheCleared, ChargeCard, OrderPlaced, StockReserved
 from mqkit.outbox.tables import tables
 from mqkit.retry import DEFAULT_POLICY
 from mqkit.settings import mask_url
-from mqkit.topology import dlq_name, retry_queue_name
+from mqkit.topology import dlq_name, retry_tier_name
 
 __all__ = ["Scenario", "ScenarioFailed", "declared_names", "main"]
 
@@ -108,10 +108,13 @@ def declared_names(run_id: str) -> tuple[list[str], list[str]]:
         f"{prefix}{notifications.SERVICE}.{StockReserved.event_type}",
         f"{prefix}{notifications.SERVICE}.{CacheCleared.event_type}",
     ]
-    queues = []
+    # A service's retry tiers: an exchange and a queue each.
+    services = (billing.SERVICE, inventory.SERVICE, notifications.SERVICE)
+    retry = [retry_tier_name(prefix + service, t) for service in services for t in tiers]
+    queues = list(retry)
     for queue in work:
-        queues += [queue, dlq_name(queue), *(retry_queue_name(queue, t) for t in tiers)]
-    return queues, [f"demo-{run_id}.events"]
+        queues += [queue, dlq_name(queue)]
+    return queues, [f"demo-{run_id}.events", *retry]
 
 
 class Story:

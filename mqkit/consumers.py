@@ -43,7 +43,8 @@ class ConsumerPlan:
 
     ``dlq`` is where give-ups go; ``temporary`` lists what goes away with the connection (a
     broadcast queue and its binding): re-declared while the consumer runs, forgotten once it
-    stops. ``service`` is named in the dead letters' headers.
+    stops. ``service`` is named in the dead letters' headers, and its retry tiers are where
+    retries wait (:func:`~mqkit.topology.retry_tier_name`); ``entities`` declare them.
     """
 
     queue: str
@@ -81,7 +82,8 @@ def plan_consumer(
     declared: Iterable[Entity] = (),
 ) -> ConsumerPlan:
     """The plan for ``client.consumer(queue, message_type, handler, ...)``: ``retry`` None is
-    :data:`~mqkit.retry.DEFAULT_POLICY`; the queue gets its retry queues and DLQ. A queue
+    :data:`~mqkit.retry.DEFAULT_POLICY`; the queue gets its DLQ, and the service's retry tiers
+    for the policy's delays are declared with it. A queue
     given by name that the client ``declared`` itself keeps the arguments it was declared
     with."""
     check_model(message_type, "consumer")
@@ -187,6 +189,7 @@ def _plan(
         policy,
         default_type=settings.queue_type,
         delivery_limit=settings.delivery_limit,
+        service=settings.service,
     )
     return ConsumerPlan(
         queue=work.name,

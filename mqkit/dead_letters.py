@@ -96,9 +96,9 @@ def dead_letter_headers(
 
 
 def retry_headers(incoming: Incoming, attempt: int) -> dict[str, Any]:
-    """Headers for a copy sent to a retry queue: the next attempt number, and where the
-    message was first published (a retry queue dead-letters it back by the default
-    exchange, which would otherwise be all a later dead letter could name)."""
+    """Headers for a copy sent to a retry tier: the next attempt number, and where the
+    message was first published (the tier dead-letters it back by the default exchange,
+    which would otherwise be all a later dead letter could name)."""
     original_exchange, original_key = _first_route(incoming)
     return {
         ATTEMPT_HEADER: attempt,
@@ -109,7 +109,7 @@ def retry_headers(incoming: Incoming, attempt: int) -> dict[str, Any]:
 
 def _first_route(incoming: Incoming) -> tuple[str, str]:
     """Where ``incoming`` was first published, for the record: its own route, unless it came
-    by the default exchange, the way a retried copy comes back from its retry queue (then the
+    by the default exchange, the way a retried copy comes back from its retry tier (then the
     route its ``x-mqkit-original-*`` headers name, if any). Information only: nothing is
     routed by it."""
     headers = incoming.headers

@@ -74,10 +74,16 @@ def use_existing(entity: Entity, mode: DeclareMode, reply_code: int | None) -> b
 
 
 def is_derived(name: str) -> bool:
-    """Whether ``name`` is a queue mqkit derives from another (a DLQ or a retry tier)."""
+    """Whether ``name`` is a queue mqkit derives rather than a work queue: a DLQ, a service's
+    retry tier (``billing.retries.1000ms``) or a queue's own retry queue of an older mqkit
+    (``orders.retry.1000ms``)."""
     if name.endswith(".dlq"):
         return True
-    head, _, tail = name.rpartition(".retry.")
+    return any(_tier_suffix(name, infix) for infix in (".retries.", ".retry."))
+
+
+def _tier_suffix(name: str, infix: str) -> bool:
+    head, _, tail = name.rpartition(infix)
     return bool(head) and tail.endswith("ms") and tail[:-2].isdigit()
 
 

@@ -26,7 +26,7 @@ from mqkit.dead_letters import dead_letter_headers, retry_headers
 from mqkit.errors import DecodeError
 from mqkit.messages import Envelope, Incoming, bad_body, decode, decode_event
 from mqkit.retry import DEFAULT_POLICY, GiveUp, Outcome, RetryLater, RetryPolicy, attempt_of
-from mqkit.topology import dlq_name, retry_queue_name
+from mqkit.topology import dlq_name, retry_tier_name
 
 __all__ = ["Decoder", "FollowUp", "follow_up", "format_traceback", "prepare"]
 
@@ -49,12 +49,24 @@ def registry_decoder(body: bytes, event_type: str | None) -> BaseModel:
 
 @dataclass(frozen=True, slots=True)
 class FollowUp:
-    """A copy to publish to ``exchange`` (the default exchange, ``""``, unless given) with
-    ``routing_key`` before the ack."""
+    """A copy to publish to ``exchange`` with ``routing_key`` before the ack.
+
+    A dead letter goes by the default exchange (``""``), routed by the DLQ's name; a retry
+    goes to its tier's exchange (:func:`~mqkit.topology.retry_tier_name`), routed by the
+    work queue's name, which is where the tier dead-letters it back to after the delay.
+    """
 
     routing_key: str
     envelope: Envelope
     exchange: str = ""
+
+    @property
+    def target(self) -> str:
+        """Where the copy goes, for a log line: ``'orders.dlq'``, or
+        ``'orders' by 'billing.retries.1000ms'`` for a retry."""
+        if not self.exchange:
+            return repr(self.routing_key)
+        return f"{self.routing_key!r} by {self.exchange!r}"
 
 
 def prepare(
@@ -105,13 +117,16 @@ def follow_up(
 ) -> FollowUp | None:
     """The copy to publish before acking, or ``None`` when a plain ack will do.
 
-    ``dlq`` overrides the dead-letter queue (a broadcast subscriber's queue is temporary, so
-    its dead letters go to a durable queue shared by the service's instances).
+    A retry goes to the tier of ``service`` for its delay, with ``queue`` as the routing key
+    (the tier sends it back there); a dead letter to ``queue``'s DLQ. ``dlq`` overrides the
+    dead-letter queue (a broadcast subscriber's queue is temporary, so its dead letters go to
+    a durable queue shared by the service's instances).
     """
     if isinstance(outcome, RetryLater):
         return FollowUp(
-            retry_queue_name(queue, outcome.delay),
+            queue,
             incoming.republished(retry_headers(incoming, outcome.attempt)),
+            exchange=retry_tier_name(service, outcome.delay),
         )
     if isinstance(outcome, GiveUp):
         headers = dead_letter_headers(incoming, outcome, queue=queue, service=service)

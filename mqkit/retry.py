@@ -55,8 +55,9 @@ class RetryPolicy:
     """How a failing handler is retried before its message is dead-lettered.
 
     Attempt ``n`` that fails (``n < max_attempts``) is retried after
-    ``delays[min(n-1, len(delays)-1)]`` seconds, held by the broker in a retry queue (one
-    queue per delay, with a per-queue TTL), not in process memory. ``immediate`` quick
+    ``delays[min(n-1, len(delays)-1)]`` seconds, held by the broker in a retry tier of the
+    consumer's service (one queue per delay with a per-queue TTL, shared by the service's
+    consumers: ``billing.retries.1000ms``), not in process memory. ``immediate`` quick
     in-process retries come first and do not count as attempts. Exceptions in
     ``give_up_on`` (and :class:`Reject`) dead-letter at once; exceptions outside ``retry_on``
     too.
@@ -87,7 +88,7 @@ class RetryPolicy:
 
     @property
     def tiers(self) -> tuple[float, ...]:
-        """The distinct delays in use, shortest first: one retry queue each."""
+        """The distinct delays in use, shortest first: one retry tier each."""
         if self.max_attempts == 1:
             return ()
         used = {self.delay_for(n) for n in range(1, self.max_attempts)}

@@ -127,11 +127,12 @@ def plan_subscription(
     :func:`pattern_decoder`: a type that is unknown or outside the pattern is dead-lettered
     with the reason).
 
-    One durable queue per (service, subscription): the service's instances compete on it.
-    ``broadcast=True`` gives each instance its own exclusive, auto-delete queue instead;
-    such a queue cannot have retry queues (they would route back to a queue that may be
-    gone), so only the policy's in-process ``immediate`` retries apply, and give-ups go to a
-    durable DLQ the instances share.
+    One durable queue per (service, subscription): the service's instances compete on it;
+    its retries wait in the service's retry tiers, shared with its other subscriptions and
+    consumers (:func:`~mqkit.topology.retry_tiers`). ``broadcast=True`` gives each instance
+    its own exclusive, auto-delete queue instead; such a queue cannot have broker retries
+    (they would route back to a queue that may be gone), so only the policy's in-process
+    ``immediate`` retries apply, and give-ups go to a durable DLQ the instances share.
     """
     decoder: Decoder
     message_type: type[Event] | None
@@ -161,8 +162,8 @@ def plan_subscription(
             temporary=(work, binding),
         )
     work = Queue(shared)
-    queues = consumer_topology(
-        work, policy, default_type=default_type, delivery_limit=delivery_limit
+    derived = consumer_topology(
+        work, policy, default_type=default_type, delivery_limit=delivery_limit, service=service
     )
     return Subscription(
         key=key,
@@ -171,5 +172,5 @@ def plan_subscription(
         message_type=message_type,
         policy=policy,
         dlq=dlq_name(shared),
-        entities=(exchange, *queues, Binding(exchange.name, shared, key)),
+        entities=(exchange, *derived, Binding(exchange.name, shared, key)),
     )

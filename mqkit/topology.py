@@ -1,16 +1,24 @@
 """Topology as data: :class:`Queue`, :class:`Exchange`, :class:`Binding`, and what a
-consumer's queue plus its :class:`~mqkit.RetryPolicy` imply (retry queues and a DLQ).
+consumer's queue plus its :class:`~mqkit.RetryPolicy` imply (the DLQ, and the retry tiers of
+the consumer's service).
 
 Values are frozen and hashable, so a client can remember what it declared and declare it
 again after a reconnect. Declaring is I/O and lives in the shells.
 
-For a work queue ``orders`` with the default policy the derived topology is::
+For a work queue ``orders`` of service ``billing`` with the default policy the derived
+topology is::
 
-    orders                 the work queue (quorum; overflow to orders.dlq at delivery-limit)
-    orders.retry.1000ms    TTL 1 s, dead-letters back to orders      (one queue per delay tier:
-    orders.retry.10000ms   TTL 10 s, dead-letters back to orders      never a per-message TTL in
-                                                                      a shared queue)
-    orders.dlq             dead letters, with the reason in x-mqkit-* headers (same type)
+    billing.retries.1000ms   exchange (fanout) and queue: TTL 1 s, then dead-lettered to the
+    billing.retries.10000ms  default exchange with the message's own routing key, which is the
+                             name of the work queue it came from (one tier per delay, so a
+                             short delay never waits behind a long one)
+    orders.dlq               dead letters, with the reason in x-mqkit-* headers (same type)
+    orders                   the work queue (quorum; overflow to orders.dlq at delivery-limit)
+
+The tiers are the service's, shared by all its consumers and bus subscriptions: a retry copy
+is published to the tier's exchange with the work queue's name as routing key. Before mqkit
+shared them, each work queue had tiers of its own, ``orders.retry.1000ms`` dead-lettering to
+``orders`` (:func:`retry_queue_name`): messages waiting there still come back by themselves.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ __all__ = [
     "dlq_name",
     "queue_arguments",
     "retry_queue_name",
+    "retry_tier_name",
+    "retry_tiers",
 ]
 
 QueueType = Literal["quorum", "classic"]
@@ -117,9 +127,30 @@ def dlq_name(queue: str) -> str:
     return f"{queue}.dlq"
 
 
+def retry_tier_name(service: str, delay: float) -> str:
+    """The retry tier (an exchange and a queue of that name) where messages of ``service``
+    wait ``delay`` seconds: ``billing.retries.1000ms``.
+
+    Named after the service, so the permissions a service is granted by name prefix
+    (``^billing\\.``) cover its tiers; never of the form ``<queue>.retry.<n>ms``, so a tier
+    cannot be confused with a queue's own retry queue of an older mqkit (a work queue named
+    like its service, ``billing``, had ``billing.retry.1000ms``).
+    """
+    return f"{service}.retries.{_ms(delay)}ms"
+
+
 def retry_queue_name(queue: str, delay: float) -> str:
-    """The retry queue that holds messages of ``queue`` for ``delay`` seconds."""
-    return f"{queue}.retry.{round(delay * 1000)}ms"
+    """The retry queue of ``queue`` for ``delay`` seconds as mqkit declared it before the
+    tiers were shared per service (``orders.retry.1000ms``, dead-lettering to ``orders``).
+
+    mqkit no longer declares these; messages waiting in one still come back to ``queue`` by
+    themselves, and an empty one can be deleted once no instance of an older mqkit runs.
+    """
+    return f"{queue}.retry.{_ms(delay)}ms"
+
+
+def _ms(delay: float) -> int:
+    return round(delay * 1000)
 
 
 # Peeking at a DLQ returns its messages, and a quorum queue counts each return against its
@@ -147,35 +178,56 @@ def queue_arguments(queue: Queue, default_type: QueueType) -> dict[str, Any]:
     return args
 
 
+def retry_tiers(service: str, delays: Iterable[float], kind: QueueType) -> list[Entity]:
+    """The retry tiers of ``service`` for ``delays``: per delay, a fanout exchange, a queue of
+    type ``kind`` (the service's ``settings.queue_type``) and the binding between them.
+
+    The queue holds each message for the delay (``x-message-ttl``), then dead-letters it to
+    the default exchange with no ``x-dead-letter-routing-key``: the message keeps its own
+    routing key, the name of the work queue it was published for, and goes back there. A
+    quorum tier dead-letters at least once.
+    """
+    out: list[Entity] = []
+    for delay in sorted(set(delays)):
+        name = retry_tier_name(service, delay)
+        queue = Queue(
+            name,
+            type=kind,
+            arguments={
+                "x-message-ttl": _ms(delay),
+                "x-dead-letter-exchange": "",
+                **_at_least_once(kind),
+            },
+        )
+        out += [Exchange(name, type="fanout"), queue, Binding(name, name, "")]
+    return out
+
+
 def consumer_topology(
-    queue: Queue, policy: RetryPolicy | None, *, default_type: QueueType, delivery_limit: int
-) -> list[Queue]:
-    """The queues a consumer of ``queue`` needs: the DLQ, one retry queue per delay tier,
-    and the work queue itself (last, since it refers to the DLQ). With ``policy=None`` (a
-    producer making sure its queue exists) no retry queues: the work queue's own arguments do
-    not depend on the policy, so producer and consumer declare it identically.
+    queue: Queue,
+    policy: RetryPolicy | None,
+    *,
+    default_type: QueueType,
+    delivery_limit: int,
+    service: str | None = None,
+) -> list[Entity]:
+    """What a consumer of ``queue`` needs: the retry tiers of ``service`` its ``policy`` uses
+    (:func:`retry_tiers`, of ``default_type``), the DLQ, and the work queue itself (last,
+    since it refers to the DLQ).
+
+    Without a ``service`` no tiers: a producer making sure its queue exists passes neither
+    (the work queue's own arguments do not depend on the policy, so producer and consumer
+    declare it identically), and the result is then queues only.
 
     Raises :class:`ConfigError` if the queue's ``x-delivery-limit`` could cut retries short.
     """
     kind = queue_arguments(queue, default_type)["x-queue-type"]
     own: dict[str, Any] = dict(queue.arguments)
     dlq = dead_letter_queue(dlq_name(queue.name), kind)
-    retries = [
-        Queue(
-            retry_queue_name(queue.name, delay),
-            type=kind,
-            arguments={
-                "x-message-ttl": round(delay * 1000),
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue.name,
-                **_at_least_once(kind),
-            },
-        )
-        for delay in (policy.tiers if policy else ())
-    ]
+    tiers = retry_tiers(service, policy.tiers, default_type) if service and policy else []
     if queue.exclusive or queue.auto_delete or not queue.durable:
         # A temporary queue (a broadcast subscriber) gets no broker-side dead-lettering.
-        return [dlq, *retries, queue]
+        return [*tiers, dlq, queue]
     extra: dict[str, Any] = {
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": dlq.name,
@@ -198,7 +250,7 @@ def consumer_topology(
         auto_delete=queue.auto_delete,
         arguments=extra,
     )
-    return [dlq, *retries, work]
+    return [*tiers, dlq, work]
 
 
 def _at_least_once(kind: str) -> dict[str, Any]:

@@ -5,14 +5,17 @@ Broker hygiene: every test leaves the broker as it found it, checked after every
 
 - ``names`` hands out names under a prefix of the test's own (``<session>-<test>-q1`` ...).
 - Every :class:`mqkit.Client` and :class:`mqkit.AsyncClient` made while a test runs is
-  remembered, and so is what it declared (``client.topology``: work queues, retry queues,
+  remembered, and so is what it declared (``client.topology``: work queues, retry tiers,
   DLQs, bus queues, exchanges).
+- A test that uses the broker runs with ``MQKIT_SERVICE`` set to a service of its own, so a
+  client (or a child process) that names no service keeps its retry tiers
+  (``<service>.retries.<n>ms``, shared by a service's consumers) in the test's names.
 - When the test ends (after all its other fixtures), every queue and exchange of the suite's
-  namespace that its clients declared or its ``names`` handed out (with the DLQ and retry
-  queues mqkit derives from such a queue name) and that still exists is deleted; then each is
-  checked gone with a passive declare. Plain AMQP, so this works on any broker URL. A test
-  whose entities cannot be deleted, or whose clients declared something outside the suite's
-  namespace that is still there, fails.
+  namespace that its clients declared or its ``names`` handed out (with the DLQ mqkit derives
+  from such a queue name, and the default policy's retry tiers of such a service) and that
+  still exists is deleted; then each is checked gone with a passive declare. Plain AMQP, so
+  this works on any broker URL. A test whose entities cannot be deleted, or whose clients
+  declared something outside the suite's namespace that is still there, fails.
 - A sampler lists the broker's queues every few seconds (``rabbitmqctl``, see
   :class:`BrokerCtl`), and at the end of the session everything whose name starts with the
   session prefix is listed: what is there was left by a test the per-test cleanup could not
@@ -294,8 +297,7 @@ def broker_ctl(broker_url: str) -> BrokerCtl:
 
 
 def _consumer_queue_names(queue: str) -> list[str]:
-    """The queues mqkit derives from a work queue with the default policy (retry queues,
-    DLQ), and the queue itself."""
+    """The queues mqkit derives from a work queue (its DLQ), and the queue itself."""
     from mqkit.retry import DEFAULT_POLICY
     from mqkit.topology import Queue, consumer_topology
 
@@ -303,6 +305,15 @@ def _consumer_queue_names(queue: str) -> list[str]:
         Queue(queue), DEFAULT_POLICY, default_type="quorum", delivery_limit=20
     )
     return [q.name for q in derived]
+
+
+def _retry_tier_names(service: str) -> list[str]:
+    """The retry tiers of ``service`` under the default policy (an exchange and a queue of
+    each name): what a child process declares for a service a test handed it."""
+    from mqkit.retry import DEFAULT_POLICY
+    from mqkit.topology import retry_tier_name
+
+    return [retry_tier_name(service, delay) for delay in DEFAULT_POLICY.tiers]
 
 
 def _in_suite(name: str) -> bool:
@@ -434,6 +445,9 @@ class Hygiene:
             for queue in sorted(made.queues):
                 queues.update(dict.fromkeys(_consumer_queue_names(queue)))
             exchanges.update(dict.fromkeys(sorted(made.exchanges)))
+            for service in sorted(made.services):
+                queues.update(dict.fromkeys(_retry_tier_names(service)))
+                exchanges.update(dict.fromkeys(_retry_tier_names(service)))
         for client in test.clients:
             if not self._on_test_broker(client):
                 continue
@@ -632,6 +646,20 @@ def _leave_the_broker_clean(request: pytest.FixtureRequest) -> Iterator[None]:
     problem = HYGIENE.end()
     if problem is not None:
         pytest.fail(problem, pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _service_of_its_own(
+    request: pytest.FixtureRequest, _leave_the_broker_clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that uses the broker runs with ``MQKIT_SERVICE`` set to a service of its own
+    (one of its names): the retry tiers of a client that names no service are then the
+    test's, and deleted after it, never shared with another test or left behind."""
+    if "broker_url" not in request.fixturenames:
+        return
+    made = Names()
+    HYGIENE.test_names(made)
+    monkeypatch.setenv("MQKIT_SERVICE", made.service())
 
 
 def pytest_configure(config: pytest.Config) -> None:

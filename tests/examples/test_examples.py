@@ -406,5 +406,7 @@ def test_examples_keep_to_the_demo_prefix(monkeypatch: pytest.MonkeyPatch) -> No
     queues, exchanges = demo.declared_names("abc")
     assert "demo-abc.billing.charges.dlq" in queues
     assert "demo-abc.notifications.orders.*" in queues
-    assert exchanges == ["demo-abc.events"]
-    assert all(q.startswith("demo-abc.") for q in queues)
+    # The services' retry tiers are an exchange and a queue each, with the prefix too.
+    assert "demo-abc.billing.retries.500ms" in queues
+    assert exchanges[0] == "demo-abc.events" and "demo-abc.billing.retries.500ms" in exchanges
+    assert all(name.startswith("demo-abc.") for name in [*queues, *exchanges])

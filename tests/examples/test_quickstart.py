@@ -24,10 +24,12 @@ def test_readme_shows_the_program_verbatim(program: str) -> None:
 
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_program_charges_then_stops_on_sigterm(program: str, broker_url: str, names, raw) -> None:
-    # Run it on a queue of its own: the program's "charges" is renamed for the test (and
-    # deleted afterwards by `names`, with the retry queues and DLQ the program declared).
-    queue = names.queue()
+    # Run it on a queue and as a service of its own: the program's "charges" and "billing"
+    # are renamed for the test (and deleted afterwards by `names`, with the DLQ and the
+    # retry tiers the program declared).
+    queue, service = names.queue(), names.service()
     source = (ROOT / "examples" / program).read_text().replace('"charges"', repr(queue))
+    source = source.replace('service="billing"', f"service={service!r}")
     env = {**os.environ, "MQKIT_URL": broker_url}
     process = subprocess.Popen(
         [sys.executable, "-c", source],

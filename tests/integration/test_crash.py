@@ -26,7 +26,7 @@ CHILD = {
             print("handling", job.n, ctx.message_id, flush=True)
             time.sleep(60)  # killed in here
 
-        with mqkit.Client(url=URL, service="crasher") as client:
+        with mqkit.Client(url=URL, service=SERVICE) as client:
             client.consumer(QUEUE, Job, handle).start()
             time.sleep(60)
     """,
@@ -43,7 +43,7 @@ CHILD = {
             await asyncio.sleep(60)  # killed in here
 
         async def main():
-            async with mqkit.AsyncClient(url=URL, service="crasher") as client:
+            async with mqkit.AsyncClient(url=URL, service=SERVICE) as client:
                 await client.consumer(QUEUE, Job, handle).start()
                 await asyncio.sleep(60)
 
@@ -60,9 +60,10 @@ class Job(BaseModel):
 def test_killed_consumer_process_gets_its_message_redelivered(
     victim: str, rt, names, collector, broker_url: str, raw
 ) -> None:
-    queue = names.queue()
-    source = f"URL = {broker_url!r}\nQUEUE = {queue!r}\n" + textwrap.dedent(CHILD[victim])
-    with rt.client(service=names.service()) as client:
+    queue, service = names.queue(), names.service()  # its retry tiers go with the names
+    source = f"URL = {broker_url!r}\nQUEUE = {queue!r}\nSERVICE = {service!r}\n"
+    source += textwrap.dedent(CHILD[victim])
+    with rt.client(service=service) as client:
         message_id = client.producer(Job, queue=queue).publish(Job(n=7))
         child = subprocess.Popen(
             [sys.executable, "-c", source],

@@ -19,6 +19,7 @@ from conftest import wait_until
 from pydantic import BaseModel
 
 import mqkit
+from mqkit.topology import retry_tier_name
 
 FAST = mqkit.RetryPolicy(max_attempts=2, delays=(0.1,))
 
@@ -187,12 +188,12 @@ def test_strict_refuses_a_queue_declared_elsewhere(rt, names, raw):
 
 
 def test_passive_uses_existing_topology_without_declaring(rt, names, raw):
-    queue = names.queue()
+    queue, service = names.queue(), names.service()
     raw_declare(rt.url, queue, {})
     raw_declare(rt.url, f"{queue}.dlq", {})
-    raw_declare(rt.url, f"{queue}.retry.100ms", _retry_tier(queue, 100))
+    raw_declare_retry_tier(rt.url, service, 0.1)
     handler = Handler()
-    with rt.client(service=names.service(), declare="passive") as client:
+    with rt.client(service=service, declare="passive") as client:
         consumer = client.consumer(queue, Order, handler.function(), retry=FAST)
         consumer.start()
         producer = client.producer(Order, queue=queue)
@@ -224,9 +225,17 @@ def test_a_bad_declare_setting_is_a_config_error():
     assert "declare" in str(caught.value)
 
 
-def _retry_tier(queue: str, ms: int) -> dict[str, Any]:
-    return {
-        "x-message-ttl": ms,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": queue,
-    }
+def raw_declare_retry_tier(url: str, service: str, delay: float) -> None:
+    """The retry tier of ``service`` for ``delay`` as an operator would make it: a fanout
+    exchange and a queue of that name, bound; the queue's TTL dead-letters each message to
+    the default exchange with its own routing key (the work queue's name)."""
+    name = retry_tier_name(service, delay)
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.exchange_declare(name, exchange_type="fanout", durable=True)
+        arguments = {"x-message-ttl": round(delay * 1000), "x-dead-letter-exchange": ""}
+        channel.queue_declare(name, durable=True, arguments=arguments)
+        channel.queue_bind(name, name)
+    finally:
+        connection.close()

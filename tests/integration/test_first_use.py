@@ -453,7 +453,9 @@ print("exited normally", flush=True)
 def start_service(tmp_path: Path, url: str, queue: str, runtime: str, drain: float) -> Any:
     script = tmp_path / "service.py"
     script.write_text(textwrap.dedent(SERVICE_SCRIPT))
+    # No MQKIT_* settings but the test's own service (its retry tiers go with its names).
     env = {k: v for k, v in os.environ.items() if not k.startswith("MQKIT_")}
+    env["MQKIT_SERVICE"] = os.environ["MQKIT_SERVICE"]
     process = subprocess.Popen(
         [sys.executable, str(script), url, queue, runtime, str(drain)],
         stdout=subprocess.PIPE,

@@ -31,7 +31,7 @@ from pydantic import BaseModel, field_validator
 import mqkit
 from mqkit.retry import DEFAULT_POLICY, RetryPolicy
 from mqkit.subscriptions import subscription_queue_name
-from mqkit.topology import retry_queue_name
+from mqkit.topology import retry_tier_name
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE_TYPES = pytest.mark.parametrize("queue_type", ["classic", "quorum"])
@@ -92,8 +92,10 @@ def own_headers(props: pika.BasicProperties) -> dict[str, Any]:
     return {k: v for k, v in (props.headers or {}).items() if k != "x-delivery-count"}
 
 
-def retry_queues(queue: str, policy: RetryPolicy) -> list[str]:
-    return [retry_queue_name(queue, delay) for delay in policy.tiers]
+def retry_queues(service: str, policy: RetryPolicy) -> list[str]:
+    """The retry tiers of ``service`` that ``policy`` uses (queues; the exchanges go with
+    the client's topology after the test)."""
+    return [retry_tier_name(service, delay) for delay in policy.tiers]
 
 
 # --------------------------------------------------------------------------- item 1
@@ -163,7 +165,7 @@ def failing(message: Order, ctx: mqkit.Context) -> None:
 def test_a_hostile_message_is_retried_dead_lettered_peeked_and_replayed(
     rt, names, raw, queue_type, broker_url
 ):
-    queue = names.queue()
+    queue, service = names.queue(), names.service()
     policy = RetryPolicy(max_attempts=2, delays=(0.1,))
     hostile = HostileProperties(
         message_id="hostile-1",
@@ -172,7 +174,7 @@ def test_a_hostile_message_is_retried_dead_lettered_peeked_and_replayed(
         patches=(stamp(HUGE),),
     )
     try:
-        with rt.client(queue_type=queue_type) as client:
+        with rt.client(queue_type=queue_type, service=service) as client:
             with client.consumer(queue, Order, failing, retry=policy):
                 raw.publish(queue, order("hostile"), properties=hostile)
                 wait_until(lambda: raw.count(f"{queue}.dlq") == 1, what="the dead letter")
@@ -191,7 +193,7 @@ def test_a_hostile_message_is_retried_dead_lettered_peeked_and_replayed(
         assert body == order("hostile") and props.message_id == "hostile-1"
         assert own_headers(props) == {"when": HUGE, "tenant": "acme"}
     finally:
-        delete_queues(broker_url, *retry_queues(queue, policy))
+        delete_queues(broker_url, *retry_queues(service, policy))
 
 
 @QUEUE_TYPES
@@ -325,7 +327,7 @@ def test_a_validator_raising_type_error_dead_letters_at_once(rt, names, raw, col
 def test_a_forged_attempt_count_does_not_skip_the_retries(
     rt, names, raw, queue_type, forged, broker_url
 ):
-    queue = names.queue()
+    queue, service = names.queue(), names.service()
     policy = RetryPolicy(max_attempts=3, delays=(0.1,))
     attempts: list[int] = []
     lock = threading.Lock()
@@ -337,7 +339,7 @@ def test_a_forged_attempt_count_does_not_skip_the_retries(
 
     try:
         with (
-            rt.client(queue_type=queue_type) as client,
+            rt.client(queue_type=queue_type, service=service) as client,
             client.consumer(queue, Order, record, retry=policy),
         ):
             props = HostileProperties(headers={"mqkit-attempt": forged})
@@ -347,7 +349,7 @@ def test_a_forged_attempt_count_does_not_skip_the_retries(
         [(_, props, _)] = raw.drain(f"{queue}.dlq")
         assert int(props.headers["x-mqkit-attempts"]) == 3
     finally:
-        delete_queues(broker_url, *retry_queues(queue, policy))
+        delete_queues(broker_url, *retry_queues(service, policy))
 
 
 @QUEUE_TYPES
@@ -416,7 +418,7 @@ def test_a_pattern_subscription_dead_letters_a_type_outside_its_pattern(
             reason = text(props.headers["x-mqkit-error-message"])
             assert "'hostile-admin.grant'" in reason and pattern in reason
     finally:
-        delete_queues(broker_url, queue, f"{queue}.dlq", *retry_queues(queue, DEFAULT_POLICY))
+        delete_queues(broker_url, queue, f"{queue}.dlq", *retry_queues(service, DEFAULT_POLICY))
 
 
 # --------------------------------------------------------------------------- properties
@@ -476,7 +478,7 @@ def test_any_properties_and_headers_end_acked_retried_or_dead_lettered(
 ):
     """For any properties and headers the broker accepts, the consumer keeps its connection
     and each message ends handled (acked), or in the DLQ, after retries or at once."""
-    queue = names.queue()
+    queue, service = names.queue(), names.service()
     policy = RetryPolicy(max_attempts=2, delays=(0.05,))
     handled: set[str] = set()
     lock = threading.Lock()
@@ -492,7 +494,7 @@ def test_any_properties_and_headers_end_acked_retried_or_dead_lettered(
     expected_dead: set[str] = set()
     try:
         with (
-            rt.client(queue_type=queue_type) as client,
+            rt.client(queue_type=queue_type, service=service) as client,
             client.consumer(queue, Order, handler, retry=policy, prefetch=5),
         ):
 
@@ -537,4 +539,4 @@ def test_any_properties_and_headers_end_acked_retried_or_dead_lettered(
         ]
         assert unexpected == []
     finally:
-        delete_queues(broker_url, *retry_queues(queue, policy))
+        delete_queues(broker_url, *retry_queues(service, policy))

@@ -32,7 +32,7 @@ class Paid(mqkit.Event, event_type="hygiene.paid"):
 
 
 def test_clean(names, broker_url):
-    """A consumer (retry queues, DLQ), a bus subscription (its own queues) and an exchange:
+    """A consumer (retry tiers, DLQ), a bus subscription (its own queues) and an exchange:
     all declared through mqkit, none deleted by the test itself."""
     queue = names.queue()
     with mqkit.Client(url=broker_url, service=names.service()) as client:
@@ -115,7 +115,7 @@ def test_cleanup_after_each_test_and_leftovers_fail_the_run(broker_url, broker_c
         assert "peak queues of this session alive at once:" in out, out
         # What the clean test's client declared is gone (the per-test cleanup deleted it).
         declared = json.loads((tmp_path / "declared.json").read_text())
-        assert any(".retry." in n for n in declared) and any(n.endswith(".dlq") for n in declared)
+        assert any(".retries." in n for n in declared) and any(n.endswith(".dlq") for n in declared)
         assert any(".hygiene.paid" in n for n in declared), declared
         left = [n for n in declared if _exists(broker_url, "queue", n)]
         left += [n for n in declared if _exists(broker_url, "exchange", n)]

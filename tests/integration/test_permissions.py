@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 import mqkit
 from mqkit.testing import RabbitNode
+from mqkit.topology import retry_tier_name, retry_tiers
 
 FAST = mqkit.RetryPolicy(max_attempts=2, delays=(0.1,))
 
@@ -71,7 +72,8 @@ def test_produce_consume_retry_dead_letter_and_replay_without_configure(rt, node
     queue, service = f"charges-{uuid.uuid4().hex[:6]}", f"svc-{uuid.uuid4().hex[:6]}"
     with rt.client(url=node.admin_url, service=service) as admin:  # the operator's part
         admin.declare(mqkit.Queue(queue))
-        admin.declare(mqkit.Queue(f"{queue}.retry.100ms", arguments=_tier(queue, 100)))
+        # The service's retry tier: an exchange and a queue, bound (as a consumer declares it).
+        admin.declare(*retry_tiers(service, FAST.tiers, "quorum"))
     handler = Handler()
     caplog.set_level(logging.WARNING, logger="mqkit")
     try:
@@ -91,7 +93,7 @@ def test_produce_consume_retry_dead_letter_and_replay_without_configure(rt, node
             wait_until(lambda: sorted(handler.handled) == ["bad", "good"], what="the replay")
             consumer.stop()
     finally:
-        _delete(node, queue, f"{queue}.dlq", f"{queue}.retry.100ms")
+        _delete(node, queue, f"{queue}.dlq", retry_tier_name(service, 0.1))
     refused = [r for r in caplog.records if "may not configure" in r.getMessage()]
     if mode == "passive":
         assert refused == []  # passive declares nothing, so nothing is refused
@@ -132,21 +134,12 @@ def test_bus_with_an_existing_exchange_and_queue_in_passive_mode(rt, node):
         _delete(node, *subscription_queues)
 
 
-def _tier(queue: str, ms: int) -> dict[str, object]:
-    return {
-        "x-queue-type": "quorum",
-        "x-message-ttl": ms,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": queue,
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
-    }
-
-
 def _delete(node: Node, *queues: str) -> None:
+    """Delete ``queues``, and the exchanges of the same names (a retry tier is both)."""
     connection = pika.BlockingConnection(pika.URLParameters(node.admin_url))
     try:
         for queue in queues:
             connection.channel().queue_delete(queue)
+            connection.channel().exchange_delete(queue)
     finally:
         connection.close()

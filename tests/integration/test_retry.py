@@ -1,5 +1,9 @@
 """Retries held by the broker, in-process immediate retries, and dead-lettering.
 
+Each client gets a service of the test's own (``names.service()``): a service's retry tiers
+(``<service>.retries.<n>ms``) are then the test's, and deleted after it. The tiers
+themselves, shared by a service's consumers, are tested in test_retry_tiers.py.
+
 Recorders are passed as ``recorder.__call__``: the harness makes functions and bound methods
 (not callable objects) ``async def`` for AsyncClient.
 """
@@ -78,7 +82,10 @@ def test_transient_failure_succeeds_on_a_later_attempt(rt, names, collector, raw
 
     received = collector(flaky)
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.1,))
-    with rt.client() as client, client.consumer(queue, Order, received.__call__, retry=policy):
+    with (
+        rt.client(service=names.service()) as client,
+        client.consumer(queue, Order, received.__call__, retry=policy),
+    ):
         message_id = client.producer(Order, queue=queue).publish(order(1))
         received.wait(1, timeout=15)
         assert received.settle(0.3) == 1
@@ -146,7 +153,7 @@ def test_retried_message_has_the_route_it_came_by_and_its_first_in_headers(rt, n
 
     received = collector(flaky)
     policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.1,))
-    with rt.client() as client:
+    with rt.client(service=names.service()) as client:
         client.declare(mqkit.Exchange(exchange))
         with client.consumer(queue, Order, received.__call__, retry=policy):
             client.declare(mqkit.Binding(exchange, queue, "orders.#"))
@@ -173,7 +180,7 @@ def test_reject_dead_letters_at_once(rt, names, collector, raw):
 
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.1,))
     with (
-        rt.client() as client,
+        rt.client(service=names.service()) as client,
         client.consumer(queue, Order, collector(rejecting).__call__, retry=policy),
     ):
         client.producer(Order, queue=queue).publish(order(1))
@@ -195,7 +202,7 @@ def test_give_up_on_dead_letters_at_once(rt, names, collector, raw):
 
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.1,), give_up_on=(LookupError,))
     with (
-        rt.client() as client,
+        rt.client(service=names.service()) as client,
         client.consumer(queue, Order, collector(missing).__call__, retry=policy),
     ):
         client.producer(Order, queue=queue).publish(order(1))
@@ -217,7 +224,7 @@ def test_retry_on_limits_broker_retries(rt, names, collector, raw):
 
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.1,), retry_on=(ConnectionError,))
     with (
-        rt.client() as client,
+        rt.client(service=names.service()) as client,
         client.consumer(queue, Order, collector(buggy).__call__, retry=policy),
     ):
         client.producer(Order, queue=queue).publish(order(1))
@@ -238,7 +245,10 @@ def test_retry_signal_counts_as_an_attempt_and_picks_a_tier(rt, names, collector
     received = collector(later)
     # Tiers 0.1 s and 0.5 s: Retry(delay=0.3) must wait in the 0.5 s tier.
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.1, 0.5))
-    with rt.client() as client, client.consumer(queue, Order, received.__call__, retry=policy):
+    with (
+        rt.client(service=names.service()) as client,
+        client.consumer(queue, Order, received.__call__, retry=policy),
+    ):
         client.producer(Order, queue=queue).publish(order(1))
         received.wait(1, timeout=15)
     assert calls.attempts == [1, 2]
@@ -258,7 +268,7 @@ def test_retry_signal_at_max_attempts_dead_letters(rt, names, collector, raw):
 
     policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.1,))
     with (
-        rt.client() as client,
+        rt.client(service=names.service()) as client,
         client.consumer(queue, Order, collector(always_later).__call__, retry=policy),
     ):
         client.producer(Order, queue=queue).publish(order(1))
@@ -278,7 +288,7 @@ def test_immediate_retries_happen_in_process_first(rt, names, collector, raw):
 
     policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.1,), immediate=2)
     with (
-        rt.client() as client,
+        rt.client(service=names.service()) as client,
         client.consumer(queue, Order, collector(broken).__call__, retry=policy),
     ):
         client.producer(Order, queue=queue).publish(order(1))
@@ -300,7 +310,10 @@ def test_immediate_retry_that_succeeds_needs_no_broker_retry(rt, names, collecto
 
     received = collector(flaky)
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.1,), immediate=2)
-    with rt.client() as client, client.consumer(queue, Order, received.__call__, retry=policy):
+    with (
+        rt.client(service=names.service()) as client,
+        client.consumer(queue, Order, received.__call__, retry=policy),
+    ):
         client.producer(Order, queue=queue).publish(order(1))
         received.wait(1, timeout=10)
         assert received.settle(0.3) == 1
@@ -319,7 +332,7 @@ def test_retry_delays_are_kept(rt, names, collector, raw):
 
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.3, 0.6))
     with (
-        rt.client() as client,
+        rt.client(service=names.service()) as client,
         client.consumer(queue, Order, collector(broken).__call__, retry=policy),
     ):
         client.producer(Order, queue=queue).publish(order(1))
@@ -344,7 +357,7 @@ def test_thousand_messages_every_id_accounted_for_once(rt, names, raw):
 
     policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.1,))
     with (
-        rt.client() as client,
+        rt.client(service=names.service()) as client,
         client.consumer(queue, Order, handler, retry=policy, concurrency=4),
     ):
         ids = client.producer(Order, queue=queue).publish_many([order(i) for i in range(1000)])

@@ -126,7 +126,7 @@ def client_for(broker_url: str):  # type: ignore[no-untyped-def]
 def test_round_trip_keeps_fields_ids_correlation_and_headers(client_for, names) -> None:
     queue = names.queue()
     got = Recorder()
-    with client_for(service="sync-billing") as client:
+    with client_for(service=names.service()) as client:  # its retry tiers go with the names
         producer = client.producer(Order, queue=queue)
         sent = Order(order_id="42", amount=Decimal("9.90"))
         message_id = producer.publish(
@@ -393,7 +393,8 @@ def test_permanent_failure_is_dead_lettered_with_every_header(client_for, names,
 
     got = Recorder(broken)
     policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.2,))
-    with client_for(service="sync-payments") as client:
+    service = names.service()  # its retry tier goes with the names
+    with client_for(service=service) as client:
         client.producer(Order, queue=queue).publish(order(9), message_id="perm-9")
         with client.consumer(queue, Order, got, retry=policy):
             eventually(lambda: raw.count(f"{queue}.dlq") == 1, timeout=15, what="dead letter")
@@ -409,7 +410,7 @@ def test_permanent_failure_is_dead_lettered_with_every_header(client_for, names,
     assert int(headers["x-mqkit-attempts"]) == 2
     assert text(headers["x-mqkit-original-queue"]) == queue
     assert text(headers["x-mqkit-original-routing-key"]) == queue
-    assert text(headers["x-mqkit-service"]) == "sync-payments"
+    assert text(headers["x-mqkit-service"]) == service
     assert text(headers["x-mqkit-failed-at"]).endswith("+00:00")
 
 

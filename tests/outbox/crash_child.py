@@ -120,7 +120,7 @@ def consumer_sync(cfg: dict[str, Any], log: Log) -> None:
         log.line(f"received {charge.order} {ctx.message_id}")
         apply(charge, ctx)
 
-    with mqkit.Client(url=cfg["broker"], service="billing") as client:
+    with mqkit.Client(url=cfg["broker"], service=cfg["service"]) as client:
         client.consumer(cfg["queue"], Charge, receive)
         client.run()
     engine.dispose()
@@ -167,7 +167,7 @@ async def consumer_async(cfg: dict[str, Any], log: Log) -> None:
         log.line(f"received {charge.order} {ctx.message_id}")
         await apply(charge, ctx)
 
-    async with mqkit.AsyncClient(url=cfg["broker"], service="billing") as client:
+    async with mqkit.AsyncClient(url=cfg["broker"], service=cfg["service"]) as client:
         client.consumer(cfg["queue"], Charge, receive)
         await client.run()
     await engine.dispose()

@@ -107,6 +107,7 @@ def test_no_message_is_lost_or_applied_twice_when_services_are_killed(
     consumer_cfg = {
         **base,
         "role": "consumer",
+        "service": names.service(),  # billing: its retry tiers go with the names
         "runtime": consumer_rt,
         "db": url(consumer_rt, billing_sync, billing_async),
         "prefix": billing_prefix,

@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from mqkit.consumers import (
     RESPONDER_POLICY,
+    ConsumerPlan,
     consumer_options,
     plan_consumer,
     plan_responder,
@@ -44,13 +45,32 @@ def test_plan_consumer() -> None:
     assert plan.policy is DEFAULT_POLICY
     assert (plan.service, plan.dlq, plan.temporary) == ("billing", "charges.dlq", ())
     names = [entity.name for entity in plan.entities if isinstance(entity, Queue)]
-    assert names[0] == "charges.dlq" and names[-1] == "charges"
-    assert any(".retry." in name for name in names)
+    # The service's retry tiers (settings.service, settings.queue_type), its DLQ, the queue.
+    assert names == ["billing.retries.1000ms", "billing.retries.10000ms", "charges.dlq", "charges"]
+    assert Exchange("billing.retries.1000ms", type="fanout") in plan.entities
+    assert Binding("billing.retries.1000ms", "billing.retries.1000ms", "") in plan.entities
     assert plan.decoder(b'{"order_id": "1"}', None) == Charge(order_id="1")
     with pytest.raises(DecodeError):
         plan.decoder(b"{}", None)
     with pytest.raises(ConfigError, match="consumer expects a pydantic model class"):
         plan_consumer("charges", dict, settings=SETTINGS)  # type: ignore[arg-type]
+
+
+def test_consumers_of_one_service_share_its_tiers() -> None:
+    first = plan_consumer("charges", Charge, settings=SETTINGS)
+    second = plan_consumer("refunds", Charge, settings=SETTINGS)
+
+    def tiers(plan: ConsumerPlan) -> set[object]:
+        return {
+            e
+            for e in plan.entities
+            if ".retries." in (e.exchange if isinstance(e, Binding) else e.name)
+        }
+
+    assert tiers(first) == tiers(second)
+    assert len(tiers(first)) == 6  # two delays: an exchange, a queue and a binding each
+    other = plan_consumer("charges", Charge, settings=SETTINGS.merged(service="shipping"))
+    assert not tiers(other) & tiers(first)
 
 
 def test_plan_responder_is_never_retried() -> None:
@@ -71,6 +91,9 @@ def test_plan_subscriber_claims_its_key_once() -> None:
     assert plan.queue == "web.consumers.cache.cleared"
     assert plan.service == "web" and plan.dlq == "web.consumers.cache.cleared.dlq"
     assert Binding("events", plan.queue, "consumers.cache.cleared") in plan.entities
+    # The bus's service owns the tiers its subscriptions retry through, not settings.service.
+    tiers = {e.name for e in plan.entities if isinstance(e, Exchange) and e.type == "fanout"}
+    assert tiers == {"web.retries.1000ms", "web.retries.10000ms"}
     assert subscribed == {"consumers.cache.cleared"}
     with pytest.raises(ConfigError, match="already subscribes"):
         plan_subscriber(
@@ -99,6 +122,7 @@ def test_plan_subscriber_claims_its_key_once() -> None:
         retry=RetryPolicy(max_attempts=3, immediate=2),
     )
     assert broadcast.temporary and broadcast.policy.max_attempts == 1
+    assert not any(isinstance(e, Exchange) and e.type == "fanout" for e in broadcast.entities)
     with pytest.raises(ConfigError, match="concurrency"):
         plan_subscriber(
             "consumers.*",

@@ -18,7 +18,8 @@ from mqkit.delivery import (
     typed_decoder,
 )
 from mqkit.messages import Event, Incoming
-from mqkit.retry import ATTEMPT_HEADER, Ack, GiveUp, RetryLater, RetryPolicy, decide
+from mqkit.retry import ATTEMPT_HEADER, Ack, GiveUp, Retry, RetryLater, RetryPolicy, decide
+from mqkit.topology import Exchange, Queue, consumer_topology
 
 
 class Refund(BaseModel):
@@ -138,11 +139,14 @@ def test_follow_up_ack_needs_no_copy() -> None:
     assert follow_up(_incoming(), Ack(), queue="refunds", service="s") is None
 
 
-def test_follow_up_retry_goes_to_the_tier_queue() -> None:
+def test_follow_up_retry_goes_to_the_services_tier_routed_by_the_queue() -> None:
     incoming = _incoming()
     copy = follow_up(incoming, RetryLater(delay=0.3, attempt=2), queue="refunds", service="s")
     assert isinstance(copy, FollowUp)
-    assert copy.routing_key == "refunds.retry.300ms"
+    # The tier of service "s" for 0.3 s, keyed by the work queue: the tier dead-letters it
+    # to the default exchange with that key, back to "refunds".
+    assert (copy.exchange, copy.routing_key) == ("s.retries.300ms", "refunds")
+    assert copy.target == "'refunds' by 's.retries.300ms'"
     envelope = copy.envelope
     assert envelope.body == incoming.body
     assert envelope.message_id == "mid-9"
@@ -160,7 +164,8 @@ def test_follow_up_give_up_goes_to_the_dlq_with_reasons() -> None:
     outcome = GiveUp("ValueError", "nope", 3, "tb")
     copy = follow_up(incoming, outcome, queue="refunds", service="billing")
     assert copy is not None
-    assert copy.routing_key == "refunds.dlq"
+    assert (copy.exchange, copy.routing_key) == ("", "refunds.dlq")  # the default exchange
+    assert copy.target == "'refunds.dlq'"
     headers = copy.envelope.headers
     assert headers["x-mqkit-error-type"] == "ValueError"
     assert headers["x-mqkit-error-message"] == "nope"
@@ -172,6 +177,27 @@ def test_follow_up_give_up_goes_to_the_dlq_with_reasons() -> None:
     assert copy.envelope.body == incoming.body
 
 
+def test_follow_up_retries_go_to_tiers_the_consumer_declares() -> None:
+    # Whatever delay decide() picks (the policy's, or a Retry(delay=...) rounded up to a
+    # tier), the copy's exchange is one of the tiers consumer_topology declares.
+    policy = RetryPolicy(max_attempts=5, delays=(0.1, 0.5, 2.0))
+    declared = {
+        e.name
+        for e in consumer_topology(
+            Queue("refunds"), policy, default_type="quorum", delivery_limit=20, service="s"
+        )
+        if isinstance(e, Exchange)
+    }
+    exchanges = set()
+    for attempt in range(1, policy.max_attempts):
+        for exc in (RuntimeError("x"), Retry(), Retry(delay=0.3), Retry(delay=99.0)):
+            outcome = decide(exc, attempt, policy)
+            copy = follow_up(_incoming(), outcome, queue="refunds", service="s")
+            assert copy is not None and copy.routing_key == "refunds"
+            exchanges.add(copy.exchange)
+    assert exchanges == declared == {"s.retries.100ms", "s.retries.500ms", "s.retries.2000ms"}
+
+
 def test_follow_up_dlq_override_for_broadcast_queues() -> None:
     copy = follow_up(
         _incoming(),
@@ -181,7 +207,7 @@ def test_follow_up_dlq_override_for_broadcast_queues() -> None:
         dlq="svc.cache.cleared.dlq",
     )
     assert copy is not None
-    assert copy.routing_key == "svc.cache.cleared.dlq"
+    assert (copy.exchange, copy.routing_key) == ("", "svc.cache.cleared.dlq")
     assert copy.envelope.headers["x-mqkit-original-queue"] == "svc.cache.cleared.ab12cd34"
 
 

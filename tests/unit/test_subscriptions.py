@@ -41,7 +41,11 @@ def test_event_class_subscription_binds_its_event_type_and_declares_retries() ->
     assert sub.message_type is Shipped
     assert sub.dlq == "svc.unit.shipped.dlq"
     names = [e.name for e in sub.entities if isinstance(e, Queue)]
-    assert names == ["svc.unit.shipped.dlq", "svc.unit.shipped.retry.500ms", "svc.unit.shipped"]
+    assert names == ["svc.retries.500ms", "svc.unit.shipped.dlq", "svc.unit.shipped"]
+    # The service's tier for 0.5 s: an exchange and a queue bound to it, shared with the
+    # service's other subscriptions and consumers.
+    assert Exchange("svc.retries.500ms", type="fanout") in sub.entities
+    assert Binding("svc.retries.500ms", "svc.retries.500ms", "") in sub.entities
     assert Binding("events", "svc.unit.shipped", "unit.shipped") in sub.entities
     assert sub.entities[0] == EXCHANGE
     assert sub.temporary == ()
@@ -56,6 +60,25 @@ def test_broadcast_gets_an_exclusive_queue_per_instance_and_a_shared_dlq() -> No
     assert first.policy.max_attempts == 1 and first.policy.immediate == 2
     assert first.message_type is None
     assert set(first.temporary) == {first.queue, Binding("events", first.queue.name, "orders.*")}
+    # No broker retries for a queue that goes away with its instance: no tiers.
+    assert [e for e in first.entities if isinstance(e, Exchange)] == [EXCHANGE]
+
+
+def test_subscriptions_of_a_service_share_its_tiers() -> None:
+    policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.5,))
+    shipped = plan(Shipped, retry=policy)
+    pattern = plan("orders.*", retry=policy)
+    tier = Queue(
+        "svc.retries.500ms",
+        type="quorum",
+        arguments={
+            "x-message-ttl": 500,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+    assert tier in shipped.entities and tier in pattern.entities
 
 
 def test_explicit_queue_name_wins() -> None:
