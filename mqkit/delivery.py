@@ -112,25 +112,35 @@ def prepare(
         return None, ctx, GiveUp("DecodeError", reason, attempt, format_traceback(exc))
 
 
+# Sender-selected distribution: the broker routes a message to the queues its CC (and BCC)
+# headers name as well. A copy mqkit moves goes to one queue only, so they are dropped (None
+# removes a header); a tier would otherwise deliver a retry to every queue its CC names.
+_ONE_QUEUE_ONLY: dict[str, Any] = {"CC": None, "BCC": None}
+
+
 def follow_up(
     incoming: Incoming, outcome: Outcome, *, queue: str, service: str, dlq: str | None = None
 ) -> FollowUp | None:
     """The copy to publish before acking, or ``None`` when a plain ack will do.
 
     A retry goes to the tier of ``service`` for its delay, with ``queue`` as the routing key
-    (the tier sends it back there); a dead letter to ``queue``'s DLQ. ``dlq`` overrides the
+    (the tier sends it back there); a dead letter to ``queue``'s DLQ. Either keeps the
+    message's headers but ``CC`` and ``BCC`` (the copy is for one queue). ``dlq`` overrides the
     dead-letter queue (a broadcast subscriber's queue is temporary, so its dead letters go to
     a durable queue shared by the service's instances).
     """
     if isinstance(outcome, RetryLater):
+        headers = {**retry_headers(incoming, outcome.attempt), **_ONE_QUEUE_ONLY}
         return FollowUp(
             queue,
-            incoming.republished(retry_headers(incoming, outcome.attempt)),
+            incoming.republished(headers),
             exchange=retry_tier_name(service, outcome.delay),
         )
     if isinstance(outcome, GiveUp):
         headers = dead_letter_headers(incoming, outcome, queue=queue, service=service)
-        return FollowUp(dlq or dlq_name(queue), incoming.republished(headers))
+        return FollowUp(
+            dlq or dlq_name(queue), incoming.republished({**headers, **_ONE_QUEUE_ONLY})
+        )
     return None
 
 

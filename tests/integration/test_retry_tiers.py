@@ -165,6 +165,31 @@ def test_a_short_delay_never_waits_behind_a_long_one(rt, names):
     assert slow_second - slow_first >= 3.0 - 0.05
 
 
+def test_a_retry_goes_back_to_its_queue_only(rt, names, raw):
+    # Published with a CC header naming another queue, the message reached both; its retry
+    # comes back to the queue that failed it, not to the one CC named (the tier dead-letters
+    # by the message's routing keys, CC among them, so mqkit's copy does not carry CC).
+    queue, other = names.queue(), names.queue()
+    calls = Calls(lambda job, attempt: RuntimeError("once") if attempt == 1 else None)
+    policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.2,))
+    with (
+        rt.client(service=names.service()) as client,
+        client.consumer(queue, Job, calls.handler, retry=policy),
+    ):
+        client.declare(mqkit.Queue(other))
+        raw.publish(
+            queue,
+            b'{"job_id": "cc"}',
+            properties=pika.BasicProperties(
+                content_type="application/json", delivery_mode=2, headers={"CC": [other]}
+            ),
+        )
+        wait_until(lambda: len(calls.items) == 2, timeout=10, what="the retry")
+        time.sleep(0.3)
+        assert raw.count(other) == 1  # the publisher's copy, and no retry
+    assert [(q, a) for q, a, _ in calls.of("cc")] == [(queue, 1), (queue, 2)]
+
+
 def test_tiers_are_declared_with_the_services_type_and_at_least_once(rt, names, broker_ctl):
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.2, 0.4))
     with (

@@ -198,6 +198,18 @@ def test_follow_up_retries_go_to_tiers_the_consumer_declares() -> None:
     assert exchanges == declared == {"s.retries.100ms", "s.retries.500ms", "s.retries.2000ms"}
 
 
+def test_follow_up_copies_are_for_one_queue_only() -> None:
+    # A CC header makes the broker route a message to the queues it names too: a retry that
+    # kept it would come back to each of them after the delay, a dead letter be copied there.
+    incoming = _incoming(headers={"CC": ["elsewhere"], "BCC": ["hidden"], "tenant": "acme"})
+    retry = follow_up(incoming, RetryLater(delay=0.3, attempt=2), queue="refunds", service="s")
+    dead = follow_up(incoming, GiveUp("E", "m", 3), queue="refunds", service="s")
+    for copy in (retry, dead):
+        assert copy is not None
+        assert "CC" not in copy.envelope.headers and "BCC" not in copy.envelope.headers
+        assert copy.envelope.headers["tenant"] == "acme"
+
+
 def test_follow_up_dlq_override_for_broadcast_queues() -> None:
     copy = follow_up(
         _incoming(),
