@@ -15,17 +15,21 @@ what a client cost on top of pika's own work. So a short function may also be ru
 function runs at once on the calling thread, holding the loop's lock (the IO thread, should
 it wake, waits for it); otherwise the caller submits it as usual. Either way one thread at a
 time touches pika. :func:`send_at_once` makes a connection send what it writes at once, in one
-piece per publish, so such a function needs the IO thread for nothing but the answer. And the
-IO thread wakes a waiting thread (:func:`wake`) just before it next waits for I/O, not while it
-still runs Python code, so the woken thread finds the GIL free instead of waiting for it and
-being woken a second time.
+piece per publish, so such a function needs the IO thread for nothing but the answer; and a
+thread that sent in place can take that too: it takes the socket's reads from the IO thread
+(:class:`Reads`) and reads its answer itself, so the answer wakes it and not the IO thread
+that would wake it in turn. The IO thread, for its part, wakes a waiting thread (:func:`wake`)
+once it has let go of the loop's lock, on its way to wait for I/O, not while it still runs
+Python code: the woken thread finds the GIL and the loop free instead of waiting for them
+and being woken a second time.
 
 That uses pika internals (stable from pika 1.0 to 1.4): ``IOLoop._get_poller``,
-``IOLoop._callbacks`` and ``EPollPoller._create_poller`` (so Linux's ``select.epoll``), the
-plaintext transport's ``write``, ``_sock``, ``_tx_buffers`` and ``_state``, and a connection's
-``_transport`` and ``_output_marshaled_frames``. Where they are missing, work is handed over
-as before (:attr:`Loop.in_place` is ``False``, :func:`send_at_once` returns ``False``);
-``tests/unit/test_io_thread.py`` fails loudly if they change.
+``IOLoop._callbacks``, ``EPollPoller._create_poller`` (so Linux's ``select.epoll``) and
+``_dispatch_fd_events``, the plaintext transport's ``write``, ``_sock``, ``_tx_buffers`` and
+``_state``, and a connection's ``_transport`` and ``_output_marshaled_frames``. Where they are
+missing, work is handed over as before (:attr:`Loop.in_place` is ``False``,
+:func:`send_at_once` returns ``False``); ``pyproject.toml`` pins pika to the versions
+``tests/unit/test_io_thread.py`` passed on, and those tests fail loudly if they change.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import logging
 import select
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -42,12 +47,13 @@ from pika.adapters.utils import io_services_utils
 
 from mqkit.errors import ConnectionFailed
 
-__all__ = ["IOThread", "Loop", "send_at_once", "settle", "wake"]
+__all__ = ["IOThread", "Loop", "Reads", "send_at_once", "settle", "wake"]
 
 log = logging.getLogger("mqkit.connection")
 
 _EPOLL = hasattr(select, "epoll") and hasattr(EPollPoller, "_create_poller")
 _PLAINTEXT: Any = getattr(io_services_utils, "_AsyncPlaintextTransport", None)
+_SLICE = 0.05  # seconds: how long a thread reading in place waits before looking again
 
 _here = threading.local()  # on an IO thread: ``wakes``, run before it next waits for I/O
 
@@ -82,18 +88,58 @@ def _run_wakes(wakes: list[Callable[[], None]]) -> None:
 
 
 class _Epoll:
-    """``select.epoll`` for pika's poller, letting go of the loop's lock while it waits."""
+    """``select.epoll`` for pika's poller, letting go of the loop's lock while it waits, and
+    not watching a socket for reading while a thread that took its reads (:class:`Reads`)
+    watches it instead."""
 
-    __slots__ = ("_epoll", "_loop", "close", "modify", "register", "unregister")
+    __slots__ = ("_epoll", "_loop", "_masks", "_masks_lock", "close", "taken")
 
     def __init__(self, loop: Loop) -> None:
         epoll = select.epoll()
         self._epoll = epoll
         self._loop = loop
+        self._masks: dict[int, int] = {}  # what pika asked to watch, per file descriptor
+        self._masks_lock = threading.Lock()  # also taken without the loop's lock (give_back)
+        self.taken: set[int] = set()  # file descriptors a thread reads in place of the IO thread
         self.close = epoll.close
-        self.modify = epoll.modify
-        self.register = epoll.register
-        self.unregister = epoll.unregister
+        loop.epoll = self
+
+    def _mask(self, fd: int) -> int:
+        mask = self._masks[fd]
+        return mask & ~select.EPOLLIN if fd in self.taken else mask
+
+    def register(self, fd: int, mask: int) -> None:
+        with self._masks_lock:
+            self._masks[fd] = mask
+            self._epoll.register(fd, self._mask(fd))
+
+    def modify(self, fd: int, mask: int) -> None:
+        with self._masks_lock:
+            self._masks[fd] = mask
+            self._epoll.modify(fd, self._mask(fd))
+
+    def unregister(self, fd: int) -> None:
+        with self._masks_lock:
+            self._masks.pop(fd, None)
+            self.taken.discard(fd)
+            self._epoll.unregister(fd)
+
+    def take(self, fd: int) -> bool:
+        """Under the loop's lock: stop watching ``fd`` for reading, unless it is not
+        watched or already taken."""
+        with self._masks_lock:
+            if fd not in self._masks or fd in self.taken:
+                return False
+            self._epoll.modify(fd, self._masks[fd] & ~select.EPOLLIN)
+            self.taken.add(fd)
+            return True
+
+    def give_back(self, fd: int) -> None:
+        """Watch ``fd`` for reading again (what came meanwhile wakes the IO thread)."""
+        with self._masks_lock:
+            if fd in self.taken:
+                self.taken.discard(fd)
+                self._epoll.modify(fd, self._mask(fd))
 
     def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
         loop = self._loop
@@ -116,6 +162,18 @@ class _Poller(EPollPoller):
     def _create_poller(self) -> _Epoll:
         return _Epoll(self._loop)
 
+    def _dispatch_fd_events(self, fd_event_map: dict[int, int]) -> None:
+        epoll = self._loop.epoll
+        if epoll is not None and epoll.taken:
+            # Readiness reported before a thread took the reads: that thread reads now.
+            for fd in epoll.taken.intersection(fd_event_map):
+                fd_event_map[fd] &= ~select.EPOLLIN
+        super()._dispatch_fd_events(fd_event_map)  # type: ignore[misc]
+
+    def read_here(self, fd: int) -> None:
+        """Under the loop's lock: read ``fd`` and handle what came, as the IO thread would."""
+        super()._dispatch_fd_events({fd: select.EPOLLIN})  # type: ignore[misc]
+
 
 class Loop(IOLoop):
     """pika's ``IOLoop`` behind :attr:`lock`; other threads may :meth:`run_here`."""
@@ -125,12 +183,25 @@ class Loop(IOLoop):
         self.waiting = False  # the IO thread waits for I/O (read and written under the lock)
         self.wakes: list[Callable[[], None]] = []  # IO thread: see wake()
         self.in_place = _EPOLL  # whether run_here can ever run a function
+        self.epoll: _Epoll | None = None  # the poller's, once the IO thread started it
+        self.poller: _Poller | None = None
         super().__init__()
 
     def _get_poller(self, get_wait_seconds: Any, process_timeouts: Any) -> Any:
         if not self.in_place:
             return IOLoop._get_poller(get_wait_seconds, process_timeouts)  # type: ignore[attr-defined]
-        return _Poller(self, get_wait_seconds=get_wait_seconds, process_timeouts=process_timeouts)
+        self.poller = _Poller(
+            self, get_wait_seconds=get_wait_seconds, process_timeouts=process_timeouts
+        )
+        return self.poller
+
+    def reads(self, connection: Any) -> Reads | None:
+        """The reads of pika ``connection``'s socket, for a thread to take (``None`` if this
+        loop cannot hand them over)."""
+        fd = _fileno(connection)
+        if not self.in_place or fd is None:
+            return None
+        return Reads(self, fd)
 
     def run_here(self, fn: Callable[[], bool]) -> bool:
         """Run ``fn`` on this thread now if the IO thread waits for I/O and nothing is queued
@@ -153,6 +224,70 @@ class Loop(IOLoop):
                 return True
         finally:
             self.lock.release()
+
+
+class Reads:
+    """A connection's socket, read by a thread waiting for an answer on it instead of the IO
+    thread: the answer then wakes the waiting thread itself, not the IO thread that would wake
+    it in turn. That thread takes the reads (:meth:`take`) while it holds the loop's lock
+    (:meth:`Loop.run_here`, right after sending what it waits for), then waits (:meth:`wait`),
+    reading and handling whatever arrives on the socket (its own answer, those of other
+    threads, heartbeats, a close) under the loop's lock, as the IO thread would. One thread at
+    a time; the IO thread keeps everything else (timers, writes, the other sockets).
+    """
+
+    __slots__ = ("_fd", "_loop")
+
+    def __init__(self, loop: Loop, fd: int) -> None:
+        self._loop = loop
+        self._fd = fd
+
+    def take(self) -> bool:
+        """Under the loop's lock: take the reads from the IO thread; ``False`` if another
+        thread has them (or the socket is gone). Then call :meth:`wait`, whatever happens."""
+        epoll = self._loop.epoll
+        return epoll is not None and epoll.take(self._fd)
+
+    def wait(self, done: Callable[[], bool], deadline: float) -> None:
+        """Read until ``done()`` or ``time.monotonic()`` passes ``deadline``, then give the
+        reads back. Stops early (``done()`` still false) if the socket goes away or the loop's
+        lock cannot be had in time: then wait for the answer the usual way."""
+        loop, fd = self._loop, self._fd
+        epoll, poller = loop.epoll, loop.poller
+        try:
+            if epoll is None or poller is None:
+                return
+            watch = select.poll()
+            watch.register(fd, select.POLLIN)
+            while not done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                # In slices: what settles the answer without a byte on this socket (the
+                # client closing) is seen within one.
+                ready = watch.poll(min(remaining, _SLICE) * 1000)
+                if fd not in epoll.taken or epoll is not loop.epoll:
+                    return  # the socket was closed (and its number may be reused)
+                if not ready:
+                    continue
+                if not loop.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    return
+                try:
+                    if fd in epoll.taken and epoll is loop.epoll:
+                        poller.read_here(fd)
+                finally:
+                    loop.lock.release()
+        finally:
+            if epoll is not None:
+                epoll.give_back(fd)
+
+
+def _fileno(connection: Any) -> int | None:
+    sock = getattr(getattr(connection, "_transport", None), "_sock", None)
+    try:
+        return int(sock.fileno()) if sock is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 def send_at_once(connection: Any) -> bool:

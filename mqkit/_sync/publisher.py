@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -55,7 +56,7 @@ from pika.spec import Basic, BasicProperties
 from mqkit import explain
 from mqkit._sync.channel import open_channel
 from mqkit._sync.connection import Link, translate
-from mqkit._sync.io_thread import Loop, send_at_once, settle, wake
+from mqkit._sync.io_thread import Loop, Reads, send_at_once, settle, wake
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import Nacked, Pipeline, Returned
 from mqkit.messages import Envelope
@@ -171,6 +172,7 @@ class Publisher:
         self._limit = SizeLimit(link.settings.max_message_size)
         # Loop.run_here of the IO thread, once a channel is open (None: hand everything over)
         self._run_here: Callable[[Callable[[], bool]], bool] | None = None
+        self._reads: Reads | None = None  # of the channel's socket, for a lone publish's wait
 
     @property
     def channel(self) -> Channel | None:
@@ -233,27 +235,40 @@ class Publisher:
             if len(chunk) >= SEND_CHUNK:  # let the IO thread start sending while we build the rest
                 self._hand_over(chunk)
                 chunk = []
-        if chunk:
-            self._hand_over(chunk)
-        confirmed = batch.wait(self._confirm_timeout)
+        reads = self._hand_over(chunk, wait_here=len(envelopes) == 1) if chunk else None
+        if reads is None:
+            confirmed = batch.wait(self._confirm_timeout)
+        else:  # a lone message sent in place: read its confirm here, not from the IO thread
+            deadline = time.monotonic() + self._confirm_timeout
+            reads.wait(lambda: batch.remaining == 0, deadline)
+            confirmed = batch.wait(max(0.0, deadline - time.monotonic()))
         if not confirmed:
             batch.abandoned = True
         if confirmed and not batch.errors:
             return batch.ids
         raise self._failure(batch, exchange, routing_key, timed_out=not confirmed)
 
-    def _hand_over(self, messages: list[_Message]) -> None:
-        """Send ``messages`` from this thread if the IO thread is idle, else hand them over."""
+    def _hand_over(self, messages: list[_Message], *, wait_here: bool = False) -> Reads | None:
+        """Send ``messages`` from this thread if the IO thread is idle, else hand them over.
+        ``wait_here``: if they were sent here, also take the socket's reads from the IO thread
+        and return them (the caller must then wait with them)."""
         run_here = self._run_here
-        if run_here is not None and run_here(partial(self._send_here, messages)):
-            return
+        if run_here is not None:
+            taken: list[Reads] = []
+            if run_here(partial(self._send_here, messages, taken if wait_here else None)):
+                return taken[0] if taken else None
         self._link.submit(partial(self._enqueue, messages))
+        return None
 
-    def _send_here(self, messages: list[_Message]) -> bool:
-        """In place of the IO thread (:meth:`Loop.run_here`): send if the channel is open."""
+    def _send_here(self, messages: list[_Message], taken: list[Reads] | None) -> bool:
+        """In place of the IO thread (:meth:`Loop.run_here`): send if the channel is open;
+        if all went out, take the reads into ``taken`` (when given)."""
         if self._channel is None:
             return False  # opening a channel is the IO thread's work
         self._enqueue(messages)
+        reads = self._reads
+        if taken is not None and reads is not None and not self._waiting and reads.take():
+            taken.append(reads)
         return True
 
     def _failure(
@@ -551,7 +566,9 @@ class Publisher:
         connection: Any = channel.connection
         send_at_once(connection)
         loop = connection.ioloop
-        self._run_here = loop.run_here if isinstance(loop, Loop) and loop.in_place else None
+        in_place = isinstance(loop, Loop) and loop.in_place
+        self._run_here = loop.run_here if in_place else None
+        self._reads = loop.reads(connection) if in_place else None
 
     def _settle_waiters(self, exc: BaseException | None) -> None:
         waiters, self._open_waiters = self._open_waiters, []

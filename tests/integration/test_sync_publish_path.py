@@ -1,6 +1,6 @@
 """How a blocking ``Client``'s publish reaches the broker: sent by the publishing thread itself
-while the IO thread waits for I/O, else handed over to the IO thread; either way confirmed,
-stored once and in order.
+while the IO thread waits for I/O (which then, for a lone message, reads its confirm itself
+too), else handed over to the IO thread; either way confirmed, stored once and in order.
 
 Blocking runtime only: ``AsyncClient`` has no IO thread. What both runtimes must do with a
 publish (confirms, returns, timeouts, sizes) is in the shared suite; those tests go through
@@ -47,18 +47,33 @@ def record_senders(monkeypatch: Any) -> list[str]:
     return senders
 
 
-def test_one_publish_at_a_time_is_sent_by_the_publishing_thread(
+def record_confirm_readers(monkeypatch: Any) -> list[str]:
+    """The name of the thread that handles each confirm from the broker."""
+    readers: list[str] = []
+    on_confirm = Publisher._on_confirm
+
+    def spy(self: Publisher, channel: Any, frame: Any) -> None:
+        readers.append(threading.current_thread().name)
+        on_confirm(self, channel, frame)
+
+    monkeypatch.setattr(Publisher, "_on_confirm", spy)
+    return readers
+
+
+def test_one_publish_at_a_time_is_sent_and_confirmed_on_the_publishing_thread(
     broker_url, names, raw, monkeypatch
 ) -> None:
     queue = names.queue()
     senders = record_senders(monkeypatch)
     with client_for(broker_url) as client:
         producer = client.producer(Order, queue=queue)
+        readers = record_confirm_readers(monkeypatch)  # after the producer's declares
         ids = [producer.publish(order(i)) for i in range(20)]
     here = threading.current_thread().name
     # The IO thread is idle between two confirmed publishes; something else on the
     # connection (a heartbeat) may keep it busy at the odd moment: most, not all.
     assert senders.count(here) >= 15, senders
+    assert readers.count(here) >= 15, readers
     assert [props.message_id for _m, props, _b in raw.drain(queue)] == ids
 
 
@@ -70,6 +85,7 @@ def test_a_publish_while_the_io_thread_is_busy_is_handed_over_and_confirmed(
     with client_for(broker_url) as client:
         producer = client.producer(Order, queue=queue)
         first = producer.publish(order(0))
+        readers = record_confirm_readers(monkeypatch)
         busy, release = threading.Event(), threading.Event()
 
         def block() -> None:
@@ -91,6 +107,7 @@ def test_a_publish_while_the_io_thread_is_busy_is_handed_over_and_confirmed(
         publishing.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], str)
     assert senders[-1] == "mqkit-io"  # handed over: the IO thread put it on the channel
+    assert readers[-1] == "mqkit-io"  # and read its confirm
     stored = [props.message_id for _m, props, _b in raw.drain(queue)]
     assert stored == [first, outcome[0]]
 

@@ -23,10 +23,10 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from pika.adapters.base_connection import BaseConnection
-from pika.adapters.select_connection import EPollPoller, IOLoop
+from pika.adapters.select_connection import EPollPoller, IOLoop, _PollerBase
 from pika.adapters.utils import io_services_utils
 
-from mqkit._sync.io_thread import IOThread, Loop, send_at_once, wake
+from mqkit._sync.io_thread import IOThread, Loop, Reads, send_at_once, wake
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -65,6 +65,7 @@ def test_the_pika_internals_the_fast_paths_use_are_there() -> None:
     # adapt it (or pin pika) before anything else.
     assert "_get_poller" in vars(IOLoop)
     assert "_create_poller" in vars(EPollPoller)
+    assert "_dispatch_fd_events" in vars(_PollerBase)
     assert "_output_marshaled_frames" in vars(pika.connection.Connection)
     assert "_adapter_emit_data" in vars(BaseConnection)
     transport = io_services_utils._AsyncPlaintextTransport  # type: ignore[attr-defined]
@@ -292,3 +293,135 @@ def test_send_at_once_leaves_other_transports_to_pika() -> None:
     connection = _Connection(Other())
     assert not send_at_once(connection)
     assert not send_at_once(object())
+
+
+# ---------------------------------------------------------------------------- Reads
+
+
+class _Socket:
+    """A socket pair; the IO thread's loop watches ``ours`` and records who read what."""
+
+    def __init__(self, io: IOThread) -> None:
+        self.ours, self.peer = socket.socketpair()
+        self.ours.setblocking(False)
+        self.fd = self.ours.fileno()
+        self.read: list[tuple[str, bytes]] = []
+        watching = threading.Event()
+
+        def watch() -> None:
+            io.loop.add_handler(self.fd, self._on_readable, io.loop.READ)  # type: ignore[arg-type]
+            watching.set()
+
+        io.submit(watch)
+        assert watching.wait(5)
+        wait_for(lambda: io.loop.waiting, "the IO thread to wait for I/O")
+
+    def _on_readable(self, fd: int, events: int) -> None:
+        self.read.append((threading.current_thread().name, self.ours.recv(4096)))
+
+    def readers(self) -> list[str]:
+        return [name for name, _ in self.read]
+
+    def close(self) -> None:
+        self.ours.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def sock(io: IOThread) -> Iterator[_Socket]:
+    made = _Socket(io)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def take(io: IOThread, reads: Reads) -> bool:
+    taken: list[bool] = []
+
+    def take_here() -> bool:
+        taken.append(reads.take())
+        return True
+
+    assert io.loop.run_here(take_here)
+    return taken == [True]
+
+
+def test_a_thread_that_took_the_reads_reads_its_answer_itself(io: IOThread, sock: _Socket) -> None:
+    reads = Reads(io.loop, sock.fd)
+    assert take(io, reads)
+    assert not take(io, Reads(io.loop, sock.fd))  # one thread at a time
+    sock.peer.send(b"answer")
+    reads.wait(lambda: bool(sock.read), time.monotonic() + 5)
+    assert sock.read == [(threading.current_thread().name, b"answer")]
+    # Given back: the IO thread reads again.
+    sock.peer.send(b"later")
+    wait_for(lambda: len(sock.read) == 2, "the IO thread to read")
+    assert sock.read[1] == ("mqkit-io-test", b"later")
+
+
+def test_what_the_io_thread_saw_before_the_take_is_left_to_the_taker(
+    io: IOThread, sock: _Socket
+) -> None:
+    reads = Reads(io.loop, sock.fd)
+    poller = io.loop.poller
+    assert poller is not None
+
+    def take_then_dispatch_stale_readiness() -> bool:
+        assert reads.take()
+        poller._dispatch_fd_events({sock.fd: io.loop.READ})  # what epoll said before the take
+        return True
+
+    assert io.loop.run_here(take_then_dispatch_stale_readiness)
+    sock.peer.send(b"answer")
+    reads.wait(lambda: bool(sock.read), time.monotonic() + 5)
+    assert sock.readers() == [threading.current_thread().name]
+
+
+def test_waiting_with_the_reads_ends_at_the_deadline_and_gives_them_back(
+    io: IOThread, sock: _Socket
+) -> None:
+    reads = Reads(io.loop, sock.fd)
+    assert take(io, reads)
+    started = time.monotonic()
+    reads.wait(lambda: False, started + 0.2)
+    assert 0.2 <= time.monotonic() - started < 2
+    sock.peer.send(b"later")
+    wait_for(lambda: bool(sock.read), "the IO thread to read")
+    assert sock.readers() == ["mqkit-io-test"]
+
+
+def test_waiting_with_the_reads_stops_when_the_socket_is_closed(
+    io: IOThread, sock: _Socket
+) -> None:
+    reads = Reads(io.loop, sock.fd)
+    assert take(io, reads)
+    io.submit(lambda: io.loop.remove_handler(sock.fd))  # type: ignore[arg-type]
+    started = time.monotonic()
+    reads.wait(lambda: False, started + 10)
+    assert time.monotonic() - started < 2  # not until the deadline
+    assert io.loop.epoll is not None and sock.fd not in io.loop.epoll.taken
+
+
+def test_waiting_with_the_reads_never_outlasts_a_busy_io_thread_past_the_deadline(
+    io: IOThread, sock: _Socket
+) -> None:
+    reads = Reads(io.loop, sock.fd)
+    assert take(io, reads)
+    busy, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        busy.set()
+        release.wait(10)
+
+    io.submit(block)
+    assert busy.wait(5)
+    try:
+        sock.peer.send(b"answer")
+        started = time.monotonic()
+        reads.wait(lambda: bool(sock.read), started + 0.3)
+        assert time.monotonic() - started < 2 and not sock.read  # it holds the loop's lock
+    finally:
+        release.set()
+    wait_for(lambda: bool(sock.read), "the IO thread to read once free")
+    assert sock.readers() == ["mqkit-io-test"]
