@@ -6,16 +6,17 @@ clients.
 formatter writing to ``os.devnull``), a ``PrometheusMiddleware`` (a registry of its own) and
 a ``TracingMiddleware`` on an SDK ``TracerProvider`` whose batch processor hands every span
 to an exporter that drops it (so span creation, attributes, context propagation and export
-batching are paid for; only the network is not). Two samplers: ``sampled`` is the usual
-production setting, ``ParentBased(TraceIdRatioBased(0.1))`` (a trace is kept whole or not
-at all, one in ten); ``traced`` records every span (``ALWAYS_ON``). "Off" is the same client
-without middleware, the ``mqkit`` logger at WARNING.
+batching are paid for; only the network is not). The variants: ``metrics`` is the logging
+and Prometheus without tracing; ``sampled`` adds tracing with the usual production sampler,
+``ParentBased(TraceIdRatioBased(0.1))`` (a trace is kept whole or not at all, one in ten);
+``traced`` records every span (``ALWAYS_ON``). "Off" is the same client without middleware,
+the ``mqkit`` logger at WARNING.
 
 Each row notes the process's CPU time per message (all its threads: ``time.process_time``
 over the timed phase) beside the wall-clock rate: on a busy machine the rates of rows run
-seconds apart swing with the load, while the CPU each message costs does not, so
-``off cpu / on cpu`` is what the throughput ratio is on a machine with a core to spare. The
-rows of each group run back to back (off first); with ``--rounds K`` each target is the
+seconds apart swing with the load, while the CPU each message costs swings much less, so
+``off CPU / on CPU`` approximates the throughput ratio of a machine with a core to spare.
+The rows of each job run back to back (off first); with ``--rounds K`` each target is the
 median of its per-round ratios (report.py).
 """
 
@@ -45,6 +46,7 @@ from common import (
 
 VARIANTS = {
     "off": "observability off",
+    "metrics": "logging INFO + metrics",
     "sampled": "logging INFO + metrics + tracing (10% of traces)",
     "traced": "logging INFO + metrics + tracing (every message)",
 }
@@ -94,11 +96,13 @@ def _middleware(variant: str) -> tuple[list[Any], Any]:
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
+    metrics = PrometheusMiddleware(CollectorRegistry())
+    if variant == "metrics":
+        return [metrics], None
     sampler = ALWAYS_ON if variant == "traced" else ParentBased(TraceIdRatioBased(0.1))
     provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(Discard()))
-    middleware = [PrometheusMiddleware(CollectorRegistry()), TracingMiddleware(provider)]
-    return middleware, provider
+    return [metrics, TracingMiddleware(provider)], provider
 
 
 @contextlib.contextmanager
