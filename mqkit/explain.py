@@ -300,8 +300,9 @@ def using_existing(entity: Entity, refused: TopologyError) -> str:
     if isinstance(entity, Queue):
         name = entity.name
         limits = (
-            f"mqkit's retries and dead letters still work (they are published copies, into "
-            f"{name}.retry.* and {name}.dlq), but the broker will not park a message whose "
+            "mqkit's retries and dead letters still work (they are published copies, into "
+            f"the service's retry tiers and {name}.dlq), but the broker will not park a message "
+            "whose "
             "consumer crashes or loses its connection before acking it: it may be redelivered "
             "without end, or dropped by the queue's own delivery limit"
         )

@@ -410,9 +410,9 @@ class Consumer(Generic[T]):
                 )
             except MqkitError as error:
                 log.error(
-                    "could not move message %s to %r (%s); returning it to %r",
+                    "could not move message %s to %s (%s); returning it to %r",
                     ctx.message_id,
-                    copy.routing_key,
+                    copy.target,
                     error,
                     plan.queue,
                 )
