@@ -190,7 +190,20 @@ def observability_section(cfg: Config, queues: Queues) -> list[Result]:
         except Exception as exc:
             set_error(row, exc)
         results.append(row)
+    _cpu_ratios(results)
     return results
+
+
+def _cpu_ratios(results: list[Result]) -> None:
+    """Note on each "on" row its off row's CPU per message over its own (the throughput
+    ratio of an unloaded machine, near enough)."""
+    cpu = {r.key: r.extra.get("cpu_us_per_message") for r in results if not r.error}
+    for row in results:
+        off_key = row.key.rpartition("_")[0] + "_off"
+        off, on = cpu.get(off_key), cpu.get(row.key)
+        if row.key != off_key and off and on:
+            row.extra["cpu_ratio"] = round(off / on, 3)
+            row.note = f"{row.note}; CPU ratio {off / on:.2f}"
 
 
 def _client_kwargs(cfg: Config, variant: str) -> tuple[dict[str, Any], Any]:
