@@ -74,3 +74,13 @@ def test_the_policy_table_has_a_row_per_event_with_its_logger_and_level():
         assert logging.getLevelName(rule.level) in row
     assert "ERROR (WARNING for `Reject`)" in table
     assert "traceback" in rows[-1] and "DEBUG" in rows[-1]
+
+
+def test_the_readme_shows_the_policy_table_as_the_code_has_it():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert logs.policy_table() in readme, (
+        "README.md's logging table differs from mqkit.lifecycle.LOG_POLICY: paste the output "
+        "of `python -c 'from mqkit.logs import policy_table; print(policy_table())'`"
+    )
