@@ -28,6 +28,7 @@ import mqkit
 from mqkit.correlation import CAUSATION_ID
 from mqkit.observability import PrometheusMiddleware, TracingMiddleware
 from mqkit.observability.tracing import FIRST_ATTEMPT
+from mqkit.topology import retry_tier_name
 
 
 class Order(BaseModel):
@@ -117,7 +118,7 @@ def test_a_middleware_adds_headers_wraps_handlers_and_sees_the_events(rt, names,
     queue = names.queue()
     tenant = Tenant()
     received = collector(lambda m, ctx: time.sleep(0.01))
-    with rt.client(middleware=[tenant]) as client:
+    with rt.client(service=names.service(), middleware=[tenant]) as client:
         producer = client.producer(Order, queue=queue)
         ids = [producer.publish(Order(order_id=str(n))) for n in range(3)]
         client.consumer(queue, Order, received).start()
@@ -151,7 +152,7 @@ class Forgive(mqkit.Middleware):
 
 
 def test_a_middleware_turns_exceptions_into_other_outcomes(rt, names, raw):
-    queue = names.queue()
+    queue, service = names.queue(), names.service()
     watcher = Tenant()
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(30.0,))
     calls: list[str] = []
@@ -163,7 +164,7 @@ def test_a_middleware_turns_exceptions_into_other_outcomes(rt, names, raw):
         if order.order_id == "bad":
             raise ValueError("bad amount")
 
-    with rt.client(middleware=[Forgive(), watcher]) as client:
+    with rt.client(service=service, middleware=[Forgive(), watcher]) as client:
         producer = client.producer(Order, queue=queue)
         for order_id in ("gone", "bad", "fine"):
             producer.publish(Order(order_id=order_id))
@@ -174,7 +175,7 @@ def test_a_middleware_turns_exceptions_into_other_outcomes(rt, names, raw):
         [letter] = dead.peek()
     assert sorted(calls) == ["bad", "fine", "gone"]  # each handled once: nothing retried
     assert letter.error_type == "Reject" and letter.error_message == "refused: bad amount"
-    assert raw.count(f"{queue}.retry.30000ms") == 0
+    assert raw.count(retry_tier_name(service, 30.0)) == 0  # nothing waits to be retried
     assert watcher.events.count("handled") == 2 and watcher.events.count("dead_lettered") == 1
 
 
@@ -228,7 +229,11 @@ def test_correlation_crosses_rpc_and_request_takes_headers_and_a_correlation_id(
         seen.append(ctx)
         return Price(cents=990)
 
-    with rt.client() as server, rt.client() as caller, server.responder(quotes, Quote, quote):
+    with (
+        rt.client(service=names.service()) as server,
+        rt.client(service=names.service()) as caller,
+        server.responder(quotes, Quote, quote),
+    ):
         if rt.is_async:
             requester = caller.target
 
@@ -264,7 +269,7 @@ def test_concurrent_requests_with_one_correlation_id_each_get_their_own_reply(rt
         time.sleep(0.05)
         return Price(cents=int(q.sku))
 
-    with rt.client() as server, rt.client() as caller:
+    with rt.client(service=names.service()) as server, rt.client() as caller:
         server.responder(quotes, Quote, quote).start()
         if rt.is_async:
             requester = caller.target
@@ -412,8 +417,8 @@ def test_one_trace_crosses_two_services(rt, names, spans, collector):
     done = collector()
     tracer = provider.get_tracer("test")
     with (
-        rt.client(service="shop", middleware=[TracingMiddleware(provider)]) as shop,
-        rt.client(service="billing", middleware=[TracingMiddleware(provider)]) as billing,
+        rt.client(service=names.service(), middleware=[TracingMiddleware(provider)]) as shop,
+        rt.client(service=names.service(), middleware=[TracingMiddleware(provider)]) as billing,
     ):
         forward = billing.producer(Invoice, queue=invoices)
         billing.consumer(
@@ -452,7 +457,7 @@ def test_a_trace_crosses_the_runtimes(broker_url, names, spans):
 
     async def main() -> None:
         async with mqkit.AsyncClient(
-            url=broker_url, middleware=[TracingMiddleware(provider)]
+            url=broker_url, service=names.service(), middleware=[TracingMiddleware(provider)]
         ) as async_client:
             reply = await async_client.producer(Invoice, queue=back)
 
@@ -461,7 +466,9 @@ def test_a_trace_crosses_the_runtimes(broker_url, names, spans):
 
             consumer = async_client.consumer(there, Order, relay)
             await consumer.start()
-            with mqkit.Client(url=broker_url, middleware=[TracingMiddleware(provider)]) as client:
+            with mqkit.Client(
+                url=broker_url, service=names.service(), middleware=[TracingMiddleware(provider)]
+            ) as client:
                 client.consumer(back, Invoice, lambda m, c: got_back.set()).start()
                 with tracer.start_as_current_span("checkout"):
                     await asyncio.to_thread(
@@ -505,7 +512,7 @@ def test_a_trace_crosses_retries_dead_lettering_and_replay(rt, names, spans):
 
     tracer = provider.get_tracer("test")
     policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.2,))
-    with rt.client(middleware=[TracingMiddleware(provider)]) as client:
+    with rt.client(service=names.service(), middleware=[TracingMiddleware(provider)]) as client:
         client.consumer(queue, Order, handler, retry=policy).start()
         with tracer.start_as_current_span("checkout"):
             client.producer(Order, queue=queue).publish(Order(order_id="1"))
@@ -538,8 +545,8 @@ def test_a_trace_crosses_rpc_request_and_reply(rt, names, spans):
     tracer = provider.get_tracer("test")
     tracing = TracingMiddleware(provider)
     with (
-        rt.client(service="pricing", middleware=[tracing]) as server,
-        rt.client(service="shop", middleware=[tracing]) as caller,
+        rt.client(service=names.service(), middleware=[tracing]) as server,
+        rt.client(service=names.service(), middleware=[tracing]) as caller,
         server.responder(quotes, Quote, lambda q, ctx: Price(cents=990)),
         tracer.start_as_current_span("checkout") as checkout,
     ):
@@ -568,7 +575,8 @@ def test_no_duplicate_spans_with_the_pika_and_aio_pika_instrumentations(
     pika_instrumentor.instrument(tracer_provider=provider)
     aio_instrumentor.instrument(tracer_provider=provider)
     try:
-        with rt.client(middleware=[TracingMiddleware(provider)]) as client:
+        tracing = [TracingMiddleware(provider)]
+        with rt.client(service=names.service(), middleware=tracing) as client:
             client.consumer(queue, Order, received).start()
             client.producer(Order, queue=queue).publish(Order(order_id="1"))
             received.wait(1)
