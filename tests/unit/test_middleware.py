@@ -338,3 +338,81 @@ def test_a_single_middleware_instead_of_a_list_is_refused():
 
 def test_middleware_is_exported_at_the_top():
     assert mqkit.Middleware is Middleware and mqkit.Outgoing is Outgoing
+
+
+# -- what the shells call --------------------------------------------------------------------
+
+
+def test_publish_prepared_builds_nothing_without_publish_hooks():
+    prepared = [(encode(Order(order_id="1"), service="shop"), "orders")]
+    seen: list[object] = []
+
+    def send(pairs):
+        seen.append(pairs)
+        return [envelope.message_id for envelope, _ in pairs]
+
+    stack = MiddlewareStack([Watcher()], runtime="sync")
+    assert stack.publish_prepared("", prepared, send) == [prepared[0][0].message_id]
+    assert seen == [prepared]  # the very list: no Outgoing made
+
+
+def test_publish_prepared_sends_what_the_hooks_passed_on():
+    log: list[str] = []
+    prepared = [(encode(Order(order_id=str(n)), service="shop"), f"key{n}") for n in range(2)]
+    sent: list[list[tuple[object, str]]] = []
+
+    def send(pairs):
+        sent.append(list(pairs))
+        return [envelope.message_id for envelope, _ in pairs]
+
+    stack = MiddlewareStack([Recorder("a", log)], runtime="sync")
+    stack.publish_prepared("shop", prepared, send)
+    assert [key for _, key in sent[0]] == ["key0", "key1"]
+    assert all(envelope.headers["x-path"] == ["a"] for envelope, _ in sent[0])
+
+
+async def test_async_publish_prepared_and_wrap():
+    log: list[str] = []
+    stack = MiddlewareStack([Recorder("a", log), Recorder("b", log)], runtime="async")
+    prepared = [(encode(Order(order_id="1"), service="shop"), "orders")]
+
+    async def send(pairs):
+        log.append("send")
+        return [envelope.message_id for envelope, _ in pairs]
+
+    await stack.publish_prepared_async("", prepared, send)
+
+    async def handler(message, ctx):
+        log.append("handler")
+        return message
+
+    assert await stack.wrap_async(handler)("m", CTX) == "m"
+    assert log == ["a>", "b>", "send", "<b", "<a", "a>", "b>", "handler", "<b", "<a"]
+    empty = MiddlewareStack((), runtime="async")
+    assert empty.wrap_async(handler) is handler
+    assert await empty.publish_prepared_async("", prepared, send) == [prepared[0][0].message_id]
+
+
+def test_wrap_puts_the_chain_together_once_and_is_the_handler_without_hooks():
+    log: list[str] = []
+
+    def handler(message, ctx):
+        log.append("handler")
+        return message
+
+    assert MiddlewareStack((), runtime="sync").wrap(handler) is handler
+    wrapped = MiddlewareStack([Recorder("a", log)], runtime="sync").wrap(handler)
+    assert wrapped("x", CTX) == "x" and wrapped("y", CTX) == "y"
+    assert log == ["a>", "handler", "<a", "a>", "handler", "<a"]
+
+
+def test_the_scope_stamps_a_copy_with_what_middleware_asked():
+    from mqkit.correlation import handling
+
+    copy = encode(Order(order_id="1"), service="shop", headers={"x-old": "1"})
+    scope = handling(CTX)
+    scope.stamp(copy)
+    assert copy.headers == {"x-old": "1"}
+    scope.copy_headers["x-first"] = "00-abc"
+    scope.stamp(copy)
+    assert copy.headers == {"x-old": "1", "x-first": "00-abc"}
