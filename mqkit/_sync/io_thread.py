@@ -14,7 +14,7 @@ what a client cost on top of pika's own work. So a short function may also be ru
 :meth:`Loop.run_here`: while the IO thread waits for I/O and nothing is queued for it, the
 function runs at once on the calling thread, holding the loop's lock (the IO thread, should
 it wake, waits for it); otherwise the caller submits it as usual. Either way one thread at a
-time touches pika. :func:`send_at_once` makes a connection send what it writes at once, in one
+time touches pika. :func:`streamline` makes a connection send what it writes at once, in one
 piece per publish, so such a function needs the IO thread for nothing but the answer; and a
 thread that sent in place can take that too: it takes the socket's reads from the IO thread
 (:class:`Reads`) and reads its answer itself, so the answer wakes it and not the IO thread
@@ -25,11 +25,12 @@ and being woken a second time.
 
 That uses pika internals (stable from pika 1.0 to 1.4): ``IOLoop._get_poller``,
 ``IOLoop._callbacks``, ``EPollPoller._create_poller`` (so Linux's ``select.epoll``) and
-``_dispatch_fd_events``, the plaintext transport's ``write``, ``_sock``, ``_tx_buffers`` and
-``_state``, and a connection's ``_transport`` and ``_output_marshaled_frames``. Where they are
-missing, work is handed over as before (:attr:`Loop.in_place` is ``False``,
-:func:`send_at_once` returns ``False``); ``pyproject.toml`` pins pika to the versions
-``tests/unit/test_io_thread.py`` passed on, and those tests fail loudly if they change.
+``_dispatch_fd_events``, the plaintext transport's ``write``, ``_consume``, ``_sock``,
+``_tx_buffers``, ``_protocol`` and ``_state``, and a connection's ``_transport`` and
+``_output_marshaled_frames``. Where they are missing, work is handed over as before
+(:attr:`Loop.in_place` is ``False``, :func:`streamline` returns ``False``);
+``pyproject.toml`` pins pika to the versions ``tests/unit/test_io_thread.py`` passed on, and
+those tests fail loudly if they change.
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ from pika.adapters.utils import io_services_utils
 
 from mqkit.errors import ConnectionFailed
 
-__all__ = ["IOThread", "Loop", "Reads", "send_at_once", "settle", "wake"]
+__all__ = ["IOThread", "Loop", "Reads", "settle", "streamline", "wake"]
 
 log = logging.getLogger("mqkit.connection")
 
 _EPOLL = hasattr(select, "epoll") and hasattr(EPollPoller, "_create_poller")
 _PLAINTEXT: Any = getattr(io_services_utils, "_AsyncPlaintextTransport", None)
+# What streamline() uses of pika's plaintext transport.
+_TRANSPORT_PARTS = (
+    "_sock",
+    "_tx_buffers",
+    "_STATE_ACTIVE",
+    "_MAX_RECV_BYTES",
+    "_MAX_CONSUME_BYTES",
+    "RxEndOfFile",
+)
 _SLICE = 0.05  # seconds: how long a thread reading in place waits before looking again
 
 _here = threading.local()  # on an IO thread: ``wakes``, run before it next waits for I/O
@@ -290,22 +300,23 @@ def _fileno(connection: Any) -> int | None:
         return None
 
 
-def send_at_once(connection: Any) -> bool:
-    """IO thread: have pika's plaintext ``connection`` join the frames of each publish into
-    one write and send a write at once when nothing waits before it (instead of asking the
-    ioloop to wait until the socket is writable); ``False`` if its transport is not one that
-    can (TLS: pika's own writing stays). Idempotent."""
-    if getattr(connection, "_mqkit_sends_at_once", False):
+def streamline(connection: Any) -> bool:
+    """IO thread: have pika's plaintext ``connection`` write each publish in one piece, sent
+    at once when nothing waits before it (pika asks the ioloop to wait until the socket is
+    writable, then sends each frame on its own), and end a read when it did not fill pika's
+    buffer (pika reads again until the socket says it would block: one more system call and
+    exception per read; epoll reports anything that came since). ``False`` if its transport
+    is not one that can (TLS: pika's own reading and writing stay). Idempotent."""
+    if getattr(connection, "_mqkit_streamlined", False):
         return True
     transport: Any = getattr(connection, "_transport", None)
     if _PLAINTEXT is None or type(transport) is not _PLAINTEXT:
         return False
-    sock = getattr(transport, "_sock", None)
-    buffered = getattr(transport, "_tx_buffers", None)
-    active = getattr(transport, "_STATE_ACTIVE", None)
-    emit = getattr(connection, "_adapter_emit_data", None)
-    if sock is None or buffered is None or active is None or emit is None:
+    parts: list[Any] = [getattr(transport, name, None) for name in _TRANSPORT_PARTS]
+    emit: Any = getattr(connection, "_adapter_emit_data", None)
+    if emit is None or any(part is None for part in parts):
         return False
+    sock, buffered, active, recv_max, consume_max, end_of_file = parts
     queue_write: Callable[[bytes], None] = transport.write
 
     def write(data: bytes) -> None:
@@ -327,9 +338,23 @@ def send_at_once(connection: Any) -> bool:
         connection.frames_sent += len(frames)
         emit(data)
 
+    def consume() -> None:
+        # pika's _consume, ending after a read that did not fill the buffer. What it raises
+        # (would block, end of file, a protocol error) pika's caller handles as its own.
+        consumed = 0
+        while transport._state == active and consumed < consume_max:
+            data = sock.recv(recv_max)
+            if not data:
+                raise end_of_file()
+            consumed += len(data)
+            transport._protocol.data_received(data)
+            if len(data) < recv_max:
+                return
+
     transport.write = write
+    transport._consume = consume
     connection._output_marshaled_frames = output_frames
-    connection._mqkit_sends_at_once = True
+    connection._mqkit_streamlined = True
     return True
 
 

@@ -56,7 +56,7 @@ from pika.spec import Basic, BasicProperties
 from mqkit import explain
 from mqkit._sync.channel import open_channel
 from mqkit._sync.connection import Link, translate
-from mqkit._sync.io_thread import Loop, Reads, send_at_once, settle, wake
+from mqkit._sync.io_thread import Loop, Reads, settle, streamline, wake
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import Nacked, Pipeline, Returned
 from mqkit.messages import Envelope
@@ -564,7 +564,7 @@ class Publisher:
         """IO thread: let publishing threads send on ``channel``'s connection themselves
         while the IO thread is idle (see :mod:`mqkit._sync.io_thread`)."""
         connection: Any = channel.connection
-        send_at_once(connection)
+        streamline(connection)
         loop = connection.ioloop
         in_place = isinstance(loop, Loop) and loop.in_place
         self._run_here = loop.run_here if in_place else None

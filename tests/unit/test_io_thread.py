@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
+import select
 import socket
 import threading
 import time
@@ -26,7 +27,7 @@ from pika.adapters.base_connection import BaseConnection
 from pika.adapters.select_connection import EPollPoller, IOLoop, _PollerBase
 from pika.adapters.utils import io_services_utils
 
-from mqkit._sync.io_thread import IOThread, Loop, Reads, send_at_once, wake
+from mqkit._sync.io_thread import IOThread, Loop, Reads, streamline, wake
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -70,7 +71,9 @@ def test_the_pika_internals_the_fast_paths_use_are_there() -> None:
     assert "_adapter_emit_data" in vars(BaseConnection)
     transport = io_services_utils._AsyncPlaintextTransport  # type: ignore[attr-defined]
     assert "write" in vars(transport)
-    assert {"_STATE_ACTIVE"} <= set(vars(io_services_utils._AsyncTransportBase))  # type: ignore[attr-defined]
+    base = set(vars(io_services_utils._AsyncTransportBase))  # type: ignore[attr-defined]
+    assert {"_consume", "_STATE_ACTIVE", "_MAX_RECV_BYTES", "_MAX_CONSUME_BYTES"} <= base
+    assert "RxEndOfFile" in base
     loop = Loop()
     try:
         assert loop.in_place  # Linux: epoll
@@ -194,7 +197,7 @@ def test_wakes_still_pending_run_when_the_io_thread_stops() -> None:
     io.stop(5.0)
 
 
-# ---------------------------------------------------------------------------- send_at_once
+# ---------------------------------------------------------------------------- streamline
 
 
 class _Services:
@@ -215,7 +218,7 @@ class _Services:
 
 
 class _Connection:
-    """The parts of a pika connection :func:`send_at_once` changes, around a real transport."""
+    """The parts of a pika connection :func:`streamline` changes, around a real transport."""
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
@@ -228,7 +231,17 @@ class _Connection:
         self._transport.write(data)
 
     def _output_marshaled_frames(self, frames: list[bytes]) -> None:
-        raise AssertionError("replaced by send_at_once")
+        raise AssertionError("replaced by streamline")
+
+
+class _Protocol:
+    """What pika's transport hands what it reads to, recorded."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
 
 
 @pytest.fixture
@@ -236,7 +249,7 @@ def wire() -> Iterator[tuple[_Connection, _Services, socket.socket]]:
     ours, peer = socket.socketpair()
     ours.setblocking(False)
     services = _Services()
-    transport = io_services_utils._AsyncPlaintextTransport(ours, object(), services)  # type: ignore[attr-defined]
+    transport = io_services_utils._AsyncPlaintextTransport(ours, _Protocol(), services)  # type: ignore[attr-defined]
     connection = _Connection(transport)
     try:
         yield connection, services, peer
@@ -253,12 +266,12 @@ def read(peer: socket.socket, size: int) -> bytes:
     return data
 
 
-def test_send_at_once_joins_a_publish_and_sends_it_without_the_ioloop(
+def test_streamline_joins_a_publish_and_sends_it_without_the_ioloop(
     wire: tuple[_Connection, _Services, socket.socket],
 ) -> None:
     connection, services, peer = wire
-    assert send_at_once(connection)
-    assert send_at_once(connection)  # idempotent
+    assert streamline(connection)
+    assert streamline(connection)  # idempotent
     frames = [b"method", b"header", b"body"]
     connection._output_marshaled_frames(frames)
     assert connection.emitted == [b"methodheaderbody"]  # one write, so one TCP segment
@@ -267,11 +280,11 @@ def test_send_at_once_joins_a_publish_and_sends_it_without_the_ioloop(
     assert read(peer, 16) == b"methodheaderbody"
 
 
-def test_send_at_once_queues_what_the_socket_cannot_take_in_order(
+def test_streamline_queues_what_the_socket_cannot_take_in_order(
     wire: tuple[_Connection, _Services, socket.socket],
 ) -> None:
     connection, services, peer = wire
-    assert send_at_once(connection)
+    assert streamline(connection)
     big = bytes(range(256)) * 40_000  # more than a socket buffer holds
     connection._output_marshaled_frames([big])
     assert services.writer is not None  # the rest waits for the ioloop, as pika does it
@@ -286,13 +299,13 @@ def test_send_at_once_queues_what_the_socket_cannot_take_in_order(
     assert services.writer is None
 
 
-def test_send_at_once_leaves_other_transports_to_pika() -> None:
+def test_streamline_leaves_other_transports_to_pika() -> None:
     class Other:
         pass
 
     connection = _Connection(Other())
-    assert not send_at_once(connection)
-    assert not send_at_once(object())
+    assert not streamline(connection)
+    assert not streamline(object())
 
 
 # ---------------------------------------------------------------------------- Reads
@@ -425,3 +438,39 @@ def test_waiting_with_the_reads_never_outlasts_a_busy_io_thread_past_the_deadlin
         release.set()
     wait_for(lambda: bool(sock.read), "the IO thread to read once free")
     assert sock.readers() == ["mqkit-io-test"]
+
+
+def test_streamline_ends_a_read_that_did_not_fill_the_buffer(
+    wire: tuple[_Connection, _Services, socket.socket],
+) -> None:
+    connection, _services, peer = wire
+    transport = connection._transport
+    assert streamline(connection)
+    protocol = transport._protocol
+    peer.sendall(b"ack")
+    wait_for(lambda: _readable(transport._sock), "the bytes to arrive")
+    transport._consume()  # one read: pika would read again, and meet "would block"
+    assert protocol.received == [b"ack"]
+    big = b"x" * (transport._MAX_RECV_BYTES + 10)
+    peer.sendall(big)
+    wait_for(lambda: _readable(transport._sock), "the bytes to arrive")
+    time.sleep(0.05)
+    transport._consume()  # a full read reads on
+    assert b"".join(protocol.received[1:]) == big
+
+
+def test_streamline_reads_end_of_file_and_would_block_as_pika_does(
+    wire: tuple[_Connection, _Services, socket.socket],
+) -> None:
+    connection, _services, peer = wire
+    transport = connection._transport
+    assert streamline(connection)
+    with pytest.raises(BlockingIOError):  # a spurious wake-up: pika's caller ignores it
+        transport._consume()
+    peer.shutdown(socket.SHUT_WR)
+    with pytest.raises(io_services_utils._AsyncTransportBase.RxEndOfFile):  # type: ignore[attr-defined]
+        transport._consume()
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
