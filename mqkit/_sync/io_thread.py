@@ -110,7 +110,9 @@ class _Epoll:
         self._loop = loop
         self._masks: dict[int, int] = {}  # what pika asked to watch, per file descriptor
         self._masks_lock = threading.Lock()  # also taken without the loop's lock (give_back)
-        self.taken: set[int] = set()  # file descriptors a thread reads in place of the IO thread
+        # File descriptors a thread reads in place of the IO thread, each with a token of that
+        # taking (a closed socket's number may come back with another socket).
+        self.taken: dict[int, object] = {}
         self.close = epoll.close
         loop.epoll = self
 
@@ -131,24 +133,25 @@ class _Epoll:
     def unregister(self, fd: int) -> None:
         with self._masks_lock:
             self._masks.pop(fd, None)
-            self.taken.discard(fd)
+            self.taken.pop(fd, None)
             self._epoll.unregister(fd)
 
-    def take(self, fd: int) -> bool:
-        """Under the loop's lock: stop watching ``fd`` for reading, unless it is not
-        watched or already taken."""
+    def take(self, fd: int) -> object | None:
+        """Under the loop's lock: stop watching ``fd`` for reading and return the token of
+        this taking; ``None`` if it is not watched or already taken."""
         with self._masks_lock:
             if fd not in self._masks or fd in self.taken:
-                return False
+                return None
             self._epoll.modify(fd, self._masks[fd] & ~select.EPOLLIN)
-            self.taken.add(fd)
-            return True
+            token = self.taken[fd] = object()
+            return token
 
-    def give_back(self, fd: int) -> None:
-        """Watch ``fd`` for reading again (what came meanwhile wakes the IO thread)."""
+    def give_back(self, fd: int, token: object) -> None:
+        """Watch ``fd`` for reading again, if it is still taken with ``token`` (what came
+        meanwhile wakes the IO thread)."""
         with self._masks_lock:
-            if fd in self.taken:
-                self.taken.discard(fd)
+            if self.taken.get(fd) is token:
+                del self.taken[fd]
                 self._epoll.modify(fd, self._mask(fd))
 
     def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
@@ -176,7 +179,7 @@ class _Poller(EPollPoller):
         epoll = self._loop.epoll
         if epoll is not None and epoll.taken:
             # Readiness reported before a thread took the reads: that thread reads now.
-            for fd in epoll.taken.intersection(fd_event_map):
+            for fd in epoll.taken.keys() & fd_event_map.keys():
                 fd_event_map[fd] &= ~select.EPOLLIN
         super()._dispatch_fd_events(fd_event_map)  # type: ignore[misc]
 
@@ -205,6 +208,14 @@ class Loop(IOLoop):
         )
         return self.poller
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Any:
+        """pika's ``call_later``; a timer started in place of the IO thread (while it waits
+        for I/O, with a wait reckoned without that timer) wakes it to reckon again."""
+        timeout = super().call_later(delay, callback)
+        if self.waiting:
+            self.add_callback_threadsafe(_nothing)
+        return timeout
+
     def reads(self, connection: Any) -> Reads | None:
         """The reads of pika ``connection``'s socket, for a thread to take (``None`` if this
         loop cannot hand them over)."""
@@ -218,9 +229,8 @@ class Loop(IOLoop):
         for it (which then runs first), holding the IO thread off meanwhile; return what ``fn``
         returned, or ``False`` without running it: then :meth:`IOThread.submit` the work.
 
-        ``fn`` must be short and must not block, start timers or wait for the IO thread (it
-        computed how long to wait without them). Its exceptions are logged, as on the IO
-        thread, and count as done (``True``)."""
+        ``fn`` must be short and must not block or wait for the IO thread. Its exceptions are
+        logged, as on the IO thread, and count as done (``True``)."""
         if not self.lock.acquire(blocking=False):
             return False
         try:
@@ -246,27 +256,33 @@ class Reads:
     a time; the IO thread keeps everything else (timers, writes, the other sockets).
     """
 
-    __slots__ = ("_fd", "_loop")
+    __slots__ = ("_fd", "_loop", "_token")
 
     def __init__(self, loop: Loop, fd: int) -> None:
         self._loop = loop
         self._fd = fd
+        self._token: object | None = None  # of the current taking
 
     def take(self) -> bool:
         """Under the loop's lock: take the reads from the IO thread; ``False`` if another
         thread has them (or the socket is gone). Then call :meth:`wait`, whatever happens."""
         epoll = self._loop.epoll
-        return epoll is not None and epoll.take(self._fd)
+        self._token = None if epoll is None else epoll.take(self._fd)
+        return self._token is not None
 
     def wait(self, done: Callable[[], bool], deadline: float) -> None:
         """Read until ``done()`` or ``time.monotonic()`` passes ``deadline``, then give the
         reads back. Stops early (``done()`` still false) if the socket goes away or the loop's
         lock cannot be had in time: then wait for the answer the usual way."""
-        loop, fd = self._loop, self._fd
+        loop, fd, token = self._loop, self._fd, self._token
         epoll, poller = loop.epoll, loop.poller
+        if epoll is None or poller is None or token is None:
+            return
+
+        def ours() -> bool:  # else the socket was closed (its number may be in use again)
+            return epoll.taken.get(fd) is token and epoll is loop.epoll
+
         try:
-            if epoll is None or poller is None:
-                return
             watch = select.poll()
             watch.register(fd, select.POLLIN)
             while not done():
@@ -276,20 +292,27 @@ class Reads:
                 # In slices: what settles the answer without a byte on this socket (the
                 # client closing) is seen within one.
                 ready = watch.poll(min(remaining, _SLICE) * 1000)
-                if fd not in epoll.taken or epoll is not loop.epoll:
-                    return  # the socket was closed (and its number may be reused)
+                if not ours():
+                    return
                 if not ready:
                     continue
                 if not loop.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                     return
                 try:
-                    if fd in epoll.taken and epoll is loop.epoll:
+                    if ours():
                         poller.read_here(fd)
+                except Exception:  # on the IO thread it would be logged and the loop go on
+                    log.exception("error reading in place of the IO thread")
+                    return
                 finally:
                     loop.lock.release()
         finally:
-            if epoll is not None:
-                epoll.give_back(fd)
+            self._token = None
+            epoll.give_back(fd, token)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _fileno(connection: Any) -> int | None:

@@ -319,6 +319,7 @@ class _Socket:
         self.ours.setblocking(False)
         self.fd = self.ours.fileno()
         self.read: list[tuple[str, bytes]] = []
+        self.broken = False  # reading raises
         watching = threading.Event()
 
         def watch() -> None:
@@ -330,6 +331,8 @@ class _Socket:
         wait_for(lambda: io.loop.waiting, "the IO thread to wait for I/O")
 
     def _on_readable(self, fd: int, events: int) -> None:
+        if self.broken:
+            raise RuntimeError("boom")
         self.read.append((threading.current_thread().name, self.ours.recv(4096)))
 
     def readers(self) -> list[str]:
@@ -474,3 +477,36 @@ def test_streamline_reads_end_of_file_and_would_block_as_pika_does(
 
 def _readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_a_timer_started_in_place_wakes_the_io_thread_to_keep_its_time(io: IOThread) -> None:
+    fired = threading.Event()
+    started = time.monotonic()
+
+    def start_timer() -> bool:
+        io.loop.call_later(0.05, fired.set)
+        return True
+
+    # The IO thread waits up to 5 s at a time when nothing is due: without the wake-up the
+    # timer would fire that late.
+    assert io.loop.run_here(start_timer)
+    assert fired.wait(5)
+    assert time.monotonic() - started < 1
+
+
+def test_an_error_while_reading_in_place_is_logged_and_the_reads_given_back(
+    io: IOThread, sock: _Socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    reads = Reads(io.loop, sock.fd)
+    assert take(io, reads)
+    sock.broken = True
+    sock.peer.send(b"answer")
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="mqkit.connection"):
+        reads.wait(lambda: False, started + 10)
+        assert time.monotonic() - started < 2  # not until the deadline
+        assert "reading in place" in caplog.text
+        assert io.loop.epoll is not None and sock.fd not in io.loop.epoll.taken
+        sock.broken = False  # given back: the IO thread reads what is left
+        wait_for(lambda: bool(sock.read), "the IO thread to read")
+    assert sock.readers() == ["mqkit-io-test"]
