@@ -2,9 +2,10 @@
 while the IO thread waits for I/O (which then, for a lone message, reads its confirm itself
 too), else handed over to the IO thread; either way confirmed, stored once and in order.
 
-Blocking runtime only: ``AsyncClient`` has no IO thread. What both runtimes must do with a
-publish (confirms, returns, timeouts, sizes) is in the shared suite; those tests go through
-whichever path a publish takes.
+The paths are the blocking runtime's (``AsyncClient`` has no IO thread); what both runtimes
+must do with a publish (confirms, returns, timeouts, sizes) is in the shared suite, whose
+tests go through whichever path a publish takes. The nack test runs on both: a nack read in
+place replaces the publishing channel from the publishing thread.
 """
 
 from __future__ import annotations
@@ -143,3 +144,32 @@ def test_threads_publishing_at_once_mix_both_paths_and_each_message_is_stored_on
     assert Counter(stored) == Counter(i for ids in results.values() for i in ids)
     for ids in results.values():  # each thread's messages in the order it published them
         assert [i for i in stored if i in set(ids)] == ids
+
+
+def test_a_publish_the_broker_nacks_fails_nacked_and_the_client_publishes_on(
+    rt, names, raw
+) -> None:
+    # Both runtimes (a sync publish reads its nack in place; the channel is replaced from
+    # there): a full queue with overflow=reject-publish nacks publishes.
+    full, other = names.queue(), names.queue()
+    with rt.client(confirm_timeout=10) as client:
+        client.declare(
+            mqkit.Queue(full, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+        )
+        producer = client.producer(Order, queue=full)
+        kept: list[str] = []
+        nacked: list[mqkit.PublishNacked] = []
+        started = time.monotonic()
+        for n in range(6):  # a quorum queue may take one more than its length before it nacks
+            try:
+                kept.append(producer.publish(order(n)))
+            except mqkit.PublishNacked as exc:  # nacked, sent once more on a new channel, again
+                nacked.append(exc)
+                if len(nacked) == 2:
+                    break
+        assert len(nacked) == 2 and 1 <= len(kept) <= 2
+        assert all(len(exc.unconfirmed) == 1 for exc in nacked)
+        assert time.monotonic() - started < 8
+        assert client.producer(Order, queue=other).publish(order(9))
+    assert [props.message_id for _m, props, _b in raw.drain(full)] == kept
+    assert raw.count(other) == 1
