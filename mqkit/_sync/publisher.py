@@ -2,14 +2,16 @@
 
 Every publish of a client (producers, the event bus, retry and dead-letter copies, RPC
 requests and replies, replays) goes through its :class:`Publisher`. A publishing thread turns
-its messages into pika properties and waits on a :class:`Batch`. It sends them itself while
-the IO thread is idle (:meth:`~mqkit._sync.io_thread.Loop.run_here`: one publish at a time
-then costs no thread switch but the one that brings its confirm), else hands them to the IO
-thread in one callback. Up to :data:`~mqkit.publishing.CONFIRM_WINDOW` messages are in
-flight; the IO thread matches ``basic.ack``/``basic.nack`` (``multiple`` included) by
-delivery tag and ``basic.return`` (which arrives before the ack of the same publish) by
-``message_id``. A publish that fails returned or nacked is reported to the pipeline
-(:class:`~mqkit.lifecycle.Returned`, :class:`~mqkit.lifecycle.Nacked`).
+its messages into pika properties and waits on a :class:`Batch`. A lone message it sends
+itself while the IO thread is idle (:meth:`~mqkit._sync.io_thread.Loop.run_here`), and reads
+its confirm itself too (:class:`~mqkit._sync.io_thread.Reads`): one publish at a time then
+costs one thread wake-up, the confirm's, as with pika's ``BlockingConnection``. Otherwise it
+hands them to the IO thread, in chunks: the IO thread sends one while it builds the next.
+Up to :data:`~mqkit.publishing.CONFIRM_WINDOW` messages are in flight; the IO thread matches
+``basic.ack``/``basic.nack`` (``multiple`` included) by delivery tag and ``basic.return``
+(which arrives before the ack of the same publish) by ``message_id``. A publish that fails
+returned or nacked is reported to the pipeline (:class:`~mqkit.lifecycle.Returned`,
+:class:`~mqkit.lifecycle.Nacked`).
 
 When the link drops, messages in flight go back to the head of the queue and are sent again
 on the new channel (at-least-once: a message whose confirm was lost may be stored twice); a
@@ -235,7 +237,7 @@ class Publisher:
             if len(chunk) >= SEND_CHUNK:  # let the IO thread start sending while we build the rest
                 self._hand_over(chunk)
                 chunk = []
-        reads = self._hand_over(chunk, wait_here=len(envelopes) == 1) if chunk else None
+        reads = self._hand_over(chunk, lone=len(envelopes) == 1) if chunk else None
         if reads is None:
             confirmed = batch.wait(self._confirm_timeout)
         else:  # a lone message sent in place: read its confirm here, not from the IO thread
@@ -248,26 +250,27 @@ class Publisher:
             return batch.ids
         raise self._failure(batch, exchange, routing_key, timed_out=not confirmed)
 
-    def _hand_over(self, messages: list[_Message], *, wait_here: bool = False) -> Reads | None:
-        """Send ``messages`` from this thread if the IO thread is idle, else hand them over.
-        ``wait_here``: if they were sent here, also take the socket's reads from the IO thread
-        and return them (the caller must then wait with them)."""
+    def _hand_over(self, messages: list[_Message], *, lone: bool = False) -> Reads | None:
+        """Hand ``messages`` to the IO thread, or send a ``lone`` message from this thread
+        while the IO thread is idle: then this thread also takes the socket's reads, returned
+        (the caller must wait with them). A batch stays with the IO thread, which sends one
+        chunk while this thread builds the next (in place, this thread would do both)."""
         run_here = self._run_here
-        if run_here is not None:
+        if lone and run_here is not None:
             taken: list[Reads] = []
-            if run_here(partial(self._send_here, messages, taken if wait_here else None)):
+            if run_here(partial(self._send_here, messages, taken)):
                 return taken[0] if taken else None
         self._link.submit(partial(self._enqueue, messages))
         return None
 
-    def _send_here(self, messages: list[_Message], taken: list[Reads] | None) -> bool:
+    def _send_here(self, messages: list[_Message], taken: list[Reads]) -> bool:
         """In place of the IO thread (:meth:`Loop.run_here`): send if the channel is open;
-        if all went out, take the reads into ``taken`` (when given)."""
+        if it went out, take the reads into ``taken``."""
         if self._channel is None:
             return False  # opening a channel is the IO thread's work
         self._enqueue(messages)
         reads = self._reads
-        if taken is not None and reads is not None and not self._waiting and reads.take():
+        if reads is not None and not self._waiting and reads.take():
             taken.append(reads)
         return True
 
