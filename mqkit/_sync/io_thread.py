@@ -14,8 +14,9 @@ what a client cost on top of pika's own work. So a short function may also be ru
 :meth:`Loop.run_here`: while the IO thread waits for I/O and nothing is queued for it, the
 function runs at once on the calling thread, holding the loop's lock (the IO thread, should
 it wake, waits for it); otherwise the caller submits it as usual. Either way one thread at a
-time touches pika. :func:`streamline` makes a connection send what it writes at once, in one
-piece per publish, so such a function needs the IO thread for nothing but the answer; and a
+time touches pika. :func:`mqkit._sync.transport.streamline` makes a connection send what it
+writes at once, in one piece per publish, so such a function needs the IO thread for nothing
+but the answer; and a
 thread that sent in place can take that too: it takes the socket's reads from the IO thread
 (:class:`Reads`) and reads its answer itself, so the answer wakes it and not the IO thread
 that would wake it in turn. The IO thread, for its part, wakes a waiting thread (:func:`wake`)
@@ -24,13 +25,10 @@ Python code: the woken thread finds the GIL and the loop free instead of waiting
 and being woken a second time.
 
 That uses pika internals (stable from pika 1.0 to 1.4): ``IOLoop._get_poller``,
-``IOLoop._callbacks``, ``EPollPoller._create_poller`` (so Linux's ``select.epoll``) and
-``_dispatch_fd_events``, the plaintext transport's ``write``, ``_consume``, ``_sock``,
-``_tx_buffers``, ``_protocol`` and ``_state``, and a connection's ``_transport`` and
-``_output_marshaled_frames``. Where they are missing, work is handed over as before
-(:attr:`Loop.in_place` is ``False``, :func:`streamline` returns ``False``);
-``pyproject.toml`` pins pika to the versions ``tests/unit/test_io_thread.py`` passed on, and
-those tests fail loudly if they change.
+``IOLoop._callbacks``, and ``EPollPoller._create_poller`` (so Linux's ``select.epoll``) and
+``_dispatch_fd_events``. Where they are missing, work is handed over as before
+(:attr:`Loop.in_place` is ``False``); ``pyproject.toml`` pins pika to the versions
+``tests/unit/test_io_thread.py`` passed on, and those tests fail loudly if they change.
 """
 
 from __future__ import annotations
@@ -44,25 +42,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from pika.adapters.select_connection import EPollPoller, IOLoop
-from pika.adapters.utils import io_services_utils
 
 from mqkit.errors import ConnectionFailed
 
-__all__ = ["IOThread", "Loop", "Reads", "settle", "streamline", "wake"]
+__all__ = ["IOThread", "Loop", "Reads", "settle", "wake"]
 
 log = logging.getLogger("mqkit.connection")
 
 _EPOLL = hasattr(select, "epoll") and hasattr(EPollPoller, "_create_poller")
-_PLAINTEXT: Any = getattr(io_services_utils, "_AsyncPlaintextTransport", None)
-# What streamline() uses of pika's plaintext transport.
-_TRANSPORT_PARTS = (
-    "_sock",
-    "_tx_buffers",
-    "_STATE_ACTIVE",
-    "_MAX_RECV_BYTES",
-    "_MAX_CONSUME_BYTES",
-    "RxEndOfFile",
-)
 _SLICE = 0.05  # seconds: how long a thread reading in place waits before looking again
 
 _here = threading.local()  # on an IO thread: ``wakes``, run before it next waits for I/O
@@ -321,64 +308,6 @@ def _fileno(connection: Any) -> int | None:
         return int(sock.fileno()) if sock is not None else None
     except (OSError, ValueError):
         return None
-
-
-def streamline(connection: Any) -> bool:
-    """IO thread: have pika's plaintext ``connection`` write each publish in one piece, sent
-    at once when nothing waits before it (pika asks the ioloop to wait until the socket is
-    writable, then sends each frame on its own), and end a read when it did not fill pika's
-    buffer (pika reads again until the socket says it would block: one more system call and
-    exception per read; epoll reports anything that came since). ``False`` if its transport
-    is not one that can (TLS: pika's own reading and writing stay). Idempotent."""
-    if getattr(connection, "_mqkit_streamlined", False):
-        return True
-    transport: Any = getattr(connection, "_transport", None)
-    if _PLAINTEXT is None or type(transport) is not _PLAINTEXT:
-        return False
-    parts: list[Any] = [getattr(transport, name, None) for name in _TRANSPORT_PARTS]
-    emit: Any = getattr(connection, "_adapter_emit_data", None)
-    if emit is None or any(part is None for part in parts):
-        return False
-    sock, buffered, active, recv_max, consume_max, end_of_file = parts
-    queue_write: Callable[[bytes], None] = transport.write
-
-    def write(data: bytes) -> None:
-        if not buffered and transport._state == active:
-            try:
-                sent = sock.send(data)
-            except OSError:  # would block, or failed: pika's writer meets the error and aborts
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        queue_write(data)
-
-    def output_frames(frames: Sequence[bytes]) -> None:
-        if not frames:
-            return
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        connection.bytes_sent += len(data)
-        connection.frames_sent += len(frames)
-        emit(data)
-
-    def consume() -> None:
-        # pika's _consume, ending after a read that did not fill the buffer. What it raises
-        # (would block, end of file, a protocol error) pika's caller handles as its own.
-        consumed = 0
-        while transport._state == active and consumed < consume_max:
-            data = sock.recv(recv_max)
-            if not data:
-                raise end_of_file()
-            consumed += len(data)
-            transport._protocol.data_received(data)
-            if len(data) < recv_max:
-                return
-
-    transport.write = write
-    transport._consume = consume
-    connection._output_marshaled_frames = output_frames
-    connection._mqkit_streamlined = True
-    return True
 
 
 class IOThread:

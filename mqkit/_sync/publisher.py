@@ -58,7 +58,8 @@ from pika.spec import Basic, BasicProperties
 from mqkit import explain
 from mqkit._sync.channel import open_channel
 from mqkit._sync.connection import Link, translate
-from mqkit._sync.io_thread import Loop, Reads, settle, streamline, wake
+from mqkit._sync.io_thread import Loop, Reads, settle, wake
+from mqkit._sync.transport import streamline
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import Nacked, Pipeline, Returned
 from mqkit.messages import Envelope
@@ -333,12 +334,30 @@ class Publisher:
         if channel is not self._channel:
             return  # a replaced channel: what was in flight on it was sent again
         method = frame.method
-        tag: int = method.delivery_tag
-        nacked = isinstance(method, Basic.Nack)
+        self._confirmed(
+            channel, method.delivery_tag, method.multiple, isinstance(method, Basic.Nack)
+        )
+
+    def _on_confirms_read(
+        self, channel_number: int, confirms: list[tuple[int, bool, bool]]
+    ) -> bool:
+        """The confirms of a read that held nothing else (:func:`streamline`): ``False`` if
+        they are not this channel's (pika then hands them to whom they concern)."""
+        channel = self._channel
+        if channel is None or channel.channel_number != channel_number:
+            return False
+        for tag, multiple, nacked in confirms:
+            if channel is not self._channel:
+                break  # replaced after a nack: the rest were for it (pika's way: ignored)
+            self._confirmed(channel, tag, multiple, nacked)
+        return True
+
+    def _confirmed(self, channel: Channel, tag: int, multiple: bool, nacked: bool) -> None:
+        """``basic.ack`` (or ``basic.nack``) ``tag`` (``multiple``: and all before it)."""
         inflight = self._inflight
         if not inflight:
             return
-        if method.multiple:
+        if multiple:
             while inflight and inflight[0].tag <= tag:
                 self._settle(inflight.popleft(), nacked)
         else:
@@ -567,7 +586,7 @@ class Publisher:
         """IO thread: let publishing threads send on ``channel``'s connection themselves
         while the IO thread is idle (see :mod:`mqkit._sync.io_thread`)."""
         connection: Any = channel.connection
-        streamline(connection)
+        streamline(connection, self._on_confirms_read)
         loop = connection.ioloop
         in_place = isinstance(loop, Loop) and loop.in_place
         self._run_here = loop.run_here if in_place else None

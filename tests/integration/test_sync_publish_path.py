@@ -51,13 +51,13 @@ def record_senders(monkeypatch: Any) -> list[str]:
 def record_confirm_readers(monkeypatch: Any) -> list[str]:
     """The name of the thread that handles each confirm from the broker."""
     readers: list[str] = []
-    on_confirm = Publisher._on_confirm
+    confirmed = Publisher._confirmed
 
-    def spy(self: Publisher, channel: Any, frame: Any) -> None:
+    def spy(self: Publisher, channel: Any, tag: int, multiple: bool, nacked: bool) -> None:
         readers.append(threading.current_thread().name)
-        on_confirm(self, channel, frame)
+        confirmed(self, channel, tag, multiple, nacked)
 
-    monkeypatch.setattr(Publisher, "_on_confirm", spy)
+    monkeypatch.setattr(Publisher, "_confirmed", spy)
     return readers
 
 
@@ -69,12 +69,21 @@ def test_one_publish_at_a_time_is_sent_and_confirmed_on_the_publishing_thread(
     with client_for(broker_url) as client:
         producer = client.producer(Order, queue=queue)
         readers = record_confirm_readers(monkeypatch)  # after the producer's declares
+        through_pika: list[Any] = []  # confirms pika decoded and dispatched itself
+        on_confirm = Publisher._on_confirm
+
+        def pika_path(self: Publisher, channel: Any, frame: Any) -> None:
+            through_pika.append(frame)
+            on_confirm(self, channel, frame)
+
+        monkeypatch.setattr(Publisher, "_on_confirm", pika_path)
         ids = [producer.publish(order(i)) for i in range(20)]
     here = threading.current_thread().name
     # The IO thread is idle between two confirmed publishes; something else on the
     # connection (a heartbeat) may keep it busy at the odd moment: most, not all.
     assert senders.count(here) >= 15, senders
     assert readers.count(here) >= 15, readers
+    assert len(through_pika) <= 5, through_pika  # a read of confirms only skips pika's frames
     assert [props.message_id for _m, props, _b in raw.drain(queue)] == ids
 
 

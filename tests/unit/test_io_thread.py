@@ -1,5 +1,5 @@
-"""The IO thread's fast paths: work run in place while it waits, wakes deferred until it
-waits, and a connection that sends at once (``mqkit._sync.io_thread``).
+"""The IO thread's fast paths (``mqkit._sync.io_thread``): work run in place while it waits,
+wakes deferred until it waits, a socket's reads taken by the thread waiting for an answer.
 
 They rely on pika internals: ``pyproject.toml`` pins pika to the versions these tests passed
 on, and the first two tests fail loudly if the installed pika is another or renamed them.
@@ -10,24 +10,19 @@ from __future__ import annotations
 import collections
 import logging
 import re
-import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
-import pika.connection
 import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from pika.adapters.base_connection import BaseConnection
 from pika.adapters.select_connection import EPollPoller, IOLoop, _PollerBase
-from pika.adapters.utils import io_services_utils
 
-from mqkit._sync.io_thread import IOThread, Loop, Reads, streamline, wake
+from mqkit._sync.io_thread import IOThread, Loop, Reads, wake
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -67,13 +62,6 @@ def test_the_pika_internals_the_fast_paths_use_are_there() -> None:
     assert "_get_poller" in vars(IOLoop)
     assert "_create_poller" in vars(EPollPoller)
     assert "_dispatch_fd_events" in vars(_PollerBase)
-    assert "_output_marshaled_frames" in vars(pika.connection.Connection)
-    assert "_adapter_emit_data" in vars(BaseConnection)
-    transport = io_services_utils._AsyncPlaintextTransport  # type: ignore[attr-defined]
-    assert "write" in vars(transport)
-    base = set(vars(io_services_utils._AsyncTransportBase))  # type: ignore[attr-defined]
-    assert {"_consume", "_STATE_ACTIVE", "_MAX_RECV_BYTES", "_MAX_CONSUME_BYTES"} <= base
-    assert "RxEndOfFile" in base
     loop = Loop()
     try:
         assert loop.in_place  # Linux: epoll
@@ -195,117 +183,6 @@ def test_wakes_still_pending_run_when_the_io_thread_stops() -> None:
     io.submit(wake_then_stop)
     assert woken.wait(5)
     io.stop(5.0)
-
-
-# ---------------------------------------------------------------------------- streamline
-
-
-class _Services:
-    """What pika's transport asks of the ioloop, recorded."""
-
-    def __init__(self) -> None:
-        self.writer: Callable[[], None] | None = None
-
-    def set_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        pass
-
-    def set_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        self.writer = callback
-
-    def remove_writer(self, fd: int) -> bool:
-        self.writer = None
-        return True
-
-
-class _Connection:
-    """The parts of a pika connection :func:`streamline` changes, around a real transport."""
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self.bytes_sent = 0
-        self.frames_sent = 0
-        self.emitted: list[bytes] = []
-
-    def _adapter_emit_data(self, data: bytes) -> None:
-        self.emitted.append(data)
-        self._transport.write(data)
-
-    def _output_marshaled_frames(self, frames: list[bytes]) -> None:
-        raise AssertionError("replaced by streamline")
-
-
-class _Protocol:
-    """What pika's transport hands what it reads to, recorded."""
-
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-
-    def data_received(self, data: bytes) -> None:
-        self.received.append(data)
-
-
-@pytest.fixture
-def wire() -> Iterator[tuple[_Connection, _Services, socket.socket]]:
-    ours, peer = socket.socketpair()
-    ours.setblocking(False)
-    services = _Services()
-    transport = io_services_utils._AsyncPlaintextTransport(ours, _Protocol(), services)  # type: ignore[attr-defined]
-    connection = _Connection(transport)
-    try:
-        yield connection, services, peer
-    finally:
-        ours.close()
-        peer.close()
-
-
-def read(peer: socket.socket, size: int) -> bytes:
-    peer.settimeout(5)
-    data = b""
-    while len(data) < size:
-        data += peer.recv(size - len(data))
-    return data
-
-
-def test_streamline_joins_a_publish_and_sends_it_without_the_ioloop(
-    wire: tuple[_Connection, _Services, socket.socket],
-) -> None:
-    connection, services, peer = wire
-    assert streamline(connection)
-    assert streamline(connection)  # idempotent
-    frames = [b"method", b"header", b"body"]
-    connection._output_marshaled_frames(frames)
-    assert connection.emitted == [b"methodheaderbody"]  # one write, so one TCP segment
-    assert (connection.bytes_sent, connection.frames_sent) == (16, 3)
-    assert services.writer is None  # sent: the ioloop was not asked to wait for writability
-    assert read(peer, 16) == b"methodheaderbody"
-
-
-def test_streamline_queues_what_the_socket_cannot_take_in_order(
-    wire: tuple[_Connection, _Services, socket.socket],
-) -> None:
-    connection, services, peer = wire
-    assert streamline(connection)
-    big = bytes(range(256)) * 40_000  # more than a socket buffer holds
-    connection._output_marshaled_frames([big])
-    assert services.writer is not None  # the rest waits for the ioloop, as pika does it
-    connection._output_marshaled_frames([b"after"])  # behind what is queued, not before
-    received = b""
-    peer.settimeout(5)
-    while len(received) < len(big) + 5:
-        received += peer.recv(1 << 20)
-        if services.writer is not None:
-            services.writer()  # the ioloop found the socket writable
-    assert received == big + b"after"
-    assert services.writer is None
-
-
-def test_streamline_leaves_other_transports_to_pika() -> None:
-    class Other:
-        pass
-
-    connection = _Connection(Other())
-    assert not streamline(connection)
-    assert not streamline(object())
 
 
 # ---------------------------------------------------------------------------- Reads
@@ -441,42 +318,6 @@ def test_waiting_with_the_reads_never_outlasts_a_busy_io_thread_past_the_deadlin
         release.set()
     wait_for(lambda: bool(sock.read), "the IO thread to read once free")
     assert sock.readers() == ["mqkit-io-test"]
-
-
-def test_streamline_ends_a_read_that_did_not_fill_the_buffer(
-    wire: tuple[_Connection, _Services, socket.socket],
-) -> None:
-    connection, _services, peer = wire
-    transport = connection._transport
-    assert streamline(connection)
-    protocol = transport._protocol
-    peer.sendall(b"ack")
-    wait_for(lambda: _readable(transport._sock), "the bytes to arrive")
-    transport._consume()  # one read: pika would read again, and meet "would block"
-    assert protocol.received == [b"ack"]
-    big = b"x" * (transport._MAX_RECV_BYTES + 10)
-    peer.sendall(big)
-    wait_for(lambda: _readable(transport._sock), "the bytes to arrive")
-    time.sleep(0.05)
-    transport._consume()  # a full read reads on
-    assert b"".join(protocol.received[1:]) == big
-
-
-def test_streamline_reads_end_of_file_and_would_block_as_pika_does(
-    wire: tuple[_Connection, _Services, socket.socket],
-) -> None:
-    connection, _services, peer = wire
-    transport = connection._transport
-    assert streamline(connection)
-    with pytest.raises(BlockingIOError):  # a spurious wake-up: pika's caller ignores it
-        transport._consume()
-    peer.shutdown(socket.SHUT_WR)
-    with pytest.raises(io_services_utils._AsyncTransportBase.RxEndOfFile):  # type: ignore[attr-defined]
-        transport._consume()
-
-
-def _readable(sock: socket.socket) -> bool:
-    return bool(select.select([sock], [], [], 0)[0])
 
 
 def test_a_timer_started_in_place_wakes_the_io_thread_to_keep_its_time(io: IOThread) -> None:
