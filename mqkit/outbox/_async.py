@@ -14,7 +14,6 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
@@ -31,6 +30,7 @@ from mqkit.outbox.relaying import (
     CLEAN_ROUNDS,
     FINAL_PASSES,
     Pace,
+    PassResult,
     Settlement,
     Timer,
     declarations,
@@ -53,14 +53,6 @@ __all__ = ["AsyncOutboxRelay", "inbox_handler"]
 log = logging.getLogger("mqkit.outbox.relay")
 
 T = TypeVar("T", bound=BaseModel)
-
-
-@dataclass(frozen=True)
-class _Pass:
-    claimed: int
-    sent: int
-    full: bool
-    trouble: BaseException | None
 
 
 class AsyncOutboxRelay:
@@ -243,7 +235,7 @@ class AsyncOutboxRelay:
             return wait
         return self._pace.after(sent=result.sent, full=result.full)
 
-    async def _pass(self) -> _Pass | None:
+    async def _pass(self) -> PassResult | None:
         if self._passing is None:
             self._passing = asyncio.Lock()
         async with self._passing:
@@ -258,7 +250,7 @@ class AsyncOutboxRelay:
                     )
                 )
                 if not claimed:
-                    return _Pass(0, 0, False, None)
+                    return PassResult(0, 0, False, None)
                 failpoints.reached("relay.claimed")
                 rows, _later = split(claimed)
                 errors = await self._send(rows)
@@ -269,7 +261,7 @@ class AsyncOutboxRelay:
                 )
                 failpoints.reached("relay.marked")
             self._count(outcome)
-            return _Pass(
+            return PassResult(
                 len(claimed), len(outcome.sent), len(claimed) >= policy.batch_size, outcome.trouble
             )
 

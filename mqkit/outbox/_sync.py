@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
@@ -29,6 +28,7 @@ from mqkit.outbox.relaying import (
     CLEAN_ROUNDS,
     FINAL_PASSES,
     Pace,
+    PassResult,
     Settlement,
     Timer,
     declarations,
@@ -51,14 +51,6 @@ __all__ = ["OutboxRelay", "inbox_handler"]
 log = logging.getLogger("mqkit.outbox.relay")
 
 T = TypeVar("T", bound=BaseModel)
-
-
-@dataclass(frozen=True)
-class _Pass:
-    claimed: int
-    sent: int
-    full: bool
-    trouble: BaseException | None
 
 
 class OutboxRelay:
@@ -231,7 +223,7 @@ class OutboxRelay:
             return wait
         return self._pace.after(sent=result.sent, full=result.full)
 
-    def _pass(self) -> _Pass | None:
+    def _pass(self) -> PassResult | None:
         with self._passing:
             if self._lock is not None and not self._lock.acquire():
                 return None
@@ -240,7 +232,7 @@ class OutboxRelay:
             with self._engine.begin() as conn:
                 claimed = store.claim(conn, table, now=time.time(), limit=policy.batch_size)
                 if not claimed:
-                    return _Pass(0, 0, False, None)
+                    return PassResult(0, 0, False, None)
                 failpoints.reached("relay.claimed")
                 rows, _later = split(claimed)
                 errors = self._send(rows)
@@ -249,7 +241,7 @@ class OutboxRelay:
                 store.settle(conn, table, outcome, now=time.time())
                 failpoints.reached("relay.marked")
             self._count(outcome)
-            return _Pass(
+            return PassResult(
                 len(claimed), len(outcome.sent), len(claimed) >= policy.batch_size, outcome.trouble
             )
 

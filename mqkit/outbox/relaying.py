@@ -38,6 +38,7 @@ __all__ = [
     "Failure",
     "Group",
     "Pace",
+    "PassResult",
     "RelayPolicy",
     "Settlement",
     "Timer",
@@ -51,6 +52,18 @@ __all__ = [
     "settle",
     "split",
 ]
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass of a relay did: rows ``claimed`` and ``sent``, whether the batch was
+    ``full`` (look again at once), and the ``trouble`` that ended it early, if any."""
+
+    claimed: int
+    sent: int
+    full: bool
+    trouble: BaseException | None
+
 
 # After a commit in this process wakes the relay, the rows may not be visible yet (the
 # notification comes as the commit starts): look again after these many seconds.
