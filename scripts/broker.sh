@@ -237,11 +237,14 @@ start_local() {
     if [[ "$PORT" != 5672 ]]; then
         run+=(RABBITMQ_NODE_PORT="$PORT")
     fi
-    if "${run[@]}" "$server" -detached &&
+    # Output to a file, never our stdout/stderr: the detached VM inherits them and would hold
+    # a caller's pipe (a CI runner's log) open for as long as the broker runs.
+    local started_log="${TMPDIR:-/tmp}/mqkit-rabbitmq-server.$PORT.log"
+    if "${run[@]}" "$server" -detached </dev/null >"$started_log" 2>&1 &&
         wait_for_broker "rabbitmq-server"; then
         exit 0
     fi
-    TRIED+=("rabbitmq-server: \`$server -detached\` did not give a broker that answers (see its log, e.g. /var/log/rabbitmq/)")
+    TRIED+=("rabbitmq-server: \`$server -detached\` did not give a broker that answers (see $started_log and its log, e.g. /var/log/rabbitmq/)")
     give_up
 }
 

@@ -164,8 +164,11 @@ exec /usr/lib/rabbitmq/bin/rabbitmq-server
 EOS
     as_root chmod +x "$ROOT/start-rabbit4.sh"
     say "starting RabbitMQ 4 ($NODE, port $PORT, open-file limit $NOFILE); log: $ROOT.server.log"
-    # Its own session, so the node outlives this script (and a Ctrl-C of make).
-    as_root_logged "$ROOT.server.log" setsid nohup chroot "$ROOT" /start-rabbit4.sh </dev/null &
+    # Its own session, so the node outlives this script (and a Ctrl-C of make). The job that
+    # waits for it must not hold this script's stdout or stderr: a caller reading the URL with
+    # $(...), or a CI runner reading the log, would wait for the node to exit, i.e. forever.
+    as_root_logged "$ROOT.server.log" setsid nohup chroot "$ROOT" /start-rabbit4.sh \
+        </dev/null >/dev/null 2>&1 &
     local start=$SECONDS
     until port_open && [[ -n "$(version)" ]]; do
         if ((SECONDS - start > WAIT_SECONDS)); then
