@@ -37,7 +37,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["AsyncRestorable", "Restorable"]
+__all__ = ["AsyncRestorable", "Restorable", "connection_name"]
+
+
+def connection_name(service: str, purpose: str = "") -> str:
+    """The name a connection shows in the broker (``rabbitmqctl list_connections
+    client_properties``, the management UI): the same on both runtimes, and telling a
+    client's two connections apart, e.g. ``mqkit:billing (publishing)``."""
+    return f"mqkit:{service} ({purpose})" if purpose else f"mqkit:{service}"
 
 
 class Restorable(Protocol):

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import signal
 import threading
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -74,20 +73,13 @@ class AsyncClient:
     ) -> None:
         self._settings = (settings or Settings()).merged(**overrides)
         self._middleware = MiddlewareStack(middleware, runtime="async", client="AsyncClient")
-        self._id = uuid.uuid4().hex[:8]
-        name = f"mqkit async {self._settings.service} {self._id}"
         # Two connections, as RabbitMQ advises: a memory or disk alarm blocks the publishing
         # one, and consumers (and declares) on the other keep going.
         # What happens is reported to one pipeline; logging is its first observer, then the
         # middlewares' on_event.
         self._pipeline = Pipeline([LogObserver(), *self._middleware.observers])
-        self._link = Link(self._settings, self._pipeline, purpose="consuming", connection_name=name)
-        self._publish_link = Link(
-            self._settings,
-            self._pipeline,
-            purpose="publishing",
-            connection_name=f"{name} publishing",
-        )
+        self._link = Link(self._settings, self._pipeline, purpose="consuming")
+        self._publish_link = Link(self._settings, self._pipeline, purpose="publishing")
         self._publisher = Publisher(self._publish_link, self._pipeline)
         self._declarer = Declarer(self._link)
         self._requester = Requester(self._link, self._publisher, middleware=self._middleware)

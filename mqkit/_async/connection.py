@@ -46,7 +46,7 @@ from mqkit.lifecycle import (
     PublishingUnblocked,
 )
 from mqkit.settings import Settings, mask_url
-from mqkit.shell import AsyncRestorable
+from mqkit.shell import AsyncRestorable, connection_name
 
 from . import lenient
 
@@ -91,10 +91,11 @@ class _Unreachable(Exception):
 class Link:
     """One connection of a client: (re)connecting, and what depends on it.
 
-    ``purpose`` names the connection in log lines, ``connection_name`` in the broker's
-    connection list. A registered :class:`AsyncRestorable` hears ``_link_lost`` as soon as the
-    connection is gone, and ``_restore`` once a new one is up (before the link counts as
-    connected again: it opens its channels with ``wait_ready=False``).
+    ``purpose`` names the connection in log lines and in the broker's connection list
+    (:func:`mqkit.shell.connection_name`). A registered :class:`AsyncRestorable` hears
+    ``_link_lost`` as soon as the connection is gone, and ``_restore`` once a new one is up
+    (before the link counts as connected again: it opens its channels with
+    ``wait_ready=False``).
     """
 
     def __init__(
@@ -103,12 +104,11 @@ class Link:
         pipeline: Pipeline,
         *,
         purpose: str = "",
-        connection_name: str = "",
     ) -> None:
         self.settings = settings
         self._pipeline = pipeline
         self.purpose = purpose
-        self.connection_name = connection_name or f"mqkit:{settings.service}"
+        self.connection_name = connection_name(settings.service, purpose)
         self.url = ""  # the broker in use, password masked
         self.reconnects = 0
         self.last_error_at = 0.0  # time.monotonic() of the last error (0.0: none yet)

@@ -52,7 +52,7 @@ from mqkit.lifecycle import (
     PublishingUnblocked,
 )
 from mqkit.settings import Settings, mask_url
-from mqkit.shell import Restorable
+from mqkit.shell import Restorable, connection_name
 
 from .io_thread import IOThread, settle
 from .lenient import LenientSelectConnection
@@ -377,11 +377,6 @@ class Link:
         """Open one connection to ``url`` (caller thread waits; IO thread connects)."""
         future: Future[SelectConnection] = Future()
         params = self._parameters(url, timeout)
-        if self.purpose:  # tell a client's two connections apart in the broker's list
-            properties = dict(params.client_properties or {})
-            name = properties.get("connection_name") or f"mqkit:{self.settings.service}"
-            properties["connection_name"] = f"{name} ({self.purpose})"
-            params.client_properties = properties
         started: list[SelectConnection] = []
 
         def opened(connection: Any) -> None:
@@ -436,7 +431,9 @@ class Link:
         params.socket_timeout = max(0.5, timeout)
         params.stack_timeout = max(1.0, timeout)
         params.blocked_connection_timeout = None
-        params.client_properties = {"connection_name": f"mqkit:{self.settings.service}"}
+        params.client_properties = {
+            "connection_name": connection_name(self.settings.service, self.purpose)
+        }
         if tls.external(self.settings):
             params.credentials = pika.credentials.ExternalCredentials()
         if tls.uses_tls(url):

@@ -103,12 +103,23 @@ def fails_at_once(rt: Any, **overrides: Any) -> str:
     return text
 
 
-def connections(node: RabbitNode) -> list[list[str]]:
-    """The node's client connections: [user, auth_mechanism, ssl]."""
+def connections(node: RabbitNode, service: str) -> list[list[str]]:
+    """``service``'s client connections on the node: [user, auth_mechanism, ssl].
+
+    Only that client's own (its connection name carries the service name): a connection an
+    earlier test left closing must not count.
+    """
     out = node.ctl(
-        "list_connections", "user", "auth_mechanism", "ssl", "--quiet", "--no-table-headers"
+        "list_connections",
+        "user",
+        "auth_mechanism",
+        "ssl",
+        "client_properties",
+        "--quiet",
+        "--no-table-headers",
     )
-    return [line.split("\t") for line in out.splitlines() if line.strip()]
+    rows = [line.split("\t", 3) for line in out.splitlines() if line.strip()]
+    return [row[:3] for row in rows if len(row) == 4 and f"mqkit:{service} (" in row[3]]
 
 
 def delete_queues(node: RabbitNode, prefix: str) -> None:
@@ -141,10 +152,10 @@ def round_trip(client: Any, queue: str, collector: Any) -> None:
 def test_verified_tls_round_trip(rt: Any, node: RabbitNode, names: Any, collector: Any) -> None:
     queue = names.queue()
     try:
-        with rt.client(**tls_settings(node)) as client:
+        with rt.client(**tls_settings(node, service=queue)) as client:
             round_trip(client, queue, collector)
             assert client.health().url.startswith("amqps://guest:***@127.0.0.1:")
-            assert ["guest", "PLAIN", "true"] in connections(node)
+            assert connections(node, queue) == [["guest", "PLAIN", "true"]] * 2
     finally:
         delete_queues(node, queue)
 
@@ -154,12 +165,12 @@ def test_external_login_with_the_client_certificate(
 ) -> None:
     queue = names.queue()
     try:
-        with rt.client(**external_settings(node)) as client:
+        with rt.client(**external_settings(node, service=queue)) as client:
             round_trip(client, queue, collector)
-            seen = connections(node)
-            assert [node.client_user, "EXTERNAL", "true"] in seen
-            # The URL names no user, and nothing logged in as guest/guest instead.
-            assert not any(row[0] == "guest" for row in seen), seen
+            seen = connections(node, queue)
+            # Both of the client's connections (publishing, consuming) logged in with the
+            # certificate: the URL names no user, and neither fell back to guest/guest.
+            assert seen == [[node.client_user, "EXTERNAL", "true"]] * 2, seen
     finally:
         delete_queues(node, queue)
 
