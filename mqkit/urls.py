@@ -21,9 +21,12 @@ from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
     "ENCODE_ADVICE",
+    "MEMORY_SCHEME",
     "check_url",
+    "connectable",
     "mask_raw_url",
     "mask_url",
+    "memory_name",
     "split_urls",
 ]
 
@@ -108,10 +111,43 @@ def split_urls(value: str) -> list[str]:
     return [url.strip() for url in urls]
 
 
+MEMORY_SCHEME = "memory://"
+_MEMORY_NAME = re.compile(r"[A-Za-z0-9_.\-]*")
+
+
+def memory_name(url: str) -> str | None:
+    """The broker name in a ``memory://NAME`` URL (the in-process broker of
+    :mod:`mqkit.testing.memory`), ``None`` if ``url`` is not a memory URL; raise
+    ``ValueError`` for a memory URL with more than a name (letters, digits, ``_.-``)."""
+    text = url.strip()
+    if not text.lower().startswith(MEMORY_SCHEME):
+        return None
+    name = text[len(MEMORY_SCHEME) :].rstrip("/")
+    if not _MEMORY_NAME.fullmatch(name):
+        raise ValueError(
+            f"{url!r} is not a valid memory URL: use memory:// or memory://NAME "
+            "(NAME of letters, digits, '_', '.', '-')"
+        )
+    return name
+
+
+def connectable(url: str) -> str:
+    """The AMQP URL a shell opens for ``url``: ``url`` itself, or for ``memory://NAME`` the
+    loopback URL of that in-process broker (started on first use)."""
+    if memory_name(url) is None:
+        return url
+    from mqkit.testing.memory import amqp_url  # only a memory URL needs the memory broker
+
+    return amqp_url(url)
+
+
 def check_url(url: str) -> str:
     """Return ``url`` if mqkit can use it, else raise ``ValueError`` saying why (password
     masked). An AMQP URL is ``amqp[s]://user:password@host:port/vhost``, its special
-    characters percent-encoded, without URL parameters."""
+    characters percent-encoded, without URL parameters; ``memory://NAME`` is the in-process
+    broker of :mod:`mqkit.testing.memory`."""
+    if memory_name(url) is not None:
+        return url
     masked = mask_raw_url(url)
     example = "use amqp://user:password@host:5672/vhost"
     scheme = _SCHEME.match(url)

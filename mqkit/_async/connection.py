@@ -47,6 +47,7 @@ from mqkit.lifecycle import (
 )
 from mqkit.settings import Settings, mask_url
 from mqkit.shell import AsyncRestorable, connection_name
+from mqkit.urls import connectable
 
 from . import lenient
 
@@ -318,6 +319,7 @@ class Link:
             # aiormq's switch for SASL EXTERNAL. Settings refuse URLs with parameters of their
             # own, so this is the only one.
             options["auth"] = "external"
+        url = connectable(url)  # memory://NAME: the in-process broker's loopback URL
         connection = aio_pika.Connection(
             make_url(url, **options),
             ssl_context=tls.ssl_context(self.settings) if tls.uses_tls(url) else None,

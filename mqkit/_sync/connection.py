@@ -53,6 +53,7 @@ from mqkit.lifecycle import (
 )
 from mqkit.settings import Settings, mask_url
 from mqkit.shell import Restorable, connection_name
+from mqkit.urls import connectable
 
 from .io_thread import IOThread, settle
 from .lenient import LenientSelectConnection
@@ -425,7 +426,7 @@ class Link:
             raise
 
     def _parameters(self, url: str, timeout: float) -> pika.URLParameters:
-        params = pika.URLParameters(url)
+        params = pika.URLParameters(connectable(url))  # memory://NAME: its loopback URL
         params.heartbeat = self.settings.heartbeat
         params.connection_attempts = 1
         params.socket_timeout = max(0.5, timeout)
