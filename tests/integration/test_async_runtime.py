@@ -814,14 +814,15 @@ async def test_reconnect_restores_consumers_and_publishing(
     queue = names.queue()
     exclusive = mqkit.Queue(names.queue(), type="classic", durable=False, exclusive=True)
     got = Recorder()
-    async with client_for(service=names.service()) as client:
+    service = names.service()
+    async with client_for(service=service) as client:
         await client.declare(exclusive)
         producer = await client.producer(Order, queue=queue)
         async with client.consumer(queue, Order, got):
             await producer.publish(Order(order_id="1", amount=Decimal(1)))
             await got.wait(1)
             assert client.health().ready
-            marker = client._id
+            marker = f"mqkit:{service} ("  # the connection names (mqkit.shell.connection_name)
             # Both of the client's connections: publishing, and consuming/declaring.
             assert await asyncio.to_thread(_close_connection, broker_ctl, marker) == 2
             await eventually(
