@@ -88,8 +88,30 @@ def _docker_engine() -> str | None:
     return None if result.returncode == 0 else "no Docker engine answers"
 
 
+# MQKIT_TEST_URL=memory://NAME: the suite runs on mqkit's in-memory broker (make test's
+# memory pass). Clients are given the memory URL; raw pika gets the broker's loopback URL.
+MEMORY_URL = (
+    os.environ["MQKIT_TEST_URL"].strip()
+    if os.environ.get("MQKIT_TEST_URL", "").strip().lower().startswith("memory://")
+    else None
+)
+
+
+def memory_broker() -> Any:
+    """The in-memory broker of a memory pass (None on a RabbitMQ pass)."""
+    if MEMORY_URL is None:
+        return None
+    from mqkit.testing.memory import memory_broker as get
+    from mqkit.urls import memory_name
+
+    return get(memory_name(MEMORY_URL) or "")
+
+
 def _find_broker() -> Iterator[str]:
     """MQKIT_TEST_URL, else localhost:5672, else testcontainers; fails when none answers."""
+    if MEMORY_URL is not None:
+        yield memory_broker().amqp_url
+        return
     explicit = os.environ.get("MQKIT_TEST_URL")
     if explicit and broker_answers(explicit):
         yield explicit
@@ -223,6 +245,10 @@ class BrokerCtl:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        if MEMORY_URL is not None:
+            self.command = ["rabbitmqctl"]
+            self.problem = None
+            return
         configured = os.environ.get("MQKIT_TEST_CTL", "").strip()
         self.command = shlex.split(configured) if configured else ["rabbitmqctl"]
         self.problem: str | None = self._check(configured)
@@ -263,6 +289,8 @@ class BrokerCtl:
 
     def run(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
         """Run ``rabbitmqctl ARGS`` against the test broker; its stdout."""
+        if MEMORY_URL is not None:
+            return _memory_ctl(*args)
         if check:
             self.require()
         result = subprocess.run(
@@ -283,6 +311,41 @@ class BrokerCtl:
         """Names of every ``queues`` / ``exchanges`` of the default vhost."""
         out = self.run("-q", "--no-table-headers", f"list_{kind}", "name", check=check)
         return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _memory_ctl(*args: str) -> str:
+    """The few ``rabbitmqctl`` commands the suite uses, answered by the memory broker."""
+    command, *columns = [a for a in args if not a.startswith("-")]
+    broker = memory_broker()
+    if command == "list_queues":
+        counts = broker.queues()
+        arguments = dict(broker.iter_queues())
+
+        def column(name: str, c: str) -> str:
+            if c == "messages":
+                return str(counts[name])
+            if c == "arguments":  # as rabbitmqctl prints them: [{"k","v"},{"k",200},{"k",[]}]
+                pairs = [
+                    (k, str(v) if isinstance(v, int) else f'"{v}"' if v else "[]")
+                    for k, v in arguments[name].items()
+                ]
+                return "[" + ",".join(f'{{"{k}",{v}}}' for k, v in pairs) + "]"
+            return name if c == "name" else ""
+
+        rows = [[column(name, c) for c in columns] for name in counts]
+    elif command == "list_exchanges":
+        rows = [[name] for name in broker.exchanges()]
+    elif command == "list_connections":
+        rows = [
+            [str(i) if c == "pid" else name if c == "client_properties" else "" for c in columns]
+            for i, name in broker.connections().items()
+        ]
+    elif command == "close_connection":
+        broker.close_connection(int(columns[0]), columns[1] if len(columns) > 1 else "closed")
+        rows = []
+    else:
+        raise AssertionError(f"rabbitmqctl {command} is not modelled by the memory broker")
+    return "".join("\t".join(row) + "\n" for row in rows)
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,10 @@ mandatory returns; publisher confirms (a ``reject-publish`` queue nacks); prefet
 ``basic.get``; direct reply-to; a message size limit.
 
 It does not model: persistence and broker restarts, clustering, memory and disk alarms,
-connection/channel limits, per-user permissions (any user and password logs in, to the
-vhost ``/`` only), streams, priorities, ``x-expires``, ``x-max-length-bytes``,
-transactions, TLS. Messages that expire are dead-lettered when they reach the head of the
-queue, as RabbitMQ's classic queues do.
+connection/channel limits, permissions (a user of ``broker.users``, ``guest``/``guest`` by
+default, may do anything in the one vhost ``/``), streams, priorities, ``x-expires``,
+``x-max-length-bytes``, transactions, TLS. Messages that expire are dead-lettered when they
+reach the head of the queue, as RabbitMQ's classic queues do.
 
 Its clock is virtual: :meth:`MemoryBroker.advance` moves it forward, so messages held by a
 TTL (mqkit's broker-held retries) come back at once; :meth:`MemoryBroker.run_until_idle`
@@ -317,6 +317,20 @@ def _topic_matches(pattern: str, key: str) -> bool:
     return match(0, 0)
 
 
+def _keys(value: Any) -> list[str]:
+    """The routing keys of a ``CC``/``BCC`` header value."""
+    values = value if isinstance(value, list) else [value]
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _routing_keys(message: MemoryMessage, bcc: list[str] | None = None) -> list[str]:
+    keys = [message.routing_key]
+    headers = message.headers
+    if "CC" in headers:
+        keys += _keys(headers["CC"])
+    return list(dict.fromkeys(keys + (bcc or [])))
+
+
 def _headers_match(arguments: dict[str, Any], headers: dict[str, Any]) -> bool:
     wanted = {k: v for k, v in arguments.items() if not k.startswith("x-")}
     mode = arguments.get("x-match", "all")
@@ -443,6 +457,8 @@ class MemoryBroker:
         self.name = name
         self.max_message_size = max_message_size
         self.closed = False
+        # Who may log in (PLAIN): user -> password.
+        self.users: dict[str, str] = {"guest": "guest"}
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._offset = 0.0  # virtual clock = loop time + offset
@@ -521,16 +537,26 @@ class MemoryBroker:
         """Every exchange (but the default one) and its type."""
         return self._call(lambda: {e.name: e.type for e in self._exchanges.values() if e.name})
 
-    def connections(self) -> list[str]:
-        """The connection names (``connection_name`` client property) of open connections."""
-        return self._call(lambda: [c.name for c in self._connections.values()])
+    def connections(self) -> dict[int, str]:
+        """The open connections: id -> name (the ``connection_name`` client property)."""
+        return self._call(lambda: {c.id: c.name for c in self._connections.values()})
 
     def close_connections(self, name_contains: str = "", reason: str = "closed by test") -> int:
         """Close (broker side, CONNECTION_FORCED) every connection whose name contains
         ``name_contains``; return how many."""
 
+        return self.close_connection(lambda c: name_contains in c.name, reason)
+
+    def close_connection(self, which: int | Callable[[Any], bool], reason: str = "closed") -> int:
+        """Close the connection with id ``which`` (see :meth:`connections`), or each one
+        ``which(connection)`` is true for; return how many."""
+
         def close() -> int:
-            doomed = [c for c in self._connections.values() if name_contains in c.name]
+            doomed = [
+                c
+                for c in self._connections.values()
+                if (c.id == which if isinstance(which, int) else which(c))
+            ]
             for connection in doomed:
                 self._close_connection(
                     connection, CONNECTION_FORCED, f"CONNECTION_FORCED - {reason}"
@@ -739,7 +765,7 @@ class MemoryBroker:
                             "direct_reply_to": True,
                         },
                     },
-                    mechanisms="PLAIN AMQPLAIN",
+                    mechanisms="PLAIN",
                 )
             )
             while not connection.closed:
@@ -813,10 +839,21 @@ class MemoryBroker:
     def _on_connection_method(self, connection: _Connection, method: Any) -> None:
         if isinstance(method, spec.Connection.StartOk):
             connection.client_properties = dict(method.client_properties or {})
-            if method.mechanism not in ("PLAIN", "AMQPLAIN"):
+            if method.mechanism != "PLAIN":
                 raise _ChannelError(
                     ACCESS_REFUSED,
                     f"ACCESS_REFUSED - mechanism {method.mechanism} is not supported",
+                    connection=True,
+                )
+            response = method.response
+            if isinstance(response, bytes):
+                response = response.decode("utf-8", "replace")
+            _, user, password = [*str(response).split("\0"), "", ""][:3]
+            if self.users.get(user) != password:
+                raise _ChannelError(
+                    ACCESS_REFUSED,
+                    "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. "
+                    "For details see the broker logfile.",
                     connection=True,
                 )
             connection.send(
@@ -859,7 +896,9 @@ class MemoryBroker:
         if connection.closed or connection.closing:
             return
         connection.closing = True
-        connection.send(spec.Connection.Close(reply_code=code, reply_text=text))
+        connection.send(
+            spec.Connection.Close(reply_code=code, reply_text=text, class_id=0, method_id=0)
+        )
         self._connection_gone(connection)
         self._loop.call_later(1.0, connection.writer.close)
 
@@ -1115,7 +1154,8 @@ class MemoryBroker:
         for arg, received, current in flags:
             if received != current:
                 raise inequivalent(arg, f"'{str(received).lower()}'", f"'{str(current).lower()}'")
-        for arg in sorted(_COMPARED_ARGS):
+        # The queue type first (RabbitMQ checks it before the other arguments).
+        for arg in sorted(_COMPARED_ARGS, key=lambda a: (a != "x-queue-type", a)):
             given, existing = arguments.get(arg), queue.arguments.get(arg)
             if not _same(given, existing):
                 raise inequivalent(arg, _described(given), _described(existing))
@@ -1373,7 +1413,12 @@ class MemoryBroker:
                 return True
             queues: list[_Queue] = []
         else:
-            queues = self._route(exchange, message)
+            bcc: list[str] = []
+            if properties is not None and properties.headers and "BCC" in properties.headers:
+                headers = dict(properties.headers)
+                bcc = _keys(headers.pop("BCC"))
+                message.properties = _with(message.properties or properties, headers=headers)
+            queues = self._route(exchange, message, bcc)
         if not queues:
             if method.mandatory:
                 channel.connection.send_content(
@@ -1393,30 +1438,35 @@ class MemoryBroker:
             accepted = self._enqueue(queue, message.copy()) and accepted
         return accepted
 
-    def _route(self, exchange: _Exchange, message: MemoryMessage) -> list[_Queue]:
+    def _route(
+        self, exchange: _Exchange, message: MemoryMessage, bcc: list[str] | None = None
+    ) -> list[_Queue]:
+        """The queues ``message`` goes to: by its routing key and the keys in its ``CC``
+        header (and ``bcc``)."""
         found: dict[str, _Queue] = {}
         seen: set[str] = set()
+        keys = _routing_keys(message, bcc)
 
         def route(current: _Exchange) -> None:
             if current.name in seen:
                 return
             seen.add(current.name)
             before = len(found)
-            key = message.routing_key
             if current.name == "":
-                queue = self._queues.get(key)
-                if queue is not None:
-                    found.setdefault(queue.name, queue)
+                for key in keys:
+                    queue = self._queues.get(key)
+                    if queue is not None:
+                        found.setdefault(queue.name, queue)
                 return
             for binding in current.bindings:
                 if current.type == "fanout":
                     hit = True
                 elif current.type == "topic":
-                    hit = _topic_matches(binding.routing_key, key)
+                    hit = any(_topic_matches(binding.routing_key, key) for key in keys)
                 elif current.type == "headers":
                     hit = _headers_match(binding.arguments, message.headers)
                 else:
-                    hit = binding.routing_key == key
+                    hit = binding.routing_key in keys
                 if not hit:
                     continue
                 if binding.to_exchange:
@@ -1515,7 +1565,7 @@ class MemoryBroker:
         deaths: list[dict[str, Any]] = [
             dict(d) for d in (previous if isinstance(previous, list) else []) if isinstance(d, dict)
         ]
-        routing_keys = [message.routing_key]
+        routing_keys = _routing_keys(message)
         entry: dict[str, Any] | None = None
         for death in deaths:
             if death.get("queue") == queue.name and death.get("reason") == reason:
@@ -1545,6 +1595,8 @@ class MemoryBroker:
         headers["x-last-death-queue"] = queue.name
         headers["x-last-death-exchange"] = message.exchange
         headers.pop("x-delivery-count", None)
+        if key is not None:  # a dead-letter routing key replaces the CC keys too
+            headers.pop("CC", None)
         copy = MemoryMessage(
             exchange_name,
             key.decode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,10 @@ from typing import Any
 import pytest
 
 import mqkit
+
+# A memory pass (MQKIT_TEST_URL=memory://NAME, see tests/conftest.py): clients get that URL.
+_TEST_URL = os.environ.get("MQKIT_TEST_URL", "").strip()
+MEMORY_URL = _TEST_URL if _TEST_URL.lower().startswith("memory://") else None
 
 
 class Loop:
@@ -106,9 +111,10 @@ class Blocking:
 class Runtime:
     """What a behaviour test needs from a runtime."""
 
-    def __init__(self, name: str, url: str, loop: Loop | None) -> None:
+    def __init__(self, name: str, url: str, loop: Loop | None, broker_url: str = "") -> None:
         self.name = name
-        self.url = url
+        self.url = url  # what clients are given (memory://NAME on a memory pass)
+        self.broker_url = broker_url or url  # an AMQP URL, for raw pika
         self.loop = loop
 
     @property
@@ -146,7 +152,8 @@ def _loop() -> Iterator[Loop]:
 @pytest.fixture(params=["sync", "async"])
 def rt(request: pytest.FixtureRequest, broker_url: str, _loop: Loop) -> Runtime:
     """The runtime under test: ``sync`` (Client, pika) or ``async`` (AsyncClient, aio-pika)."""
-    return Runtime(request.param, broker_url, _loop if request.param == "async" else None)
+    url = MEMORY_URL or broker_url  # a memory pass: clients get memory://NAME
+    return Runtime(request.param, url, _loop if request.param == "async" else None, broker_url)
 
 
 class Collector:

@@ -83,7 +83,7 @@ def using_existing(caplog: pytest.LogCaptureFixture, queue: str) -> list[str]:
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_queue_declared_elsewhere_round_trip_and_dead_letter(rt, names, raw, caplog, shape):
     queue = names.queue()
-    raw_declare(rt.url, queue, SHAPES[shape])
+    raw_declare(rt.broker_url, queue, SHAPES[shape])
     handler = Handler()
     caplog.set_level(logging.WARNING, logger="mqkit")
     with rt.client(service=names.service()) as client:
@@ -111,7 +111,7 @@ def test_queue_declared_elsewhere_round_trip_and_dead_letter(rt, names, raw, cap
 
 def test_responder_on_a_queue_declared_elsewhere(rt, names, caplog):
     queue = names.queue()
-    raw_declare(rt.url, queue, {})
+    raw_declare(rt.broker_url, queue, {})
     caplog.set_level(logging.WARNING, logger="mqkit")
 
     def double(message: Order, ctx: mqkit.Context) -> Order:
@@ -175,7 +175,7 @@ def test_declare_keeps_the_arguments_a_consumer_then_uses(rt, names, caplog):
 
 def test_strict_refuses_a_queue_declared_elsewhere(rt, names, raw):
     queue = names.queue()
-    raw_declare(rt.url, queue, {})
+    raw_declare(rt.broker_url, queue, {})
     with (
         rt.client(service=names.service(), declare="strict") as client,
         pytest.raises(mqkit.TopologyError) as caught,
@@ -189,9 +189,9 @@ def test_strict_refuses_a_queue_declared_elsewhere(rt, names, raw):
 
 def test_passive_uses_existing_topology_without_declaring(rt, names, raw):
     queue, service = names.queue(), names.service()
-    raw_declare(rt.url, queue, {})
-    raw_declare(rt.url, f"{queue}.dlq", {})
-    raw_declare_retry_tier(rt.url, service, 0.1)
+    raw_declare(rt.broker_url, queue, {})
+    raw_declare(rt.broker_url, f"{queue}.dlq", {})
+    raw_declare_retry_tier(rt.broker_url, service, 0.1)
     handler = Handler()
     with rt.client(service=service, declare="passive") as client:
         consumer = client.consumer(queue, Order, handler.function(), retry=FAST)

@@ -46,7 +46,7 @@ class Sum(BaseModel):
 def runtimes(rt, _loop):
     """``{"sync": ..., "async": ...}``: the same Runtime API for Client and AsyncClient."""
     assert not rt.is_async
-    return {"sync": rt, "async": type(rt)("async", rt.url, _loop)}
+    return {"sync": rt, "async": type(rt)("async", rt.url, _loop, rt.broker_url)}
 
 
 def sides(runtimes, direction: str):

@@ -85,7 +85,7 @@ def test_a_message_above_the_setting_fails_before_it_is_sent(rt: Any, names: Any
             producer.publish_many([blob(10), blob(5000), blob(20)])
         (big,) = caught.value.unconfirmed  # only the large one was not stored
         assert producer.publish(blob(30))  # nothing disturbed the publishing channel
-        found = stored(rt.url, queue)
+        found = stored(rt.broker_url, queue)
         assert sorted(size for _, size in found) == sorted(
             len(blob(n).model_dump_json()) for n in (10, 20, 30)
         )

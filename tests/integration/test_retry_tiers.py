@@ -382,14 +382,14 @@ def test_retries_waiting_in_old_per_queue_retry_queues_come_back_after_the_upgra
 ):
     queue, service = names.queue(), names.service()
     policy = mqkit.RetryPolicy(max_attempts=3, delays=(0.5, 2.0))
-    olds = _declare_old_topology(rt.url, queue, policy.tiers)
+    olds = _declare_old_topology(rt.broker_url, queue, policy.tiers)
     try:
         # Retries the earlier version left waiting: two short, two long, and one more that
         # fails again (its next retry goes through the new tier).
         for job in ("s1", "s2", "again"):
-            _publish_old_retry(rt.url, olds[0], job, 2)
+            _publish_old_retry(rt.broker_url, olds[0], job, 2)
         for job in ("l1", "l2"):
-            _publish_old_retry(rt.url, olds[1], job, 2)
+            _publish_old_retry(rt.broker_url, olds[1], job, 2)
         assert [raw.count(old) for old in olds] == [3, 2]
         calls = Calls(
             lambda job, attempt: RuntimeError("again") if job == "again" and attempt == 2 else None
@@ -402,7 +402,7 @@ def test_retries_waiting_in_old_per_queue_retry_queues_come_back_after_the_upgra
             wait_until(lambda: len(calls.items) == 6, timeout=15, what="every old retry handled")
             # During a rolling upgrade an instance of the earlier version still retries into
             # the old queue: that copy comes back too.
-            _publish_old_retry(rt.url, olds[0], "late", 2)
+            _publish_old_retry(rt.broker_url, olds[0], "late", 2)
             wait_until(lambda: len(calls.items) == 7, timeout=10, what="the late old retry")
             declared = queue_names(client)
             time.sleep(0.3)
@@ -426,7 +426,7 @@ def test_retries_waiting_in_old_per_queue_retry_queues_come_back_after_the_upgra
         assert [raw.exists(old) for old in olds] == [True, True]
         assert [raw.count(old) for old in olds] == [0, 0]
     finally:
-        delete = pika.BlockingConnection(pika.URLParameters(rt.url))
+        delete = pika.BlockingConnection(pika.URLParameters(rt.broker_url))
         try:
             for old in olds:
                 delete.channel().queue_delete(old)
@@ -440,9 +440,9 @@ def test_an_old_retry_queue_is_left_alone_while_it_holds_messages(rt, names, raw
     # and comes back after its TTL, to a consumer started later.
     queue = names.queue()
     policy = mqkit.RetryPolicy(max_attempts=2, delays=(3.0,))
-    [old] = _declare_old_topology(rt.url, queue, policy.tiers)
+    [old] = _declare_old_topology(rt.broker_url, queue, policy.tiers)
     try:
-        _publish_old_retry(rt.url, old, "waiting", 2)
+        _publish_old_retry(rt.broker_url, old, "waiting", 2)
         calls = Calls()
         with rt.client(service=names.service()) as client:
             with client.consumer(queue, Job, calls.handler, retry=policy):
@@ -454,7 +454,7 @@ def test_an_old_retry_queue_is_left_alone_while_it_holds_messages(rt, names, raw
         assert calls.jobs() == {("new", 1), ("waiting", 2)}
         assert raw.exists(old) and raw.count(old) == 0
     finally:
-        delete = pika.BlockingConnection(pika.URLParameters(rt.url))
+        delete = pika.BlockingConnection(pika.URLParameters(rt.broker_url))
         try:
             delete.channel().queue_delete(old)
         finally:
