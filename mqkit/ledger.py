@@ -230,6 +230,15 @@ class Ledger:
             return entry
         return None
 
+    def take(self, count: int) -> list[Entry]:
+        """Up to ``count`` next messages to send (:meth:`next_to_send`), no more than the
+        confirm window has room for."""
+        room = min(count, CONFIRM_WINDOW - len(self.inflight))
+        taken: list[Entry] = []
+        while len(taken) < room and (entry := self.next_to_send()) is not None:
+            taken.append(entry)
+        return taken
+
     def live(self) -> bool:
         """Whether a message waits to be sent for a caller still waiting (messages of
         abandoned batches are dropped)."""

@@ -2,12 +2,21 @@
 mandatory returns raised) per client, shared by producers, consumers' retry and dead-letter
 copies, RPC and dead-letter replays.
 
-``publish`` waits for its confirm; while the link is down it waits for the link (within
-``confirm_timeout``) and sends again what the link lost (at-least-once). ``publish_many``
-keeps up to :data:`~mqkit.publishing.CONFIRM_WINDOW` confirms in flight and hands the writer
-:data:`~mqkit.publishing.SEND_CHUNK` publishes per write. A publish that fails returned or
-nacked is reported to the pipeline (:class:`~mqkit.lifecycle.Returned`,
-:class:`~mqkit.lifecycle.Nacked`).
+A publishing task turns its messages into a :class:`Batch` it awaits. A lone message it sends
+itself when no sending task is at work (:meth:`Publisher._send_here`); otherwise its messages
+wait in line for the sending task, which writes :data:`~mqkit.publishing.SEND_CHUNK` publishes
+per write (aiormq's channel is written into directly: :func:`_send_batch`). While the link is
+down, messages wait in line for it.
+
+What is in flight, and what each confirm, return, nack, closed channel or lost link does to
+it, is the core's :class:`~mqkit.ledger.Ledger`, the same on both runtimes: this module only
+sends what it says and tells it what aiormq reported (aiormq matches ``basic.ack`` /
+``basic.nack``, ``multiple`` included, and ``basic.return`` to each publish's future). In
+short: up to :data:`~mqkit.publishing.CONFIRM_WINDOW` messages are in flight; a return fails
+its publish with :class:`~mqkit.PublishUnroutable`; after a lost link the unconfirmed messages
+are sent again on the new channel (at-least-once); a publisher that waits longer than
+``confirm_timeout`` without progress gives up with :class:`~mqkit.PublishTimeout` and its
+messages that were not sent yet are dropped.
 
 **Nacks.** A ``basic.nack`` makes the publisher replace its channel (at most once per
 :data:`mqkit.publishing.RENEW_INTERVAL`): RabbitMQ 3.10 nacks a channel's publishes to a
@@ -34,46 +43,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
 import aiormq
-import aiormq.abc
 import aiormq.exceptions as amqp
+from aiormq.abc import AbstractChannel as Channel
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
-from mqkit import explain
-from mqkit.errors import ConnectionFailed, MqkitError, PublishError, PublishTimeout
-from mqkit.lifecycle import Nacked, Pipeline, Returned
+from mqkit import explain, ledger
+from mqkit.errors import ConnectionFailed, MqkitError, PublishTimeout
+from mqkit.ledger import Entry, Job, Ledger, stall_cause
+from mqkit.lifecycle import Pipeline
 from mqkit.messages import Envelope
-from mqkit.publishing import (
-    CONFIRM_WINDOW,
-    SEND_CHUNK,
-    ChannelRenewal,
-    SizeLimit,
-    missing_exchange,
-    retry_nacked,
-)
+from mqkit.publishing import SEND_CHUNK
 
 from .channel import open_underlay
 from .connection import (
     AMQP_ERRORS,
     RPC_TIMEOUT,
     Link,
-    cancelling,
     describe,
     reply_of,
-    reply_text,
     returned_reply,
     translate,
 )
 
-__all__ = ["Publisher", "properties"]
+__all__ = ["Batch", "Publisher", "properties"]
 
 log = logging.getLogger("mqkit.publisher")
 
@@ -95,75 +95,315 @@ def properties(envelope: Envelope) -> spec.Basic.Properties:
     )
 
 
+class Batch(ledger.Batch):
+    """Messages one task waits on, settled by the publisher's confirm callbacks."""
+
+    __slots__ = ("_done",)
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(ids)
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not ids:
+            self._done.set_result(None)
+
+    def done(self) -> None:
+        """Every message is settled."""
+        if not self._done.done():
+            self._done.set_result(None)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until all are settled, as long as confirms keep coming at least every
+        ``timeout`` seconds; ``False`` on a stall."""
+        while True:
+            seen = self.progress
+            await asyncio.wait((self._done,), timeout=timeout)
+            if self._done.done():
+                return True
+            if self.progress == seen:
+                return False
+
+
 class Publisher:
     """The client's confirm-mode channel and what is sent on it. Safe to share across
     tasks."""
 
     def __init__(self, link: Link, pipeline: Pipeline) -> None:
         self._link = link
-        self._pipeline = pipeline
         self._confirm_timeout = link.settings.confirm_timeout
-        self._channel: aiormq.abc.AbstractChannel | None = None
-        self._lock = asyncio.Lock()
-        self._renewal = ChannelRenewal()
-        self._renew_lock = asyncio.Lock()
+        self._ledger = Ledger(link.settings, pipeline)
+        self._channel: Channel | None = None
+        self._lock = asyncio.Lock()  # one task opens the channel
+        self._renewing: Channel | None = None  # nacked, to be replaced
+        self._sending = False  # a task sends what is waiting (see _pump)
         self._background: set[asyncio.Future[None]] = set()
-        self._limit = SizeLimit(link.settings.max_message_size)
 
-    def _why(self, default: str | None = None) -> str | None:
-        """Why confirms do not come, when known: the broker blocks publishing, or the link's
-        last error (else ``default``)."""
-        blocked = self._link.blocked
-        if blocked is not None:
-            return explain.publishing_blocked(blocked)
-        return self._link.last_error or default
-
-    async def _renew(self, nacked_on: aiormq.abc.AbstractChannel) -> None:
-        """Replace the publishing channel ``nacked_on``, which nacked a publish, now or once
-        :class:`~mqkit.publishing.ChannelRenewal` allows; the next publish opens another.
-
-        Publishes in flight on it fail as if the link was lost (and are sent again); callers
-        that nacked at once wait for one replacement.
-        """
-        async with self._renew_lock:
-            if self._channel is not nacked_on:
-                return  # replaced already (another nack, or a new connection)
-            wait = self._renewal.wait()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                if self._channel is not nacked_on:
-                    return
-            self._renewal.renewed()
-            log.warning(
-                "the broker nacked a publish; replacing the publishing channel (a quorum "
-                "queue may have elected a new leader)"
-            )
-            self._channel = None
-            self._spawn(_close_replaced(nacked_on))
-
-    # -- Restorable --------------------------------------------------------------------------
-
-    def _link_lost(self, reason: BaseException) -> None:
-        """The connection is gone: so is the channel; what was in flight is sent again."""
-        self._channel = None
-
-    async def _restore(self) -> None:
-        """Nothing to do: the next publish opens the channel on the new connection."""
-
-    def _renew_later(self, nacked_on: aiormq.abc.AbstractChannel) -> None:
-        self._spawn(self._renew(nacked_on))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def channel(self, timeout: float | None) -> aiormq.abc.AbstractChannel:
-        """The publishing channel (confirms on, returns raise), replaced if it closed (a
-        channel error, or a new connection)."""
+    async def channel(self, timeout: float | None) -> Channel:
+        """The publishing channel (confirms on, returns raise), opened if there is none (a
+        channel error closed it, or a new connection) within ``timeout`` seconds."""
         current = self._channel
         if current is not None and not current.is_closed:
             return current
+        if current is not None:  # closed, and its close not handled yet: handle it first
+            self._on_channel_closed(current, _close_reason(current))
+        return await self._open(timeout)
+
+    # -- publishing tasks --------------------------------------------------------------------
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool = True,
+        timeout: float | None = None,
+        channel: Channel | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm.
+
+        While the link is down this waits for it (within ``timeout``, default
+        ``confirm_timeout``); a publish whose confirm was lost with the link is sent again on
+        the new one (at-least-once), and so is a nacked one, once, on a new channel.
+        ``channel`` pins the publish to one channel (RPC): neither is sent again then.
+        """
+        if self._link.closed or not self._link.opened:
+            self._link.require_open(explain.publishing(envelope.message_id, exchange, routing_key))
+        if channel is not None and (channel is not self._channel or channel.is_closed):
+            what = explain.publishing(envelope.message_id, exchange, routing_key)
+            raise explain.link_lost(what, ledger.REPLACED)
+        budget = self._confirm_timeout if timeout is None else timeout
+        jobs = [(envelope, exchange, routing_key)]
+        await self._publish(jobs, mandatory, budget, pinned=channel is not None)
+
+    async def publish_many(self, jobs: Sequence[Job], *, mandatory: bool = True) -> None:
+        """Publish ``(envelope, exchange, routing_key)`` jobs with a window of confirms in
+        flight; raise a :class:`~mqkit.PublishError` whose ``unconfirmed`` lists what failed.
+
+        What the link loses is sent again once it is back (at-least-once), as long as
+        confirms keep coming within ``confirm_timeout``; what is left then is a
+        PublishTimeout. A nacked job is sent once more on a new channel before it counts as
+        nacked.
+        """
+        if not jobs:
+            return
+        self._link.require_open("publishing")
+        await self._publish(jobs, mandatory, self._confirm_timeout)
+
+    async def _publish(
+        self, jobs: Sequence[Job], mandatory: bool, budget: float, *, pinned: bool = False
+    ) -> None:
+        """Publish ``jobs`` and wait for every confirm, as long as they keep coming within
+        ``budget`` seconds; raise the failure."""
+        batch = Batch([envelope.message_id for envelope, _, _ in jobs])
+        # Messages too large fail in admit(), before any is sent.
+        chunk = list(self._ledger.admit(batch, jobs, mandatory=mandatory, pinned=pinned))
+        try:
+            if chunk:
+                await self._hand_over(chunk, lone=len(jobs) == 1)
+            confirmed = await batch.wait(budget)
+        except BaseException:
+            batch.abandoned = True  # cancelled: what is not sent yet is dropped
+            raise
+        if not confirmed:
+            batch.abandoned = True
+        if confirmed and not batch.errors:
+            return
+        _, exchange, routing_key = jobs[0]
+        raise batch.failure(
+            exchange,
+            routing_key,
+            timeout=None if confirmed else budget,
+            cause=stall_cause(self._link.blocked, self._link.last_error),
+        )
+
+    async def _hand_over(self, messages: list[Entry], *, lone: bool = False) -> None:
+        """Put ``messages`` in line for the sending task, or send a ``lone`` message from
+        this task while no task sends and the channel is open (no task to wake)."""
+        channel = self._channel
+        if lone and not self._sending and channel is not None and not channel.is_closed:
+            await self._send_here(messages)
+            return
+        self._enqueue(messages)
+
+    async def _send_here(self, messages: list[Entry]) -> None:
+        """In place of the sending task: send what is waiting, ``messages`` included."""
+        self._sending = True
+        self._ledger.add(messages)
+        try:
+            await self._send_waiting()
+        finally:
+            self._sending = False
+            self._pump()  # what is left (cancelled midway, or no room) goes on in a task
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _enqueue(self, messages: list[Entry]) -> None:
+        self._ledger.add(messages)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Have a task send what is waiting, unless one does, or the window has no room for
+        a chunk yet (confirms call this again: one write per chunk, not per confirm)."""
+        if self._sending or not self._ledger.waiting or not self._ledger.room(SEND_CHUNK):
+            return
+        self._sending = True
+        self._spawn(self._sender())
+
+    async def _sender(self) -> None:
+        try:
+            await self._send_waiting()
+        finally:
+            self._sending = False
+
+    async def _send_waiting(self) -> None:
+        """Send what is waiting, a chunk per write, as the confirm window allows; open the
+        channel first (waiting for the link) when needed."""
+        ledger = self._ledger
+        while ledger.waiting:
+            channel = self._channel
+            if channel is None or channel.is_closed:
+                channel = await self.reopen()
+                if channel is None:
+                    return
+            chunk = ledger.take(SEND_CHUNK)
+            if not chunk:
+                return  # no room: confirms call _pump
+            mandatory = chunk[0].mandatory
+            cut = next((i for i, e in enumerate(chunk) if e.mandatory != mandatory), len(chunk))
+            if cut < len(chunk):  # one write carries one mandatory flag
+                ledger.unsent(chunk[cut:])
+                del chunk[cut:]
+            await self._send(channel, chunk)
+
+    async def _send(self, channel: Channel, messages: list[Entry]) -> None:
+        """Write ``messages`` on ``channel`` (one write on aiormq 7's channel, else a task
+        each) and watch each one's confirm."""
+        ledger = self._ledger
+        try:
+            if _can_pipeline(channel):
+                jobs = [(m.envelope, m.exchange, m.routing_key) for m in messages]
+                sent = await _send_batch(channel, jobs, range(len(jobs)), messages[0].mandatory)
+                confirms = [confirm for _, confirm in sent]
+            else:
+                confirms = [_publish_task(channel, message) for message in messages]
+        except asyncio.CancelledError:
+            ledger.unsent(messages)
+            raise
+        except AMQP_ERRORS:  # the channel is closing: its close handler puts back what it held
+            ledger.unsent(messages)
+            await self._closed(channel)
+            return
+        except Exception as exc:  # these messages cannot be written (not the channel's fault)
+            for message in messages:
+                ledger.fail(message, translate(exc, what=message.what))
+            return
+        if channel is not self._channel:  # replaced while this waited for its lock
+            ledger.unsent(messages)
+            return
+        on_confirm = self._on_confirm
+        for message, confirm in zip(messages, confirms, strict=True):
+            ledger.sent(message)
+            confirm.add_done_callback(partial(on_confirm, channel, message))
+
+    def _on_confirm(self, channel: Channel, message: Entry, confirm: asyncio.Future[Any]) -> None:
+        """aiormq settled ``message``'s confirm future: acked, nacked, returned, or failed
+        with its channel."""
+        exc = None if confirm.cancelled() else confirm.exception()
+        if channel is not self._channel or confirm.cancelled():
+            return  # a replaced channel: what was in flight on it was sent again
+        if exc is None:
+            self._confirmed(channel, message.tag, False, False)
+        elif _nacked(exc):
+            self._confirmed(channel, message.tag, False, True)
+        elif isinstance(exc, amqp.PublishError):
+            self._on_return(channel, exc)
+            self._confirmed(channel, message.tag, False, False)
+        elif isinstance(exc, Exception) and not isinstance(exc, AMQP_ERRORS):
+            self._ledger.fail(message, translate(exc, what=message.what))
+        # else the channel closed under it: its close handler puts it back in line or fails it
+
+    def _confirmed(self, channel: Channel, tag: int, multiple: bool, nacked: bool) -> None:
+        """``basic.ack`` (or ``basic.nack``) ``tag`` (``multiple``: and all before it)."""
+        self._ledger.confirmed(tag, multiple, nacked)
+        if nacked:
+            self._renew_soon(channel)
+        if self._ledger.waiting:
+            self._pump()
+
+    def _on_return(self, channel: Channel, returned: amqp.PublishError) -> None:
+        if channel is not self._channel:
+            return
+        message: Any = returned.message
+        message_id = message.header.properties.message_id if message is not None else None
+        self._ledger.returned(message_id, returned_reply(returned))
+
+    def _renew_soon(self, channel: Channel) -> None:
+        """Replace ``channel``, which nacked, now or once the ledger's renewal allows."""
+        pending = self._renewing is not None
+        self._renewing = channel  # a renewal on the way (for a channel lost since) takes it
+        if pending:
+            return
+        wait = self._ledger.renewal.wait()
+        if wait <= 0:
+            self._renew()
+        else:
+            asyncio.get_running_loop().call_later(wait, self._renew)
+
+    def _renew(self) -> None:
+        """Close the channel that nacked and open another; what was in flight on it, and the
+        nacked messages held for a retry, go first on the new one."""
+        old, self._renewing = self._renewing, None
+        if old is None or old is not self._channel:
+            # Lost (with the link, or closed by the broker) meanwhile: it was replaced
+            # anyway, and what it held was put back in line then.
+            self._ledger.release_held()
+            self._pump()
+            return
+        self._ledger.renewal.renewed()
+        log.warning(
+            "the broker nacked a publish; replacing the publishing channel (a quorum "
+            "queue may have elected a new leader)"
+        )
+        self._channel = None
+        self._ledger.requeue()
+        self._spawn(_close_replaced(old))
+        self._pump()
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return  # an old channel
+        self._channel = None
+        if self._link.closed:
+            self._ledger.closed()
+            return
+        code, text = reply_of(reason) if isinstance(reason, amqp.AMQPChannelError) else (None, "")
+        if code is None:  # not the broker's doing (the connection is gone, or closed here)
+            self._ledger.requeue(describe(reason))
+        else:
+            self._ledger.closed_by_broker(code, text)
+        self._pump()
+
+    async def reopen(self) -> Channel | None:
+        """The channel, opened once the link is up; ``None`` when no caller waits for one
+        any more, or it cannot be had (the callers fail)."""
+        while self._ledger.live():
+            try:
+                return await self.channel(self._confirm_timeout)
+            except PublishTimeout:
+                continue  # the link is not back: the callers time out on their own
+            except ConnectionFailed as exc:
+                if self._link.closed:
+                    self._ledger.fail_all(exc)
+                    return None
+                await asyncio.sleep(0.05)  # lost again while opening the channel: wait on
+            except MqkitError as exc:
+                self._ledger.fail_all(exc)
+                return None
+        return None
+
+    async def _open(self, timeout: float | None) -> Channel:
+        """Open the confirm channel unless another task did meanwhile (one channel at a
+        time), within ``timeout`` seconds (else PublishTimeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float | None:
@@ -173,11 +413,11 @@ class Publisher:
             return explain.confirm_timeout(
                 "publish",
                 self._confirm_timeout if timeout is None else timeout,
-                self._why("not connected"),
+                stall_cause(self._link.blocked, self._link.last_error) or "not connected",
             )
 
-        # Another publish may be opening the channel on a link that does not answer: wait
-        # for it no longer than this publish may take.
+        # Another task may be opening the channel on a link that does not answer: wait for
+        # it no longer than this one may take.
         try:
             await asyncio.wait_for(self._lock.acquire(), timeout)
         except asyncio.TimeoutError:
@@ -189,305 +429,45 @@ class Publisher:
             self._link.require_open("publishing")
             if not await self._link.wait_ready(left()):
                 raise timed_out()
-            self._channel = await open_underlay(self._link, confirms=True, timeout=left())
-            return self._channel
+            try:
+                channel = await open_underlay(self._link, confirms=True, timeout=left())
+            except ConnectionFailed:
+                if deadline is not None and deadline - time.monotonic() < 0.01:
+                    raise timed_out() from None  # no answer within this caller's time
+                raise
+            self._channel = channel
+            self._ledger.opened()
+            channel.closing.add_done_callback(
+                lambda _closing: self._on_channel_closed(channel, _close_reason(channel))
+            )
+            return channel
         finally:
             self._lock.release()
 
-    async def publish(
-        self,
-        envelope: Envelope,
-        *,
-        exchange: str,
-        routing_key: str,
-        mandatory: bool = True,
-        timeout: float | None = None,
-        channel: aiormq.abc.AbstractChannel | None = None,
-    ) -> None:
-        """Publish and wait for the broker's confirm.
+    async def _closed(self, channel: Channel) -> None:
+        """Wait until ``channel``, which refused a write, has closed; handle its close."""
+        if not channel.is_closed:
+            await asyncio.wait((channel.closing,), timeout=RPC_TIMEOUT)
+        self._on_channel_closed(channel, _close_reason(channel))
 
-        While the link is down this waits for it (within ``timeout``, default
-        ``confirm_timeout``); a publish whose confirm was lost with the link is sent again on
-        the new one (at-least-once), and so is a nacked one, once, on a new channel.
-        ``channel`` pins the publish to one channel (RPC): neither is sent again then.
-        """
-        budget = self._confirm_timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        props = properties(envelope)
-        # The words for errors are built only when there is an error (this is the hot path).
-        what = partial(explain.publishing, envelope.message_id, exchange, routing_key)
-        nacks = 0
-        if self._link.closed or not self._link.opened:
-            self._link.require_open(what())
-        too_large = self._limit.check(len(envelope.body), what, [envelope.message_id])
-        if too_large is not None:
-            raise too_large
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise explain.confirm_timeout(
-                    what(), budget, self._why(), unconfirmed=[envelope.message_id]
-                )
-            try:
-                ch = channel or await self.channel(left)
-            except PublishTimeout:
-                raise explain.confirm_timeout(
-                    what(), budget, self._why(), unconfirmed=[envelope.message_id]
-                ) from None
-            except ConnectionFailed:
-                if self._link.closed:
-                    raise
-                await asyncio.sleep(0.05)  # lost again while opening the channel: wait on
-                continue
-            try:
-                await ch.basic_publish(  # type: ignore[call-arg]
-                    envelope.body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=props,
-                    mandatory=mandatory,
-                    timeout=max(0.001, deadline - time.monotonic()),
-                    wait=False,
-                )
-                return
-            except asyncio.CancelledError:
-                if cancelling():
-                    raise
-                lost: BaseException = ConnectionFailed("the channel closed")
-            except asyncio.TimeoutError:
-                why = explain.publishing_blocked(self._link.blocked) if self._link.blocked else None
-                raise explain.confirm_timeout(
-                    what(), budget, why, unconfirmed=[envelope.message_id]
-                ) from None
-            except AMQP_ERRORS as exc:
-                if _nacked(exc):
-                    nacks += 1
-                    left = deadline - time.monotonic()
-                    if channel is None and retry_nacked(nacks, self._renewal.wait(), left):
-                        await self._renew(ch)
-                        continue
-                    self._renew_later(ch)
-                if _refused_size(exc, self._limit):
-                    # Ours, if above the broker's limit; else another publish's refusal closed
-                    # the channel under this one: it goes again on a new channel.
-                    too_large = self._limit.check(len(envelope.body), what, [envelope.message_id])
-                    if too_large is not None:
-                        raise too_large from exc
-                elif _broker_refused(exc, exchange):
-                    self._report(exc, exchange, routing_key, envelope.message_id)
-                    mapped = translate(exc, what=what())
-                    if isinstance(mapped, PublishError):
-                        mapped.unconfirmed = [envelope.message_id]
-                    raise mapped from exc
-                lost = exc
-            if channel is not None:
-                raise translate(lost, what=what()) from lost
-            log.debug("%s: %s; will send it again", what(), describe(lost))
-            await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def publish_many(
-        self,
-        jobs: Sequence[tuple[Envelope, str, str]],
-        *,
-        mandatory: bool = True,
-    ) -> None:
-        """Publish ``(envelope, exchange, routing_key)`` jobs with a window of confirms in
-        flight; raise a :class:`PublishError` whose ``unconfirmed`` lists what failed.
+    # -- Restorable --------------------------------------------------------------------------
 
-        What the link loses is sent again once it is back (at-least-once), within one
-        ``confirm_timeout`` from the first loss; what is left then is a PublishTimeout. A
-        nacked job is sent once more on a new channel before it counts as nacked.
-        """
-        if not jobs:
-            return
-        self._link.require_open("publishing")
-        budget = self._confirm_timeout
-        failures: dict[int, BaseException] = {}
-        nacks: dict[int, int] = {}
-        limit = self._limit.limit
-        todo = [i for i, (envelope, _, _) in enumerate(jobs) if len(envelope.body) <= limit]
-        if len(todo) < len(jobs):  # the ones too large fail without being sent
-            for index in sorted(set(range(len(jobs))) - set(todo)):
-                error = self._limit.check(len(jobs[index][0].body), partial(_what, jobs[index]))
-                assert error is not None
-                failures[index] = error
-        deadline: float | None = None
-        while todo:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not await self._link.wait_ready(left):
-                    for index in todo:
-                        failures[index] = explain.confirm_timeout(
-                            _what(jobs[index]), budget, self._why("link lost")
-                        )
-                    break
-            try:
-                channel = await self.channel(budget if deadline is None else left)
-            except PublishTimeout as exc:
-                for index in todo:
-                    failures[index] = exc
-                break
-            except ConnectionFailed:
-                if self._link.closed:
-                    raise
-                deadline = deadline or time.monotonic() + budget
-                await asyncio.sleep(0.05)
-                continue
-            send = self._pipelined if _can_pipeline(channel) else self._window
-            lost = await send(channel, jobs, todo, mandatory, failures)
-            nacked = [i for i in todo if i in failures and _nacked(failures[i])]
-            again: list[int] = []  # nacked once: sent again on a new channel
-            if nacked:
-                deadline = deadline or time.monotonic() + budget
-                left = deadline - time.monotonic()
-                for index in nacked:
-                    nacks[index] = nacks.get(index, 0) + 1
-                    if retry_nacked(nacks[index], self._renewal.wait(), left):
-                        del failures[index]
-                        again.append(index)
-                if again:
-                    await self._renew(channel)
-                else:
-                    self._renew_later(channel)
-            if lost and deadline is None:
-                deadline = time.monotonic() + budget
-            if lost:
-                log.debug("%d publishes lost with the link; sending them again", len(lost))
-                await asyncio.sleep(0.05)  # let the link notice the loss before waiting on it
-            todo = sorted(lost + again)
-        if failures:
-            for index, failure in failures.items():
-                envelope, exchange, routing_key = jobs[index]
-                self._report(failure, exchange, routing_key, envelope.message_id)
-            raise _many_error(jobs, failures, budget, self._why())
-
-    def _report(self, exc: BaseException, exchange: str, routing_key: str, message_id: str) -> None:
-        """Tell the pipeline that a publish failed returned or nacked (``exc``); other
-        failures are not reported."""
-        service = self._link.settings.service
-        if isinstance(exc, amqp.PublishError):
-            reply = returned_reply(exc)
-            self._pipeline.emit(
-                Returned(exchange, routing_key, message_id, reply=reply, service=service)
-            )
-        elif _nacked(exc):
-            self._pipeline.emit(Nacked(exchange, routing_key, message_id, service=service))
-
-    async def _window(
-        self,
-        channel: aiormq.abc.AbstractChannel,
-        jobs: Sequence[tuple[Envelope, str, str]],
-        todo: Sequence[int],
-        mandatory: bool,
-        failures: dict[int, BaseException],
-    ) -> list[int]:
-        """One pass over ``todo`` on ``channel``; the indexes the link lost."""
-        budget = self._confirm_timeout
-        loop = asyncio.get_running_loop()
-        lost: list[int] = []
-        inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
-
-        async def drain(count: int) -> None:
-            await _drain(inflight, count, budget, jobs, failures, lost, self._limit)
-
-        try:
-            for position, index in enumerate(todo):
-                if len(inflight) >= CONFIRM_WINDOW:
-                    await drain(SEND_CHUNK)
-                if channel.is_closed:
-                    lost.extend(todo[position:])
-                    break
-                envelope, exchange, routing_key = jobs[index]
-                task = loop.create_task(
-                    channel.basic_publish(  # type: ignore[call-arg]
-                        envelope.body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        properties=properties(envelope),
-                        mandatory=mandatory,
-                        wait=False,
-                    )
-                )
-                inflight.append((index, task))
-            await drain(len(inflight))
-        finally:
-            for _, pending in inflight:  # only when cancelled: do not leave publishes behind
-                pending.cancel()
-        return sorted(lost)
-
-    async def _pipelined(
-        self,
-        channel: aiormq.abc.AbstractChannel,
-        jobs: Sequence[tuple[Envelope, str, str]],
-        todo: Sequence[int],
-        mandatory: bool,
-        failures: dict[int, BaseException],
-    ) -> list[int]:
-        """Like :meth:`_window`, but hands the writer ``SEND_CHUNK`` publishes at a time (one
-        write, one lock, no task per message); confirms are tracked by aiormq as usual."""
-        budget = self._confirm_timeout
-        lost: list[int] = []
-        inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
-
-        async def drain(count: int) -> None:
-            await _drain(inflight, count, budget, jobs, failures, lost, self._limit)
-
-        position = 0
-        while position < len(todo):
-            if len(inflight) >= CONFIRM_WINDOW:
-                await drain(SEND_CHUNK)
-            if channel.is_closed:
-                lost.extend(todo[position:])
-                break
-            chunk = todo[position : position + SEND_CHUNK]
-            try:
-                inflight.extend(await _send_batch(channel, jobs, chunk, mandatory))
-            except AMQP_ERRORS:
-                lost.extend(todo[position:])
-                break
-            position += len(chunk)
-        await drain(len(inflight))
-        return sorted(lost)
-
-
-async def _drain(
-    inflight: deque[tuple[int, asyncio.Future[Any]]],
-    count: int,
-    budget: float,
-    jobs: Sequence[tuple[Envelope, str, str]],
-    failures: dict[int, BaseException],
-    lost: list[int],
-    limit: SizeLimit,
-) -> None:
-    """Wait (up to ``budget`` seconds) for the oldest ``count`` confirms in flight: a refusal
-    goes to ``failures``, a publish the link lost to ``lost``, no confirm is a timeout.
-    The broker closing the channel over a message too large fails the ones above its limit
-    (``limit`` learns it); the others are lost (sent again)."""
-    batch = [inflight.popleft() for _ in range(min(count, len(inflight)))]
-    if not batch:  # nothing was sent (the channel was closing): nothing to wait for
-        return
-    _, pending = await asyncio.wait([future for _, future in batch], timeout=budget)
-    for future in pending:
-        future.cancel()
-    if pending:
-        await asyncio.wait(pending)  # a cancelled publish task still has to unwind
-    for index, future in batch:
-        if future.cancelled():
-            failures[index] = asyncio.TimeoutError()
-            continue
-        exc = future.exception()
-        if exc is None:
-            continue
-        if _refused_size(exc, limit):
-            too_large = limit.check(len(jobs[index][0].body), partial(_what, jobs[index]))
-            if too_large is not None:
-                failures[index] = too_large
-            else:
-                lost.append(index)
-        elif _broker_refused(exc, jobs[index][1]):
-            failures[index] = exc
+    def _link_lost(self, reason: BaseException) -> None:
+        """The connection is gone: so is the channel; what was in flight is sent again."""
+        self._channel = None
+        if self._link.closed:
+            self._ledger.closed()
         else:
-            lost.append(index)
+            self._ledger.requeue(describe(reason))
+
+    async def _restore(self) -> None:
+        """Send what is waiting: the sending task opens the channel on the new connection."""
+        self._pump()
 
 
 _PIPELINE_ATTRS = (
@@ -567,11 +547,6 @@ async def _send_batch(
     return sent
 
 
-def _what(job: tuple[Envelope, str, str]) -> str:
-    envelope, exchange, routing_key = job
-    return explain.publishing(envelope.message_id, exchange, routing_key)
-
-
 def _nacked(exc: BaseException) -> bool:
     """Whether ``exc`` is the broker's ``basic.nack`` of a publish (not a return)."""
     return (
@@ -581,7 +556,7 @@ def _nacked(exc: BaseException) -> bool:
     )
 
 
-async def _close_replaced(channel: aiormq.abc.AbstractChannel) -> None:
+async def _close_replaced(channel: Channel) -> None:
     """Close a publishing channel that was replaced. What is still in flight on it fails
     with a link error, so its publishers send it again on the new channel."""
     try:
@@ -593,38 +568,26 @@ async def _close_replaced(channel: aiormq.abc.AbstractChannel) -> None:
         log.debug("closing a replaced publishing channel: %s", describe(exc))
 
 
-def _refused_size(exc: BaseException, limit: SizeLimit) -> bool:
-    """Whether ``exc`` is the broker closing the channel over a message above its size limit
-    (which ``limit`` then learns)."""
-    return isinstance(exc, amqp.AMQPChannelError) and limit.refused(reply_text(exc)) is not None
-
-
-def _broker_refused(exc: BaseException, exchange: str) -> bool:
-    """A definitive answer about this message (not a lost link): returned, nacked, or the
-    exchange it was sent to does not exist."""
-    if isinstance(exc, amqp.DeliveryError):
-        return True
-    if isinstance(exc, amqp.ChannelNotFoundEntity):
-        # Any publish in flight on a channel the broker closed gets that channel's error;
-        # only the one naming our exchange is about us. The rest go again.
-        return missing_exchange(*reply_of(exc)) == exchange
-    return isinstance(exc, amqp.AMQPChannelError) and not isinstance(
-        exc, amqp.ChannelNotFoundEntity
+def _publish_task(channel: Channel, message: Entry) -> asyncio.Future[Any]:
+    """``message`` published with aiormq's own ``basic_publish`` (a channel the fast path
+    does not know): a task that ends with its confirm."""
+    return asyncio.ensure_future(
+        channel.basic_publish(  # type: ignore[call-arg]
+            message.envelope.body,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            properties=properties(message.envelope),
+            mandatory=message.mandatory,
+            wait=False,
+        )
     )
 
 
-def _many_error(
-    jobs: Sequence[tuple[Envelope, str, str]],
-    failures: dict[int, BaseException],
-    budget: float,
-    why: str | None = None,
-) -> MqkitError:
-    errors: list[MqkitError] = []
-    for index in sorted(failures):
-        exc = failures[index]
-        if isinstance(exc, asyncio.TimeoutError):
-            errors.append(explain.confirm_timeout(_what(jobs[index]), budget, why))
-        else:
-            errors.append(translate(exc, what=_what(jobs[index])))
-    ids = [jobs[i][0].message_id for i in sorted(failures)]
-    return explain.many_failed(errors, total=len(jobs), unconfirmed=ids)
+def _close_reason(channel: Channel) -> BaseException:
+    """Why ``channel`` closed: the error aiormq closed it with."""
+    closing = channel.closing
+    if closing.done() and not closing.cancelled():
+        reason = closing.exception()
+        if reason is not None:
+            return reason
+    return ConnectionError("the channel closed")

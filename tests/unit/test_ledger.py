@@ -112,6 +112,15 @@ def test_at_most_the_confirm_window_is_in_flight() -> None:
     assert len(send_all(ledger)) == 2
 
 
+def test_a_chunk_taken_is_no_larger_than_the_window_has_room_for() -> None:
+    ledger, _ = make()
+    admit(ledger, jobs(CONFIRM_WINDOW + 10))
+    for entry in ledger.take(CONFIRM_WINDOW - 3):
+        ledger.sent(entry)
+    chunk = ledger.take(10)
+    assert [e.index for e in chunk] == [CONFIRM_WINDOW - 3, CONFIRM_WINDOW - 2, CONFIRM_WINDOW - 1]
+
+
 def test_a_message_above_the_limit_fails_before_it_is_sent() -> None:
     ledger, _ = make(max_message_size=100)
     batch, entries = admit(ledger, [*jobs(1), *jobs(1, start=1, size=101), *jobs(1, start=2)])
