@@ -24,11 +24,11 @@ PYTEST_ARGS ?=
 SUITES4 := tests
 MARKS4 := broker and not own_nodes
 
-.PHONY: help venv install broker check test test4 demo bench fmt clean
+.PHONY: help venv install broker check test test4 test-memory demo bench fmt clean
 
 help: ## list the commands
 	@echo "mqkit - make TARGET:"
-	@awk -F ':.*## ' '/^[a-z0-9]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk -F ':.*## ' '/^[a-z0-9-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Broker: \$$MQKIT_URL (make test: \$$MQKIT_TEST_URL, else \$$MQKIT_URL), else the local"
 	@echo "default amqp://guest:***@localhost:5672/; PYTEST_ARGS='-k name' narrows make test."
 	@echo "RabbitMQ 4 (make test, make test4): \$$MQKIT_TEST_URL4 (+ \$$MQKIT_TEST_CTL4), else the"
@@ -59,9 +59,9 @@ check: install ## lint, format check and type check (ruff, mypy)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# The two passes run at the same time (mostly waiting on brokers, they fit on two cores);
-# test4's output is shown after the main pass's.
-test: install ## everything: checks, then all tests on the main broker with test4 alongside
+# The main pass runs alongside test4 then test-memory (mostly waiting on brokers, they fit
+# on two cores); their output is shown after the main pass's.
+test: install ## everything: checks, all tests on the main broker; test4 and test-memory alongside
 	@bash scripts/broker.sh $(TEST_URL)
 	@bash scripts/postgres.sh  # the outbox tests' PostgreSQL (MQKIT_TEST_DB), found or started
 	@$(MAKE) --no-print-directory check
@@ -70,20 +70,26 @@ test: install ## everything: checks, then all tests on the main broker with test
 		MQKIT_TEST_CTL4="bash '$(CURDIR)/scripts/rabbitmq4.sh' ctl"; \
 		export MQKIT_TEST_URL4 MQKIT_TEST_CTL4; \
 	fi; \
-	log4="$$(mktemp)"; \
-	trap 'rm -f "$$log4"' EXIT; \
-	$(MAKE) --no-print-directory test4 >"$$log4" 2>&1 & \
+	log4="$$(mktemp)"; logm="$$(mktemp)"; \
+	trap 'rm -f "$$log4" "$$logm" "$$logm.status"' EXIT; \
+	( status4=0; $(MAKE) --no-print-directory test4 >"$$log4" 2>&1 || status4=$$?; \
+	  statusm=0; $(MAKE) --no-print-directory test-memory >"$$logm" 2>&1 || statusm=$$?; \
+	  echo "$$status4 $$statusm" >>"$$logm.status" ) & \
 	pid4=$$!; \
-	echo "$(VENV)/bin/pytest $(PYTEST_ARGS)   (make test4 runs alongside)"; \
+	echo "$(VENV)/bin/pytest $(PYTEST_ARGS)   (make test4, then make test-memory, run alongside)"; \
 	status=0; \
 	MQKIT_TEST_URL=$(TEST_URL) $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
-	status4=0; \
-	wait "$$pid4" || status4=$$?; \
+	wait "$$pid4" || true; \
+	read -r status4 statusm <"$$logm.status" || { status4=1; statusm=1; }; \
 	echo; \
 	echo "=============== make test4 (RabbitMQ 4), run alongside ==============="; \
 	cat "$$log4"; \
-	echo "make test: main pass exit $$status, RabbitMQ 4 pass exit $$status4"; \
-	[ "$$status" = 0 ] && [ "$$status4" = 0 ]
+	echo; \
+	echo "=============== make test-memory (in-memory broker), run alongside ==============="; \
+	cat "$$logm"; \
+	echo "make test: main pass exit $$status, RabbitMQ 4 pass exit $$status4," \
+	     "memory pass exit $$statusm"; \
+	[ "$$status" = 0 ] && [ "$$status4" = 0 ] && [ "$$statusm" = 0 ]
 
 test4: install ## the tests that use a broker (integration, examples, faults) on RabbitMQ 4
 	@if [ -n "$${MQKIT_TEST_URL4:-}" ]; then \
@@ -99,6 +105,17 @@ test4: install ## the tests that use a broker (integration, examples, faults) on
 		|| status=$$?; \
 	if [ "$$status" = 5 ]; then \
 		echo "make: PYTEST_ARGS selects no test that uses a broker: none ran on RabbitMQ 4"; \
+		status=0; \
+	fi; \
+	exit "$$status"
+
+test-memory: install ## the tests that use a broker, on mqkit's in-memory broker (memory://)
+	@echo "$(VENV)/bin/pytest $(SUITES4) -m '$(MARKS4)' $(PYTEST_ARGS)  (on the memory broker)"
+	@status=0; \
+	MQKIT_TEST_URL=memory://suite $(VENV)/bin/pytest -p no:cacheprovider $(SUITES4) \
+		-m "$(MARKS4)" $(PYTEST_ARGS) || status=$$?; \
+	if [ "$$status" = 5 ]; then \
+		echo "make: PYTEST_ARGS selects no test that uses a broker: none ran on memory"; \
 		status=0; \
 	fi; \
 	exit "$$status"

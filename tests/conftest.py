@@ -48,44 +48,11 @@ import pika
 import pika.exceptions
 import pytest
 
-LOCAL_URL = "amqp://guest:guest@localhost:5672/"
-NO_BROKER = """no RabbitMQ broker could be had for the integration tests.
-Tried, in order:
-  1. MQKIT_TEST_URL            (not set, or it did not answer)
-  2. {local}   (nothing answered)
-  3. testcontainers RabbitMQ   ({docker})
-Do one of:
-  - run `make broker` (starts one with docker compose, or a local rabbitmq-server), or
-  - start RabbitMQ yourself and export MQKIT_TEST_URL=amqp://user:pass@host:5672/"""
+from mqkit.testing.pytest_plugin import find_broker
 
 SESSION_PREFIX = f"mqkit-test-{uuid.uuid4().hex[:8]}"
 MAX_QUEUES = int(os.environ.get("MQKIT_TEST_MAX_QUEUES") or 40)
 SAMPLE_SECONDS = float(os.environ.get("MQKIT_TEST_SAMPLE_SECONDS") or 5)
-
-
-def broker_answers(url: str, timeout: float = 3.0) -> bool:
-    """Whether an AMQP broker at ``url`` accepts a connection (credentials included)."""
-    try:
-        params = pika.URLParameters(url)
-        params.socket_timeout = timeout
-        params.blocked_connection_timeout = timeout
-        params.connection_attempts = 1
-        connection = pika.BlockingConnection(params)
-    except Exception:
-        return False
-    connection.close()
-    return True
-
-
-def _docker_engine() -> str | None:
-    """None when a Docker engine answers, else why not."""
-    if shutil.which("docker") is None:
-        return "no docker client"
-    try:
-        result = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"docker info failed: {exc}"
-    return None if result.returncode == 0 else "no Docker engine answers"
 
 
 # MQKIT_TEST_URL=memory://NAME: the suite runs on mqkit's in-memory broker (make test's
@@ -108,32 +75,18 @@ def memory_broker() -> Any:
 
 
 def _find_broker() -> Iterator[str]:
-    """MQKIT_TEST_URL, else localhost:5672, else testcontainers; fails when none answers."""
+    """The memory broker on a memory pass; else MQKIT_TEST_URL, else localhost:5672, else
+    testcontainers (failing, never skipping, when none answers)."""
     if MEMORY_URL is not None:
         yield memory_broker().amqp_url
         return
-    explicit = os.environ.get("MQKIT_TEST_URL")
-    if explicit and broker_answers(explicit):
-        yield explicit
-        return
-    if broker_answers(LOCAL_URL):
-        yield LOCAL_URL
-        return
-    why_not = _docker_engine()
-    if why_not is None:
-        from testcontainers.rabbitmq import RabbitMqContainer
-
-        with RabbitMqContainer("rabbitmq:4.0-management") as container:
-            host = container.get_container_host_ip()
-            port = container.get_exposed_port(5672)
-            yield f"amqp://guest:guest@{host}:{port}/"
-        return
-    pytest.fail(NO_BROKER.format(local=LOCAL_URL, docker=why_not), pytrace=False)
+    yield from find_broker()  # mqkit's pytest plugin: the same search a user's tests get
 
 
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
-    """The URL of a real broker: MQKIT_TEST_URL, else localhost:5672, else testcontainers.
+    """The URL of a real broker: MQKIT_TEST_URL, else localhost:5672, else testcontainers
+    (the memory broker's loopback URL on a memory pass).
 
     Fails (never skips) when none can be had. While it is in use, :data:`HYGIENE` watches
     the broker for the session (the sampler, the end-of-session listing).
@@ -728,6 +681,11 @@ def _service_of_its_own(
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
+        "rabbitmq_only(reason): needs a real RabbitMQ, for the reason given; a memory pass "
+        "(MQKIT_TEST_URL=memory://NAME) leaves it out and lists it with that reason",
+    )
+    config.addinivalue_line(
+        "markers",
         "broker: uses the test broker (set automatically on a test that uses broker_url, "
         "directly or through names, raw, rt...)",
     )
@@ -757,12 +715,30 @@ def _starts_nodes(item: pytest.Item) -> bool:
     return False
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# On a memory pass: the tests left out, and why (printed in the terminal summary).
+NOT_MODELLED: list[tuple[str, str]] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "broker_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.broker)
         if _starts_nodes(item):
             item.add_marker(pytest.mark.own_nodes)
+    if MEMORY_URL is None:
+        return
+    kept, left_out = [], []
+    for item in items:
+        marker = item.get_closest_marker("rabbitmq_only")
+        if marker is None:
+            kept.append(item)
+            continue
+        left_out.append(item)
+        reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+        NOT_MODELLED.append((item.nodeid, reason or "(no reason given)"))
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -771,6 +747,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if NOT_MODELLED:
+        terminalreporter.section("left out: not modelled by the memory broker")
+        for nodeid, reason in NOT_MODELLED:
+            terminalreporter.write_line(f"{nodeid}: {reason}")
+        terminalreporter.write_line(
+            "(and every test that starts RabbitMQ nodes of its own: marker own_nodes, not "
+            "selected by make test-memory)"
+        )
     lines = HYGIENE.summary()
     if lines:
         terminalreporter.section("broker hygiene")

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pika
+import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,9 @@ def _exists(url: str, kind: str, name: str) -> bool:
             connection.close()
 
 
+@pytest.mark.rabbitmq_only(
+    "runs pytest in a child process, which would have an in-memory broker of its own"
+)
 def test_cleanup_after_each_test_and_leftovers_fail_the_run(broker_url, broker_ctl, tmp_path, raw):  # type: ignore[no-untyped-def]
     broker_ctl.require()  # the inner session lists the broker with it
     shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
