@@ -170,7 +170,7 @@ class Names:
             topology = consumer_topology(
                 Queue(queue), DEFAULT_POLICY, default_type="quorum", delivery_limit=20
             )
-            queues += [q.name for q in topology]
+            queues += [q.name for q in topology if isinstance(q, Queue)]
         tiers = [
             retry_tier_name(service, delay)
             for service in self.services
@@ -272,14 +272,14 @@ def _peek_bodies(url: str, queue: str) -> list[bytes]:
     """Take every message of ``queue`` without acking, then close: the broker puts them
     all back in their places."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
-    bodies = []
+    bodies: list[bytes] = []
     try:
         channel = connection.channel()
         while True:
             method, _, body = channel.basic_get(queue, auto_ack=False)
             if method is None:
                 return bodies
-            bodies.append(body)
+            bodies.append(bytes(body or b""))
     finally:
         connection.close()
 
