@@ -279,7 +279,7 @@ def _peek_bodies(url: str, queue: str) -> list[bytes]:
             method, _, body = channel.basic_get(queue, auto_ack=False)
             if method is None:
                 return bodies
-            bodies.append(bytes(body or b""))
+            bodies.append(body.encode() if isinstance(body, str) else bytes(body or b""))
     finally:
         connection.close()
 
