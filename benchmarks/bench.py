@@ -40,6 +40,7 @@ from rows_async import async_section
 from rows_faststream import faststream_section, faststream_version
 from rows_footprint import footprint_section
 from rows_latency import latency_section
+from rows_memory import memory_section
 from rows_observability import observability_section
 from rows_rss import rss_section
 from rows_sync import codec_section, sync_section
@@ -53,6 +54,7 @@ SECTIONS = (
     "latency",
     "rss",
     "footprint",
+    "memory",
 )
 
 # (full, quick) defaults of the options --quick scales down
@@ -203,6 +205,7 @@ def _run(name: str, cfg: Config, queues: Queues, spent: dict[str, float]) -> lis
         "observability": lambda: observability_section(cfg, queues),
         "rss": lambda: rss_section(cfg, queues),
         "footprint": lambda: footprint_section(cfg),
+        "memory": lambda: memory_section(cfg),
     }
     try:
         return runs[name]()

@@ -41,6 +41,7 @@ FASTSTREAM_PEERS = {
 FASTSTREAM_RATIO = 1.5
 OBS_RATIO = 0.85  # throughput with logging, metrics and tracing on, over the same row off
 P99_RATIO = 1.2
+MEMORY_SUITE_RATIO = 20.0  # the behaviour suite's speed on memory:// over RabbitMQ
 CODEC_LIMIT_US = 20.0
 
 
@@ -62,6 +63,14 @@ def targets(top_load: int | None) -> tuple[Target, ...]:
         found.append(
             Target(f"{on} vs {off}", f"observability.{on}", (f"observability.{off}",), OBS_RATIO)
         )
+    found.append(
+        Target(
+            "behaviour suite on memory:// vs on RabbitMQ",
+            "memory.suite_memory",
+            ("memory.suite_rabbitmq",),
+            MEMORY_SUITE_RATIO,
+        )
+    )
     for key, peer in FASTSTREAM_PEERS.items():
         label = f"{key} vs {peer}"
         found.append(Target(label, key, (peer,), FASTSTREAM_RATIO))
@@ -100,7 +109,7 @@ BASELINES = {
     "sync.mqkit_consume": "sync.raw_consume",
 }
 THROUGHPUT = ("codec", "async", "faststream", "sync", "observability")
-ONCE = ("rss", "footprint")  # sections run once, whatever --rounds says
+ONCE = ("rss", "footprint", "memory")  # sections run once, whatever --rounds says
 
 
 def _score(result: Result) -> float | None:
