@@ -433,9 +433,12 @@ class Hygiene:
         """Whether ``client`` talks to the test broker (directly or through a FaultProxy),
         not to a node a test started of its own."""
         try:
-            ports = {urlsplit(url).port for url in client.settings.all_urls}
+            urls = list(client.settings.all_urls)
+            ports = {urlsplit(url).port for url in urls}
         except Exception:
             return True
+        if any(u.lower().startswith("memory://") for u in urls):
+            return MEMORY_URL is not None and MEMORY_URL in urls  # a memory broker of its own
         return not ports <= self.node_ports
 
     def test_names(self, made: Names) -> None:

@@ -673,6 +673,8 @@ class MemoryBroker:
             self._call_async(stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()  # an unclosed loop is a ResourceWarning
         with _BROKERS_LOCK:
             if _BROKERS.get(self.name) is self:
                 del _BROKERS[self.name]

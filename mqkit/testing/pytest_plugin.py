@@ -13,8 +13,8 @@ Fixtures:
   ``@pytest.mark.parametrize("mqkit_url", ["memory", "rabbitmq"], indirect=True)`` runs the
   test on both.
 - ``mqkit_names``: unique names (``mqkit_names.queue()``, ``.exchange()``, ``.service()``);
-  on RabbitMQ, what was declared under them (with the DLQs and retry tiers mqkit derives)
-  is deleted after the test.
+  on RabbitMQ, what was declared under them (with the DLQs, bus queues and retry tiers mqkit
+  derives, as the test's clients declared them) is deleted after the test.
 
 Helpers: :class:`Recorder` (a handler that records what it handled and can wait for N of
 them, for ``Client`` and ``AsyncClient`` alike) and :func:`published` (the messages waiting
@@ -144,6 +144,7 @@ class Names:
         self.queues: list[str] = []
         self.exchanges: list[str] = []
         self.services: list[str] = []
+        self.clients: list[Any] = []
 
     def _next(self, kind: str, made: list[str]) -> str:
         name = f"{self.base}-{kind}{len(self.queues) + len(self.exchanges) + len(self.services)}"
@@ -178,10 +179,29 @@ class Names:
         ]
         return queues + tiers, [*self.exchanges, *tiers]
 
+    def watch(self, client: Any) -> None:
+        """Also delete, after the test, what ``client`` declared under these names (bus
+        queues, the retry tiers of its own policies...)."""
+        self.clients.append(client)
+
     def delete(self, url: str) -> None:
-        """Delete what :meth:`derived` names on the broker at ``url`` (missing ones are
-        fine)."""
+        """Delete what :meth:`derived` names, and what the watched clients declared under
+        :attr:`base`, on the broker at ``url`` (missing ones are fine)."""
         queues, exchanges = self.derived()
+        for client in self.clients:
+            try:
+                declared = tuple(client.topology)
+            except Exception:  # a client whose construction failed half-way
+                continue
+            for entity in declared:
+                name = getattr(entity, "name", "")
+                if not name.startswith(self.base) or getattr(entity, "exclusive", False):
+                    continue
+                kind = type(entity).__name__
+                if kind == "Queue" and name not in queues:
+                    queues.append(name)
+                elif kind == "Exchange" and name not in exchanges:
+                    exchanges.append(name)
         connection = pika.BlockingConnection(pika.URLParameters(connectable(url)))
         try:
             channel = connection.channel()
@@ -325,6 +345,18 @@ def mqkit_names(request: pytest.FixtureRequest) -> Iterator[Names]:
     """Unique names; on a real broker (the test's ``mqkit_url``, or ``mqkit_broker_url``),
     what was declared under them is deleted after the test."""
     names = Names()
+    # Every client made during the test: what it declared under the names is deleted too.
+    import mqkit
+
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    for cls in (mqkit.Client, mqkit.AsyncClient):
+        original = cls.__init__
+
+        def init(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> None:
+            names.watch(self)
+            __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", init)
     yield names
     url = None
     if "mqkit_url" in request.fixturenames:

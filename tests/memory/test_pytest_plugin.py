@@ -96,12 +96,14 @@ def test_mqkit_names_deletes_everything_declared_under_its_names(
 ) -> None:
     """What a service named by ``mqkit_names`` declares on RabbitMQ is deleted after the test:
     here a consumer with a retry policy of its own (its retry tiers) and a bus subscription
-    (its queue ``<service>.<event>`` and that queue's DLQ). The fixture's teardown is
-    ``names.delete(url)``, called here directly to see what it leaves."""
+    (its queue ``<service>.<event>`` and that queue's DLQ). The fixture watches every client
+    made during the test and its teardown is ``names.delete(url)``: both done here directly
+    to see what it leaves."""
     names = Names()
     service = names.service()
     policy = mqkit.RetryPolicy(max_attempts=2, delays=(0.5,))
     with mqkit.Client(url=mqkit_broker_url, service=service) as client:
+        names.watch(client)  # the fixture watches every client made during the test
         with client.consumer(names.queue(), Order, Recorder(), retry=policy):
             pass
         bus = client.event_bus(service=names.service(), exchange=names.exchange())
