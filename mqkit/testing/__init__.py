@@ -1,5 +1,9 @@
-"""Test tooling for services built on mqkit: network faults and RabbitMQ nodes of your own.
+"""Test tooling for services built on mqkit: an in-memory broker, network faults and RabbitMQ
+nodes of your own (and a pytest plugin, :mod:`mqkit.testing.pytest_plugin`).
 
+- :func:`memory_broker` / :class:`MemoryBroker` — the in-memory broker behind
+  ``memory://NAME`` URLs (:mod:`mqkit.testing.memory`): RabbitMQ's routing, confirms,
+  acks, TTL and dead-lettering in the test's process, on a virtual clock.
 - :class:`FaultProxy` — a TCP proxy in front of a broker that cuts, black-holes, slows down
   or refuses connections on demand.
 - :class:`RabbitNode` / :class:`RabbitCluster` — start and stop throw-away RabbitMQ nodes
@@ -18,7 +22,15 @@ with FaultProxy("amqp://guest:guest@localhost:5672/") as proxy:
 """
 
 from mqkit.testing.cluster import RabbitCluster
+from mqkit.testing.memory import MemoryBroker, MemoryMessage, memory_broker
 from mqkit.testing.nodes import RabbitNode
 from mqkit.testing.proxy import FaultProxy
 
-__all__ = ["FaultProxy", "RabbitCluster", "RabbitNode"]
+__all__ = [
+    "FaultProxy",
+    "MemoryBroker",
+    "MemoryMessage",
+    "RabbitCluster",
+    "RabbitNode",
+    "memory_broker",
+]
