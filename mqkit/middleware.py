@@ -226,16 +226,19 @@ def run_publish_chain(
     middlewares: Sequence[Middleware], messages: list[Outgoing], send: PublishNext
 ) -> list[str]:
     """Run ``middlewares``' ``publish`` hooks around ``send(messages)`` (``Client``)."""
-    count = len(messages)
+    call_next = send
+    for middleware in reversed(middlewares):
+        call_next = _publish_step(middleware, call_next, len(messages))
+    return call_next(messages)
 
-    def step(index: int, batch: list[Outgoing]) -> list[str]:
-        if index == len(middlewares):
-            return send(batch)
-        middleware = middlewares[index]
-        result = middleware.publish(batch, lambda b: step(index + 1, b))
-        return _ids(middleware, result, count)
 
-    return step(0, messages)
+def _publish_step(middleware: Middleware, call_next: PublishNext, count: int) -> PublishNext:
+    hook = middleware.publish
+
+    def step(batch: list[Outgoing]) -> list[str]:
+        return _ids(middleware, hook(batch, call_next), count)
+
+    return step
 
 
 async def run_publish_chain_async(

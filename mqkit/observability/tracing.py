@@ -56,11 +56,19 @@ from mqkit.middleware import (
 )
 
 try:
+    from opentelemetry import baggage, propagate, trace
     from opentelemetry import context as otel_context
-    from opentelemetry import propagate, trace
     from opentelemetry.context import Context as OtelContext
     from opentelemetry.propagators.textmap import Getter
-    from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
+    from opentelemetry.trace import (
+        INVALID_SPAN_CONTEXT,
+        Link,
+        Span,
+        SpanKind,
+        Status,
+        StatusCode,
+        TracerProvider,
+    )
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 except ImportError as exc:  # pragma: no cover - the extra is installed wherever tests run
     raise explain.missing_extra(
@@ -103,6 +111,10 @@ class _HeaderGetter(Getter[dict[str, Any]]):
 
 
 _GETTER = _HeaderGetter()
+# The fields of the W3C propagators (tracecontext and baggage: OpenTelemetry's default).
+_W3C = frozenset({"traceparent", "tracestate", "baggage"})
+# Consumer span starts kept per middleware (direct reply-to queues have a name per caller).
+_STARTS_LIMIT = 1000
 _EMPTY = OtelContext()
 _TRACECONTEXT = TraceContextTextMapPropagator()
 
@@ -120,6 +132,10 @@ class TracingMiddleware(Middleware):
         self._tracer = trace.get_tracer("mqkit", __version__, tracer_provider)
         self._propagator: object = None
         self._fields: frozenset[str] = frozenset()
+        # (queue, exchange) -> a consumer span's name and creation attributes; read-only
+        # once made (the SDK copies attributes into the span), so shared by every delivery
+        self._consume_starts: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        self._publish_starts: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
     def __repr__(self) -> str:
         return "TracingMiddleware()"
@@ -152,40 +168,56 @@ class TracingMiddleware(Middleware):
         """One PRODUCER span for the call: its messages are created and sent in it, so each
         carries its context (a batch's span counts them, as the conventions have it)."""
         first = messages[0]
-        exchange = first.exchange
-        attributes: dict[str, Any] = {
-            SYSTEM: "rabbitmq",
-            OPERATION_TYPE: "send",
-            OPERATION_NAME: "publish",
-            DESTINATION: exchange,
-        }
-        envelope = first.envelope
-        if len(messages) == 1:
-            attributes[MESSAGE_ID] = envelope.message_id
-            attributes[BODY_SIZE] = len(envelope.body)
-            if first.routing_key:
-                attributes[ROUTING_KEY] = first.routing_key
-            if envelope.correlation_id:
-                attributes[CONVERSATION_ID] = envelope.correlation_id
-        else:
-            attributes[BATCH_COUNT] = len(messages)
-            keys = {message.routing_key for message in messages}
-            if len(keys) == 1 and first.routing_key:
-                attributes[ROUTING_KEY] = first.routing_key
-            conversations = {message.envelope.correlation_id for message in messages}
-            if len(conversations) == 1 and envelope.correlation_id:
-                attributes[CONVERSATION_ID] = envelope.correlation_id
-        span = self._tracer.start_span(
-            f"publish {exchange or _queue_name(first.routing_key)}",
-            kind=SpanKind.PRODUCER,
-            attributes=attributes,
-        )
-        carrier: dict[str, str] = {}
-        propagate.get_global_textmap().inject(carrier, context=trace.set_span_in_context(span))
+        # the span's name is the exchange's, or on the default exchange the queue's
+        key = (first.exchange, "" if first.exchange else first.routing_key)
+        start = self._publish_starts.get(key)
+        if start is None:
+            start = self._publish_start(*key)
+        span = self._tracer.start_span(start[0], kind=SpanKind.PRODUCER, attributes=start[1])
+        if span.is_recording():  # an unsampled publish builds no attributes
+            span.set_attributes(_publish_attributes(messages))
+        carrier = self._carrier(span)
         if carrier:
             for message in messages:
                 message.headers.update(carrier)
         return span
+
+    def _publish_start(self, exchange: str, routing_key: str) -> tuple[str, dict[str, Any]]:
+        """A producer span's name and the attributes a sampler sees (those the conventions
+        want at creation), the same for every publish to ``exchange`` (``routing_key``: the
+        queue, on the default exchange)."""
+        start = (
+            f"publish {exchange or _queue_name(routing_key)}",
+            {
+                SYSTEM: "rabbitmq",
+                OPERATION_TYPE: "send",
+                OPERATION_NAME: "publish",
+                DESTINATION: exchange,
+            },
+        )
+        if len(self._publish_starts) < _STARTS_LIMIT:
+            self._publish_starts[(exchange, routing_key)] = start
+        return start
+
+    def _carrier(self, span: Span) -> dict[str, str]:
+        """The headers that carry ``span``'s context: what the global propagator injects.
+        With the W3C propagators (OpenTelemetry's default) and no baggage, that is
+        ``traceparent`` (and ``tracestate``), written here without building a context."""
+        propagator = propagate.get_global_textmap()
+        if propagator is not self._propagator:  # its fields, once per propagator
+            self._propagator, self._fields = propagator, frozenset(propagator.fields)
+        carrier: dict[str, str] = {}
+        if "traceparent" in self._fields and self._fields <= _W3C and not baggage.get_all():
+            context = span.get_span_context()
+            if context != INVALID_SPAN_CONTEXT:  # as TraceContextTextMapPropagator.inject
+                carrier["traceparent"] = (
+                    f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+                )
+                if context.trace_state:
+                    carrier["tracestate"] = context.trace_state.to_header()
+            return carrier
+        propagator.inject(carrier, context=trace.set_span_in_context(span))
+        return carrier
 
     # -- handling ------------------------------------------------------------------------
 
@@ -213,37 +245,53 @@ class TracingMiddleware(Middleware):
 
     def _start_handle(self, ctx: Context) -> tuple[Span, Token[OtelContext]]:
         headers = ctx.headers
-        propagator = propagate.get_global_textmap()
-        if propagator is not self._propagator:  # its fields, once per propagator
-            self._propagator, self._fields = propagator, frozenset(propagator.fields)
-        if headers and not self._fields.isdisjoint(headers):
-            parent = propagator.extract(headers, getter=_GETTER)
-        else:
-            parent = _EMPTY  # nothing to extract: a new trace
-        attributes: dict[str, Any] = {
-            SYSTEM: "rabbitmq",
-            OPERATION_TYPE: "process",
-            OPERATION_NAME: "process",
-            DESTINATION: ctx.exchange,
-            SUBSCRIPTION: ctx.queue,
-        }
-        if ctx.routing_key:
-            attributes[ROUTING_KEY] = ctx.routing_key
-        if ctx.message_id:
-            attributes[MESSAGE_ID] = ctx.message_id
-        if ctx.correlation_id:
-            attributes[CONVERSATION_ID] = ctx.correlation_id
-        if ctx.attempt > 1:
-            attributes["mqkit.attempt"] = ctx.attempt
+        parent = _EMPTY  # nothing to extract: a new trace
+        if headers:
+            propagator = propagate.get_global_textmap()
+            if propagator is not self._propagator:  # its fields, once per propagator
+                self._propagator, self._fields = propagator, frozenset(propagator.fields)
+            if not self._fields.isdisjoint(headers):
+                parent = propagator.extract(headers, getter=_GETTER)
+        start = self._consume_starts.get((ctx.queue, ctx.exchange))
+        if start is None:
+            start = self._consume_start(ctx.queue, ctx.exchange)
         span = self._tracer.start_span(
-            f"process {_queue_name(ctx.queue)}",
+            start[0],
             context=parent,
             kind=SpanKind.CONSUMER,
-            attributes=attributes,
+            attributes=start[1],
             links=_first_attempt(headers) if FIRST_ATTEMPT in headers else (),
         )
+        if span.is_recording():  # an unsampled delivery builds no attributes
+            attributes: dict[str, Any] = {}
+            if ctx.routing_key:
+                attributes[ROUTING_KEY] = ctx.routing_key
+            if ctx.message_id:
+                attributes[MESSAGE_ID] = ctx.message_id
+            if ctx.correlation_id:
+                attributes[CONVERSATION_ID] = ctx.correlation_id
+            if ctx.attempt > 1:
+                attributes["mqkit.attempt"] = ctx.attempt
+            span.set_attributes(attributes)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
+
+    def _consume_start(self, queue: str, exchange: str) -> tuple[str, dict[str, Any]]:
+        """A consumer span's name and the attributes a sampler sees (those the conventions
+        want at creation), the same for every delivery from ``queue`` via ``exchange``."""
+        start = (
+            f"process {_queue_name(queue)}",
+            {
+                SYSTEM: "rabbitmq",
+                OPERATION_TYPE: "process",
+                OPERATION_NAME: "process",
+                DESTINATION: exchange,
+                SUBSCRIPTION: queue,
+            },
+        )
+        if len(self._consume_starts) < _STARTS_LIMIT:
+            self._consume_starts[(queue, exchange)] = start
+        return start
 
     def _failed(self, ctx: Context, span: Span, error: BaseException) -> None:
         _fail(span, error)
@@ -255,6 +303,29 @@ class TracingMiddleware(Middleware):
             _TRACECONTEXT.inject(carrier, context=trace.set_span_in_context(span))
             if "traceparent" in carrier:
                 scope.copy_headers[FIRST_ATTEMPT] = carrier["traceparent"]
+
+
+def _publish_attributes(messages: Sequence[Outgoing]) -> dict[str, Any]:
+    """A recording producer span's attributes beyond those it was started with."""
+    first = messages[0]
+    envelope = first.envelope
+    attributes: dict[str, Any] = {}
+    if len(messages) == 1:
+        attributes[MESSAGE_ID] = envelope.message_id
+        attributes[BODY_SIZE] = len(envelope.body)
+        if first.routing_key:
+            attributes[ROUTING_KEY] = first.routing_key
+        if envelope.correlation_id:
+            attributes[CONVERSATION_ID] = envelope.correlation_id
+        return attributes
+    attributes[BATCH_COUNT] = len(messages)
+    keys = {message.routing_key for message in messages}
+    if len(keys) == 1 and first.routing_key:
+        attributes[ROUTING_KEY] = first.routing_key
+    conversations = {message.envelope.correlation_id for message in messages}
+    if len(conversations) == 1 and envelope.correlation_id:
+        attributes[CONVERSATION_ID] = envelope.correlation_id
+    return attributes
 
 
 def _queue_name(name: str) -> str:

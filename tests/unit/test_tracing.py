@@ -321,3 +321,67 @@ def test_a_garbled_first_attempt_header_is_ignored(provider, exporter):
 
 def test_the_global_provider_is_the_default():
     assert repr(TracingMiddleware()) == "TracingMiddleware()"
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_the_headers_are_what_the_global_propagator_writes(sampled):
+    """mqkit writes traceparent itself under the W3C propagators: the same text theirs
+    writes, sampled or not, with the span's tracestate; with baggage, the propagator writes."""
+    from opentelemetry import baggage, context, propagate
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    provider = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
+    sync, _ = stacks(provider)
+    parent = SpanContext(
+        0x1234,
+        0x5678,
+        is_remote=True,
+        trace_flags=TraceFlags(int(sampled)),
+        trace_state=TraceState([("vendor", "v1")]),
+    )
+    token = context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+    try:
+        sent = message()
+        sync.publish([sent], confirmed)
+        expected: dict[str, str] = {}
+        propagate.inject(expected, context=trace.set_span_in_context(_span_of(sent)))
+        assert {k: sent.headers[k] for k in expected} == expected
+        assert sent.headers["tracestate"] == "vendor=v1"
+        assert sent.headers["traceparent"].endswith("-01" if sampled else "-00")
+        with_baggage = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            carried = message()
+            sync.publish([carried], confirmed)
+        finally:
+            context.detach(with_baggage)
+        assert carried.headers["baggage"] == "tenant=acme"
+    finally:
+        context.detach(token)
+
+
+def _span_of(sent: Outgoing) -> Any:
+    """A span with the context ``sent``'s traceparent names (to run the propagator on)."""
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    _, trace_id, span_id, flags = sent.headers["traceparent"].split("-")
+    state = TraceState.from_header([sent.headers["tracestate"]])
+    return NonRecordingSpan(
+        SpanContext(int(trace_id, 16), int(span_id, 16), False, TraceFlags(int(flags, 16)), state)
+    )
+
+
+def test_an_unsampled_delivery_gets_no_attributes_beyond_its_start(exporter):
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sync, _ = stacks(provider)
+    sent = message()
+    sync.publish([sent], confirmed)
+    ctx = delivered(sent)
+    with handling(ctx):
+        sync.handle(lambda m, c: None, None, ctx)
+    assert exporter.get_finished_spans() == ()
+    flags = int(sent.headers["traceparent"].rsplit("-", 1)[1], 16)
+    assert flags & 1 == 0  # not sampled: the decision travels on
