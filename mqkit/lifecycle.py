@@ -2,7 +2,8 @@
 
 Both runtimes report the same events at the same points (a delivery received, handled,
 retried, dead-lettered; a publish confirmed, returned, nacked; the link lost and restored;
-a consumer attached and detached; publishing blocked by a broker alarm). Logging, metrics,
+a consumer attached and detached; publishing blocked by a broker alarm; the link up at first
+connect). Logging, metrics,
 tracing and users' middleware observe that one stream, so the two clients cannot disagree on
 what they say or at which level:
 
@@ -19,8 +20,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from mqkit.retry import GiveUp, Reject, RetryLater
 
 __all__ = [
     "LOG_POLICY",
@@ -32,6 +36,7 @@ __all__ = [
     "LifecycleEvent",
     "LinkLost",
     "LinkRestored",
+    "LinkUp",
     "LogObserver",
     "LogRule",
     "Nacked",
@@ -77,12 +82,26 @@ class LifecycleEvent:
         """The event's fields, flat (a :class:`Delivery` is spread out), for logs and
         middleware."""
         out: dict[str, Any] = {}
-        for key, value in asdict(self).items():  # type: ignore[call-overload]
-            if isinstance(value, dict) and key == "delivery":
-                out.update(value)
+        for key in _names(type(self)):
+            value = getattr(self, key)
+            if key == "delivery" and isinstance(value, Delivery):
+                for inner in _names(Delivery):
+                    out[inner] = getattr(value, inner)
             else:
                 out[key] = value
         return out
+
+
+# Field names per event class (dataclasses.asdict deep-copies every value: a logged event
+# only needs them read).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 # -- publishing ----------------------------------------------------------------------------
@@ -225,6 +244,15 @@ class ConsumerDetached(LifecycleEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class LinkUp(LifecycleEvent):
+    """The client connected to ``url`` (password masked) for the first time."""
+
+    name: ClassVar[str] = "link_up"
+    url: str
+    service: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class LinkLost(LifecycleEvent):
     """The connection to ``url`` (password masked) was lost; the client reconnects."""
 
@@ -272,9 +300,8 @@ def outcome_event(
     """The event that reports how a delivery ended: :class:`Handled` (acked),
     :class:`Retried` or :class:`DeadLettered` (``outcome``: an ``Ack``, ``RetryLater`` or
     ``GiveUp`` of :mod:`mqkit.retry`; ``error``: what the handler raised, if anything)."""
-    from mqkit.retry import GiveUp, Reject, RetryLater  # the pipeline itself needs no policy
-
-    if isinstance(outcome, RetryLater):
+    retry_later, give_up, reject = _OUTCOMES or _outcome_types()
+    if isinstance(outcome, retry_later):
         return Retried(
             delivery,
             delay=outcome.delay,
@@ -284,17 +311,31 @@ def outcome_event(
             traceback=_traceback(error),
             seconds=seconds,
         )
-    if isinstance(outcome, GiveUp):
+    if isinstance(outcome, give_up):
+        rejected = isinstance(error, reject)
         return DeadLettered(
             delivery,
             dlq=dlq,
             error_type=outcome.error_type,
             error=outcome.error_message,
-            rejected=isinstance(error, Reject),
-            traceback=outcome.traceback or ("" if isinstance(error, Reject) else _traceback(error)),
+            rejected=rejected,
+            traceback=outcome.traceback or ("" if rejected else _traceback(error)),
             seconds=seconds,
         )
     return Handled(delivery, seconds=seconds)
+
+
+# (RetryLater, GiveUp, Reject) of mqkit.retry, imported on first use: the pipeline itself
+# needs no policy, and an import statement per delivery costs as much as the rest.
+_OUTCOMES: tuple[type[RetryLater], type[GiveUp], type[Reject]] | None = None
+
+
+def _outcome_types() -> tuple[type[RetryLater], type[GiveUp], type[Reject]]:
+    global _OUTCOMES
+    from mqkit.retry import GiveUp, Reject, RetryLater
+
+    _OUTCOMES = (RetryLater, GiveUp, Reject)
+    return _OUTCOMES
 
 
 def _traceback(error: BaseException | None) -> str:
@@ -392,6 +433,7 @@ LOG_POLICY: dict[type[LifecycleEvent], LogRule] = {
     ),
     ConsumerAttached: LogRule("mqkit.consumer", logging.INFO, "consuming {queue}"),
     ConsumerDetached: LogRule("mqkit.consumer", logging.INFO, "stopped consuming {queue}"),
+    LinkUp: LogRule("mqkit.connection", logging.INFO, "connected to {url}"),
     LinkLost: LogRule(
         "mqkit.connection", logging.WARNING, "lost the connection to {url} ({reason}); reconnecting"
     ),
@@ -408,23 +450,38 @@ def level_of(event: LifecycleEvent) -> int:
     return LOG_POLICY[type(event)].level
 
 
-# getLogger takes logging's module lock: look each logger up once, not per delivery.
-_LOGGERS: dict[str, logging.Logger] = {}
+# The events whose level depends on the event (level_of has the exceptions).
+_LEVEL_VARIES = (DeadLettered, ConsumerDetached)
 
 
 class LogObserver:
     """mqkit's own logging, as an observer of the pipeline: one record per event, by the
     policy in :data:`LOG_POLICY`, every field also in ``extra=`` (for JSON formatters). A
-    failure's traceback is logged at DEBUG (on its own record), not with every WARNING."""
+    failure's traceback is logged at DEBUG (on its own record), not with every WARNING.
+
+    An event whose level the logger filters out costs two lookups and a level test: no
+    message or ``extra=`` is built for it."""
+
+    __slots__ = ("_rules",)
+
+    def __init__(self) -> None:
+        # event class -> (its logger, its fixed level or None); getLogger takes logging's
+        # module lock, so each logger is looked up once, not per delivery
+        self._rules: dict[type[LifecycleEvent], tuple[logging.Logger, int | None]] = {
+            cls: (
+                logging.getLogger(rule.logger),
+                None if issubclass(cls, _LEVEL_VARIES) else rule.level,
+            )
+            for cls, rule in LOG_POLICY.items()
+        }
 
     def on_event(self, event: LifecycleEvent) -> None:
-        rule = LOG_POLICY[type(event)]
-        logger = _LOGGERS.get(rule.logger) or _LOGGERS.setdefault(
-            rule.logger, logging.getLogger(rule.logger)
-        )
-        level = level_of(event)
+        logger, level = self._rules[type(event)]
+        if level is None:
+            level = level_of(event)
         if not logger.isEnabledFor(level):
             return
+        rule = LOG_POLICY[type(event)]
         values = event.fields()
         traceback = values.pop("traceback", "")
         if isinstance(event, ConsumerDetached) and event.reason:

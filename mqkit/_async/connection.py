@@ -41,6 +41,7 @@ from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import (
     LinkLost,
     LinkRestored,
+    LinkUp,
     Pipeline,
     PublishingBlocked,
     PublishingUnblocked,
@@ -201,6 +202,7 @@ class Link:
             await self.disconnect()
             raise
         self._ready.set()
+        self._pipeline.emit(LinkUp(self.url, service=self.settings.service))
 
     async def disconnect(self) -> None:
         """Back to before :meth:`open` (the client's other link could not connect): a later

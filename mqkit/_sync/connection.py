@@ -47,6 +47,7 @@ from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import (
     LinkLost,
     LinkRestored,
+    LinkUp,
     Pipeline,
     PublishingBlocked,
     PublishingUnblocked,
@@ -218,6 +219,7 @@ class Link:
             self.close()
             raise
         self._ready.set()
+        self._pipeline.emit(LinkUp(self.url, service=self.settings.service))
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the connection (and the links sharing its IO thread), then stop the IO

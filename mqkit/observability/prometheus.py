@@ -23,8 +23,8 @@ What it records (:data:`METRICS` lists the names; every one starts with ``mqkit_
 - ``mqkit_messages_in_flight`` (service, queue), gauge: handlers running now (handle hook);
 - ``mqkit_messages_undecodable_total`` (service, queue): bodies that did not decode;
 - ``mqkit_consumers_attached`` (service, queue), gauge: 1 while consuming, 0 once stopped;
-- ``mqkit_connection_up`` (service), gauge: 0 on ``link_lost``, 1 on ``link_restored`` and on
-  any sign of a live link;
+- ``mqkit_connection_up`` (service), gauge: 1 on ``link_up`` (the first connect) and
+  ``link_restored``, 0 on ``link_lost``, and 1 again on any sign of a live link;
 - ``mqkit_reconnects_total`` (service): ``link_restored`` events after a loss;
 - ``mqkit_publishing_blocked`` (service), gauge: 1 while a broker alarm blocks publishing.
 
@@ -44,7 +44,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mqkit import explain
@@ -59,6 +59,7 @@ from mqkit.lifecycle import (
     LifecycleEvent,
     LinkLost,
     LinkRestored,
+    LinkUp,
     Published,
     PublishingBlocked,
     PublishingUnblocked,
@@ -265,6 +266,27 @@ class PrometheusMiddleware(Middleware):
         # prometheus_client's labels() (which validates and locks)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._up: dict[str, int] = {}  # connection_up as this middleware last set it
+        # what a handled delivery records, by (service, queue, event type, outcome, whether
+        # a handler ran): its consumed counter and its duration histogram (or None)
+        self._outcomes: dict[tuple[str, str, str, str, bool], tuple[Any, Any]] = {}
+        self._gauges: dict[tuple[str, str], Any] = {}  # in-flight gauges by (service, queue)
+        # a publish's labels (service, exchange, queue, event type): its published counter
+        # and its confirm histogram (service, exchange)
+        self._publish_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._on: dict[type[LifecycleEvent], Callable[[Any], None]] = {
+            Handled: self._handled,
+            Retried: self._handled,
+            DeadLettered: self._handled,
+            Published: self._published_event,
+            Undecodable: self._undecodable,
+            ConsumerAttached: self._consumer,
+            ConsumerDetached: self._consumer,
+            LinkUp: self._link_up,
+            LinkLost: self._link_lost,
+            LinkRestored: self._link_restored,
+            PublishingBlocked: self._blocked,
+            PublishingUnblocked: self._blocked,
+        }
 
     def __repr__(self) -> str:
         return f"PrometheusMiddleware(registry={self.registry!r})"
@@ -315,8 +337,8 @@ class PrometheusMiddleware(Middleware):
         if isinstance(error, PublishError) and error.unconfirmed:
             failed = set(error.unconfirmed)
         fallback = self.service
-        counts: dict[tuple[str, ...], int] = {}
-        errors: dict[tuple[str, ...], int] = {}
+        counts: dict[tuple[str, str, str, str], int] = {}
+        errors: dict[tuple[str, str, str, str], int] = {}
         for message in messages:
             envelope, exchange = message.envelope, message.exchange
             labels = (
@@ -329,17 +351,31 @@ class PrometheusMiddleware(Middleware):
                 errors[labels] = errors.get(labels, 0) + 1
             else:
                 counts[labels] = counts.get(labels, 0) + 1
-        m, child = self._m, self._child
+        confirm: Any = None
         for key, count in counts.items():
-            child(m.published, _PUBLISH_LABELS, key).inc(count)
-        if error is None and counts:  # one publish call: one service, one exchange
-            service, exchange = next(iter(counts))[:2]
-            child(m.confirm_seconds, _CONFIRM_LABELS, (service, exchange)).observe(seconds)
-            self._connected(service, 1)
+            children = self._publish_children.get(key) or self._publish_children_of(key)
+            children[0].inc(count)
+            confirm = children[1]  # one publish call: one service, one exchange
+        if error is None and confirm is not None:
+            confirm.observe(seconds)
+            service = next(iter(counts))[0]
+            if self._up.get(service) != 1:
+                self._connected(service, 1)
         if errors:
             kind = type(error).__name__
             for key, count in errors.items():
-                child(m.publish_errors, _ERROR_LABELS, (*key, kind)).inc(count)
+                self._child(self._m.publish_errors, _ERROR_LABELS, (*key, kind)).inc(count)
+
+    def _publish_children_of(self, key: tuple[str, str, str, str]) -> tuple[Any, Any]:
+        """The published counter and confirm histogram of ``key``'s publish labels."""
+        m, child = self._m, self._child
+        children = (
+            child(m.published, _PUBLISH_LABELS, key),
+            child(m.confirm_seconds, _CONFIRM_LABELS, key[:2]),
+        )
+        if len(self._publish_children) < _CACHE_LIMIT:
+            self._publish_children[key] = children
+        return children
 
     # -- handling ------------------------------------------------------------------------
 
@@ -361,42 +397,81 @@ class PrometheusMiddleware(Middleware):
 
     def _in_flight(self, ctx: Context) -> Any:
         scope = current()
-        service = (scope.service if scope is not None else "") or self.service
-        return self._child(self._m.in_flight, _QUEUE_LABELS, (service, ctx.queue))
+        key = ((scope.service if scope is not None else "") or self.service, ctx.queue)
+        gauge = self._gauges.get(key)
+        if gauge is None:
+            gauge = self._child(self._m.in_flight, _QUEUE_LABELS, key)
+            if len(self._gauges) < _CACHE_LIMIT:
+                self._gauges[key] = gauge
+        return gauge
 
     # -- events --------------------------------------------------------------------------
 
     def on_event(self, event: LifecycleEvent) -> None:
+        record = self._on.get(type(event))
+        if record is None:  # a subclass of an event: the handler of its nearest base
+            record = next(
+                (self._on[cls] for cls in type(event).__mro__ if cls in self._on), _ignore
+            )
+        record(event)
+
+    def _handled(self, event: Handled | Retried | DeadLettered) -> None:
+        d = event.delivery
+        ran = not (isinstance(event, DeadLettered) and event.error_type == "DecodeError")
+        key = (d.service or self.service, d.queue, d.event_type or "", _outcome(event), ran)
+        children = self._outcomes.get(key)
+        if children is None:
+            children = self._outcome_children(key)
+        consumed, seconds = children
+        consumed.inc()
+        if seconds is not None:
+            seconds.observe(event.seconds)
+        if self._up.get(key[0]) != 1:
+            self._connected(key[0], 1)
+
+    def _outcome_children(self, key: tuple[str, str, str, str, bool]) -> tuple[Any, Any]:
         m, child = self._m, self._child
-        fallback = self.service
-        if isinstance(event, (Handled, Retried, DeadLettered)):
-            d = event.delivery
-            labels = (d.service or fallback, d.queue, d.event_type or "")
-            child(m.consumed, _CONSUMED_LABELS, (*labels, _outcome(event))).inc()
-            if not (isinstance(event, DeadLettered) and event.error_type == "DecodeError"):
-                child(m.handler_seconds, _CONSUME_LABELS, labels).observe(event.seconds)
-            self._connected(labels[0], 1)
-        elif isinstance(event, Published):  # confirm times come from the publish hook
-            self._connected(event.service or fallback, 1)
-        elif isinstance(event, Undecodable):
-            d = event.delivery
-            child(m.undecodable, _QUEUE_LABELS, (d.service or fallback, d.queue)).inc()
-        elif isinstance(event, (ConsumerAttached, ConsumerDetached)):
-            service = event.service or fallback
-            attached = 1 if isinstance(event, ConsumerAttached) else 0
-            child(m.consumers, _QUEUE_LABELS, (service, event.queue)).set(attached)
-            if attached:
-                self._connected(service, 1)
-        elif isinstance(event, LinkLost):
-            self._connected(event.service or fallback, 0)
-        elif isinstance(event, LinkRestored):
-            service = event.service or fallback
+        children = (
+            child(m.consumed, _CONSUMED_LABELS, key[:4]),
+            child(m.handler_seconds, _CONSUME_LABELS, key[:3]) if key[4] else None,
+        )
+        if len(self._outcomes) < _CACHE_LIMIT:
+            self._outcomes[key] = children
+        return children
+
+    def _published_event(self, event: Published) -> None:  # confirm times: the publish hook
+        self._connected(event.service or self.service, 1)
+
+    def _undecodable(self, event: Undecodable) -> None:
+        d = event.delivery
+        self._child(self._m.undecodable, _QUEUE_LABELS, (d.service or self.service, d.queue)).inc()
+
+    def _consumer(self, event: ConsumerAttached | ConsumerDetached) -> None:
+        service = event.service or self.service
+        attached = 1 if isinstance(event, ConsumerAttached) else 0
+        self._child(self._m.consumers, _QUEUE_LABELS, (service, event.queue)).set(attached)
+        if attached:
             self._connected(service, 1)
-            if event.reconnects:
-                child(m.reconnects, _SERVICE, (service,)).inc()
-        elif isinstance(event, (PublishingBlocked, PublishingUnblocked)):
-            blocked = 1 if isinstance(event, PublishingBlocked) else 0
-            child(m.blocked, _SERVICE, (event.service or fallback,)).set(blocked)
+
+    def _link_up(self, event: LinkUp) -> None:
+        self._connected(event.service or self.service, 1)
+
+    def _link_lost(self, event: LinkLost) -> None:
+        self._connected(event.service or self.service, 0)
+
+    def _link_restored(self, event: LinkRestored) -> None:
+        service = event.service or self.service
+        self._connected(service, 1)
+        if event.reconnects:
+            self._child(self._m.reconnects, _SERVICE, (service,)).inc()
+
+    def _blocked(self, event: PublishingBlocked | PublishingUnblocked) -> None:
+        blocked = 1 if isinstance(event, PublishingBlocked) else 0
+        self._child(self._m.blocked, _SERVICE, (event.service or self.service,)).set(blocked)
+
+
+def _ignore(event: LifecycleEvent) -> None:
+    """What the metrics record of an event they do not count: nothing."""
 
 
 def _outcome(event: Handled | Retried | DeadLettered) -> str:

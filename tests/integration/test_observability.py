@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 import mqkit
 from mqkit.correlation import CAUSATION_ID
+from mqkit.lifecycle import LifecycleEvent, LinkRestored, LinkUp
 from mqkit.observability import PrometheusMiddleware, TracingMiddleware
 from mqkit.observability.tracing import FIRST_ATTEMPT
 from mqkit.topology import retry_tier_name
@@ -379,6 +380,34 @@ def test_metrics_are_scraped_over_http_while_messages_flow(rt, names, metrics_se
     after = scrape(url)  # the client closed: its consumer is detached
     assert sample(after, "mqkit_consumers_attached", service=service, queue=queue) == 0
     assert not any("message_id" in dict(labels) for _, labels in after)
+
+
+def test_the_first_connect_is_an_event_logged_at_info_that_sets_connection_up(
+    rt, names, metrics_server, caplog
+):
+    registry, url = metrics_server
+    service = names.service()
+    seen: list[LifecycleEvent] = []
+
+    class Events(mqkit.Middleware):
+        def on_event(self, event):
+            seen.append(event)
+
+    caplog.set_level(logging.INFO, logger="mqkit.connection")
+    middleware = [PrometheusMiddleware(registry), Events()]
+    with rt.client(service=service, middleware=middleware):  # connects; publishes nothing
+        up = scrape(url)
+    assert sample(up, "mqkit_connection_up", service=service) == 1
+    assert sample(up, "mqkit_reconnects_total", service=service) == 0
+    first = [e for e in seen if isinstance(e, LinkUp)]
+    assert first and all(e.service == service and ":guest@" not in e.url for e in first), seen
+    assert not any(isinstance(e, LinkRestored) for e in seen)
+    records = [r for r in caplog.records if getattr(r, "mqkit_event", None) == "link_up"]
+    assert records and all(
+        (r.name, r.levelno, r.service) == ("mqkit.connection", logging.INFO, service)
+        for r in records
+    )
+    assert records[0].getMessage() == f"connected to {first[0].url}"
 
 
 # -- tracing ---------------------------------------------------------------------------------

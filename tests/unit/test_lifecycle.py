@@ -42,6 +42,7 @@ def test_fields_are_flat_for_logs_and_middleware():
         (lc.ConsumerAttached("orders"), logging.INFO),
         (lc.ConsumerDetached("orders"), logging.INFO),
         (lc.ConsumerDetached("orders", reason="channel closed"), logging.WARNING),
+        (lc.LinkUp("amqp://x"), logging.INFO),
         (lc.LinkLost("amqp://x", "reset"), logging.WARNING),
         (lc.LinkRestored("amqp://x"), logging.INFO),
         (lc.PublishingBlocked("low on memory"), logging.WARNING),
@@ -105,3 +106,39 @@ def test_outcome_events_say_how_a_delivery_ended():
     assert lc.level_of(rejected) == logging.WARNING
     handled = lc.outcome_event(DELIVERY, Ack(), dlq="orders.dlq", seconds=0.5)
     assert isinstance(handled, lc.Handled) and handled.seconds == 0.5
+
+
+def test_the_first_connect_is_logged_at_info(caplog):
+    caplog.set_level(logging.INFO, logger="mqkit")
+    lc.LogObserver().on_event(lc.LinkUp("amqp://guest:***@h:5672/", service="billing"))
+    [record] = caplog.records
+    assert (record.name, record.levelno) == ("mqkit.connection", logging.INFO)
+    assert record.getMessage() == "connected to amqp://guest:***@h:5672/"
+    assert record.mqkit_event == "link_up" and record.service == "billing"  # type: ignore[attr-defined]
+
+
+def test_an_event_filtered_out_by_its_logger_builds_no_record(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="mqkit")
+    monkeypatch.setattr(lc.Handled, "fields", lambda self: pytest.fail("fields() was built"))
+    lc.LogObserver().on_event(lc.Handled(DELIVERY, seconds=0.1))  # DEBUG: filtered out
+    assert caplog.records == []
+
+
+def test_fields_spread_the_delivery_and_keep_the_values():
+    event = lc.DeadLettered(DELIVERY, "orders.dlq", "Reject", "no", rejected=True, seconds=0.5)
+    assert event.fields() == {
+        "queue": "orders",
+        "message_id": "m-1",
+        "correlation_id": "c-1",
+        "event_type": None,
+        "attempt": 2,
+        "exchange": "",
+        "routing_key": "",
+        "service": "billing",
+        "dlq": "orders.dlq",
+        "error_type": "Reject",
+        "error": "no",
+        "rejected": True,
+        "traceback": "",
+        "seconds": 0.5,
+    }

@@ -212,6 +212,27 @@ def test_the_link_consumers_and_alarms(registry):
     assert value(registry, "mqkit_publishing_blocked", service="shop") == 0
 
 
+def test_the_first_connect_sets_connection_up(registry):
+    middleware = PrometheusMiddleware(registry)
+    middleware.on_event(lc.LinkUp("amqp://guest:***@h/", service="shop"))
+    assert value(registry, "mqkit_connection_up", service="shop") == 1
+    assert value(registry, "mqkit_reconnects_total", service="shop") == 0
+
+
+def test_an_event_of_a_subclass_is_recorded_as_its_base(registry):
+    class Lost(lc.LinkLost):
+        pass
+
+    class Other(lc.LifecycleEvent):
+        pass
+
+    middleware = PrometheusMiddleware(registry)
+    middleware.on_event(lc.LinkUp("amqp://h/", service="shop"))
+    middleware.on_event(Lost("amqp://h/", "reset", service="shop"))
+    assert value(registry, "mqkit_connection_up", service="shop") == 0
+    middleware.on_event(Other())  # nothing to record
+
+
 def test_label_values_are_bounded(registry):
     middleware = PrometheusMiddleware(registry, max_label_values=3)
     for n in range(10):  # a publisher sending ten made-up types to one pattern subscriber
