@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any
@@ -98,29 +98,34 @@ def properties(envelope: Envelope) -> spec.Basic.Properties:
 class Batch(ledger.Batch):
     """Messages one task waits on, settled by the publisher's confirm callbacks."""
 
-    __slots__ = ("_done",)
+    __slots__ = ("_waiter",)
 
     def __init__(self, ids: list[str]) -> None:
         super().__init__(ids)
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not ids:
-            self._done.set_result(None)
+        # What the waiting task awaits: woken by the last settle, or by its timeout. One
+        # future awaited directly, not asyncio.wait(): the confirm wakes the task at once.
+        self._waiter: asyncio.Future[None] | None = None
 
     def done(self) -> None:
         """Every message is settled."""
-        if not self._done.done():
-            self._done.set_result(None)
+        _wake(self._waiter)
 
     async def wait(self, timeout: float) -> bool:
         """Wait until all are settled, as long as confirms keep coming at least every
         ``timeout`` seconds; ``False`` on a stall."""
-        while True:
+        loop = asyncio.get_running_loop()
+        while self.remaining:
             seen = self.progress
-            await asyncio.wait((self._done,), timeout=timeout)
-            if self._done.done():
-                return True
-            if self.progress == seen:
+            waiter = self._waiter = loop.create_future()
+            expiry = loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                expiry.cancel()
+                self._waiter = None
+            if self.remaining and self.progress == seen:
                 return False
+        return True
 
 
 class Publisher:
@@ -135,6 +140,7 @@ class Publisher:
         self._lock = asyncio.Lock()  # one task opens the channel
         self._renewing: Channel | None = None  # nacked, to be replaced
         self._sending = False  # a task sends what is waiting (see _pump)
+        self._pipelined_on: Channel | None = None  # the channel the fast path was chosen for
         self._background: set[asyncio.Future[None]] = set()
 
     async def channel(self, timeout: float | None) -> Channel:
@@ -218,9 +224,10 @@ class Publisher:
 
     async def _hand_over(self, messages: list[Entry], *, lone: bool = False) -> None:
         """Put ``messages`` in line for the sending task, or send a ``lone`` message from
-        this task while no task sends and the channel is open (no task to wake)."""
+        this task while no task sends and the channel is idle (no task to wake, and the
+        write cannot keep this task past its deadline)."""
         channel = self._channel
-        if lone and not self._sending and channel is not None and not channel.is_closed:
+        if lone and not self._sending and channel is not None and _idle(channel):
             await self._send_here(messages)
             return
         self._enqueue(messages)
@@ -279,10 +286,14 @@ class Publisher:
         """Write ``messages`` on ``channel`` (one write on aiormq 7's channel, else a task
         each) and watch each one's confirm."""
         ledger = self._ledger
+        fast = self._pipelines(channel)
         try:
-            if _can_pipeline(channel):
+            if fast:
                 jobs = [(m.envelope, m.exchange, m.routing_key) for m in messages]
-                sent = await _send_batch(channel, jobs, range(len(jobs)), messages[0].mandatory)
+                settled = partial(self._settled, channel, messages)
+                sent = await _send_batch(
+                    channel, jobs, range(len(jobs)), messages[0].mandatory, settled
+                )
                 confirms = [confirm for _, confirm in sent]
             else:
                 confirms = [_publish_task(channel, message) for message in messages]
@@ -300,10 +311,24 @@ class Publisher:
         if channel is not self._channel:  # replaced while this waited for its lock
             ledger.unsent(messages)
             return
-        on_confirm = self._on_confirm
-        for message, confirm in zip(messages, confirms, strict=True):
+        for message in messages:
             ledger.sent(message)
-            confirm.add_done_callback(partial(on_confirm, channel, message))
+        if not fast:
+            on_confirm = self._on_confirm
+            for message, confirm in zip(messages, confirms, strict=True):
+                confirm.add_done_callback(partial(on_confirm, channel, message))
+
+    def _pipelines(self, channel: Channel) -> bool:
+        """Whether ``channel`` takes the fast path (:func:`_send_batch`); asked once per
+        channel."""
+        if channel is not self._pipelined_on:
+            self._pipelined_on = channel if _can_pipeline(channel) else None
+        return channel is self._pipelined_on
+
+    def _settled(
+        self, channel: Channel, messages: list[Entry], index: int, confirm: asyncio.Future[Any]
+    ) -> None:
+        self._on_confirm(channel, messages[index], confirm)
 
     def _on_confirm(self, channel: Channel, message: Entry, confirm: asyncio.Future[Any]) -> None:
         """aiormq settled ``message``'s confirm future: acked, nacked, returned, or failed
@@ -481,6 +506,7 @@ _PIPELINE_ATTRS = (
     "write_queue",
     "_split_body",
     "_Channel__close_event",
+    "_Channel__lock",
 )
 
 
@@ -493,6 +519,21 @@ def _can_pipeline(channel: Any) -> bool:
     )
 
 
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+def _idle(channel: Any) -> bool:
+    """Whether ``channel`` is open and a write on it goes out at once: nothing holds its lock
+    (another write, or an RPC waiting for its answer) and the writer's queue has room."""
+    if channel.is_closed:
+        return False
+    lock = getattr(channel, "_Channel__lock", None)
+    queue = getattr(channel, "write_queue", None)
+    return (lock is None or not lock.locked()) and (queue is None or not queue.full())
+
+
 def _forget(registry: dict[str, int], message_id: str, tag: int, _: Any) -> None:
     if registry.get(message_id) == tag:
         registry.pop(message_id, None)
@@ -503,9 +544,12 @@ async def _send_batch(
     jobs: Sequence[tuple[Envelope, str, str]],
     chunk: Sequence[int],
     mandatory: bool,
+    settled: Callable[[int, asyncio.Future[Any]], None] | None = None,
 ) -> list[tuple[int, asyncio.Future[Any]]]:
     """Publish ``chunk`` in one write, registering each confirm the way aiormq's own
-    ``basic_publish`` does (delivery tag, confirmation future, message id for returns)."""
+    ``basic_publish`` does (delivery tag, confirmation future, message id for returns).
+    ``settled(index, future)`` is told of each confirm the moment aiormq settles it
+    (:class:`_Confirm`)."""
     frames: list[Any] = []
     sent: list[tuple[int, asyncio.Future[Any]]] = []
     async with channel.lock:
@@ -519,7 +563,11 @@ async def _send_batch(
             envelope, exchange, routing_key = jobs[index]
             channel.delivery_tag += 1
             tag = channel.delivery_tag
-            future = channel.create_future()
+            future = (
+                channel.create_future()
+                if settled is None
+                else _Confirm(channel.loop, partial(settled, index))
+            )
             channel.confirmations[tag] = future
             channel.message_id_delivery_tag[envelope.message_id] = tag
             future.add_done_callback(
@@ -545,6 +593,34 @@ async def _send_batch(
             channel.delivery_tag = first
             raise
     return sent
+
+
+class _Confirm(asyncio.Future[Any]):
+    """The confirmation future of one publish, which hands itself to ``settled`` the moment
+    aiormq settles it (ack, nack, return): the publisher's books are kept, and a task waiting
+    for it woken, in that same step, as soon as with aiormq's own ``basic_publish`` (a done
+    callback would cost a loop iteration per confirm). Closing the channel does not settle
+    it: the publisher's close handler takes over what was in flight."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, settled: Callable[[asyncio.Future[Any]], None]
+    ) -> None:
+        super().__init__(loop=loop)
+        self._settled = settled
+
+    def set_result(self, result: Any, /) -> None:
+        super().set_result(result)
+        self._tell()
+
+    def set_exception(self, exception: Any, /) -> None:
+        super().set_exception(exception)
+        self._tell()
+
+    def _tell(self) -> None:
+        try:  # in aiormq's frame reader: nothing may escape into it
+            self._settled(self)
+        except Exception:
+            log.exception("keeping the books of a publish confirm failed")
 
 
 def _nacked(exc: BaseException) -> bool:
