@@ -11,13 +11,16 @@ shell must:
    :class:`Restorable` part, then reports :class:`~mqkit.lifecycle.LinkRestored`.
 2. **Declare** each entity as :mod:`mqkit.declaring` says (declare, check, or use what
    exists), caching what it declared for the replay after a reconnect.
-3. **Publish** with confirms and ``mandatory``: at most
-   :data:`mqkit.publishing.CONFIRM_WINDOW` unconfirmed; a return is ``PublishUnroutable``, a
-   nack is sent again once on a new channel (:func:`mqkit.publishing.retry_nacked`), a
-   closed channel fails only the messages the broker named
-   (:func:`mqkit.publishing.missing_exchange`, :class:`mqkit.publishing.SizeLimit`); on a lost
-   link, unconfirmed messages are sent again within ``confirm_timeout``, else
-   ``PublishTimeout`` naming them.
+3. **Publish** with confirms and ``mandatory``, keeping the books in a
+   :class:`mqkit.ledger.Ledger`: the shell sends what the ledger gives and tells it every
+   ack, nack, return, closed channel and lost link. So, on both runtimes: at most
+   :data:`mqkit.publishing.CONFIRM_WINDOW` unconfirmed; a return is ``PublishUnroutable``; a
+   nack replaces the channel and the message is sent again once on the new one
+   (:func:`mqkit.publishing.retry_nacked`); a closed channel fails only the messages the
+   broker named (:func:`mqkit.publishing.missing_exchange`,
+   :class:`mqkit.publishing.SizeLimit`); on a lost link, unconfirmed messages are sent again
+   as long as confirms keep coming within ``confirm_timeout``, else ``PublishTimeout`` naming
+   them (:meth:`mqkit.ledger.Batch.failure`).
 4. **Consume** with manual acks: per delivery :func:`mqkit.delivery.prepare`, then the
    handler, then :func:`mqkit.retry.decide` and :func:`mqkit.delivery.follow_up`; a follow-up
    copy is published (confirmed) before the ack, and a copy that cannot be published means
