@@ -15,6 +15,8 @@ assert key == "orders"
 After a ``basic.nack`` both publishers replace their channel (:class:`ChannelRenewal`) and
 send the nacked message once more on the new one (:func:`retry_nacked`). A message above the
 broker's size limit fails alone, before it is sent when the limit is known (:class:`SizeLimit`).
+Both publishers apply these through their :class:`mqkit.ledger.Ledger`, which keeps what is in
+flight.
 """
 
 from __future__ import annotations
