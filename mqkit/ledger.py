@@ -65,14 +65,14 @@ from mqkit.publishing import (
 )
 from mqkit.settings import Settings
 
-__all__ = ["Batch", "Entry", "Job", "Ledger", "stall_cause"]
+__all__ = ["REPLACED", "Batch", "Entry", "Job", "Ledger", "stall_cause"]
 
 log = logging.getLogger("mqkit.publisher")
 
 Job = tuple[Envelope, str, str]
 """One message to publish: ``(envelope, exchange, routing_key)``."""
 
-REPLACED = "the publishing channel was replaced"
+REPLACED = "the publishing channel was replaced"  # why a pinned publish fails on requeue
 
 
 def stall_cause(blocked: str | None, last_error: str | None) -> str | None:
