@@ -38,6 +38,7 @@ message they publish is picked up by mqkit's consumers as a parent all the same.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from contextvars import Token
 from typing import Any
@@ -59,14 +60,17 @@ try:
     from opentelemetry import baggage, propagate, trace
     from opentelemetry import context as otel_context
     from opentelemetry.context import Context as OtelContext
-    from opentelemetry.propagators.textmap import Getter
+    from opentelemetry.propagators.textmap import Getter, TextMapPropagator
     from opentelemetry.trace import (
         INVALID_SPAN_CONTEXT,
         Link,
+        NonRecordingSpan,
         Span,
+        SpanContext,
         SpanKind,
         Status,
         StatusCode,
+        TraceFlags,
         TracerProvider,
     )
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -113,6 +117,10 @@ class _HeaderGetter(Getter[dict[str, Any]]):
 _GETTER = _HeaderGetter()
 # The fields of the W3C propagators (tracecontext and baggage: OpenTelemetry's default).
 _W3C = frozenset({"traceparent", "tracestate", "baggage"})
+# A version-00 traceparent (the W3C format TraceContextTextMapPropagator reads, without the
+# future versions' extra fields it also accepts: those it reads itself).
+_TRACEPARENT = re.compile("[ \t]*00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})[ \t]*")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 # Consumer span starts kept per middleware (direct reply-to queues have a name per caller).
 _STARTS_LIMIT = 1000
 _EMPTY = OtelContext()
@@ -132,6 +140,7 @@ class TracingMiddleware(Middleware):
         self._tracer = trace.get_tracer("mqkit", __version__, tracer_provider)
         self._propagator: object = None
         self._fields: frozenset[str] = frozenset()
+        self._w3c = False  # the propagator writes only W3C fields (traceparent among them)
         # (queue, exchange) -> a consumer span's name and creation attributes; read-only
         # once made (the SDK copies attributes into the span), so shared by every delivery
         self._consume_starts: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
@@ -203,11 +212,9 @@ class TracingMiddleware(Middleware):
         """The headers that carry ``span``'s context: what the global propagator injects.
         With the W3C propagators (OpenTelemetry's default) and no baggage, that is
         ``traceparent`` (and ``tracestate``), written here without building a context."""
-        propagator = propagate.get_global_textmap()
-        if propagator is not self._propagator:  # its fields, once per propagator
-            self._propagator, self._fields = propagator, frozenset(propagator.fields)
+        propagator = self._propagator_now()
         carrier: dict[str, str] = {}
-        if "traceparent" in self._fields and self._fields <= _W3C and not baggage.get_all():
+        if self._w3c and not baggage.get_all():
             context = span.get_span_context()
             if context != INVALID_SPAN_CONTEXT:  # as TraceContextTextMapPropagator.inject
                 carrier["traceparent"] = (
@@ -245,13 +252,7 @@ class TracingMiddleware(Middleware):
 
     def _start_handle(self, ctx: Context) -> tuple[Span, Token[OtelContext]]:
         headers = ctx.headers
-        parent = _EMPTY  # nothing to extract: a new trace
-        if headers:
-            propagator = propagate.get_global_textmap()
-            if propagator is not self._propagator:  # its fields, once per propagator
-                self._propagator, self._fields = propagator, frozenset(propagator.fields)
-            if not self._fields.isdisjoint(headers):
-                parent = propagator.extract(headers, getter=_GETTER)
+        parent = self._parent(headers) if headers else _EMPTY  # nothing: a new trace
         start = self._consume_starts.get((ctx.queue, ctx.exchange))
         if start is None:
             start = self._consume_start(ctx.queue, ctx.exchange)
@@ -275,6 +276,28 @@ class TracingMiddleware(Middleware):
             span.set_attributes(attributes)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
+
+    def _parent(self, headers: dict[str, Any]) -> OtelContext:
+        """The context the global propagator extracts from ``headers``. With the W3C
+        propagators, a plain version-00 ``traceparent`` (no ``tracestate``, no baggage) is
+        read here, as theirs reads it, without a regular expression per delivery."""
+        propagator = self._propagator_now()
+        if self._fields.isdisjoint(headers):
+            return _EMPTY
+        if self._w3c and "tracestate" not in headers and "baggage" not in headers:
+            parent = _traceparent(headers.get("traceparent"))
+            if parent is not None:
+                return parent
+        return propagator.extract(headers, getter=_GETTER)
+
+    def _propagator_now(self) -> TextMapPropagator:
+        """The global propagator, and its fields (read once per propagator)."""
+        propagator = propagate.get_global_textmap()
+        if propagator is not self._propagator:
+            fields = frozenset(propagator.fields)
+            self._propagator, self._fields = propagator, fields
+            self._w3c = "traceparent" in fields and fields <= _W3C
+        return propagator
 
     def _consume_start(self, queue: str, exchange: str) -> tuple[str, dict[str, Any]]:
         """A consumer span's name and the attributes a sampler sees (those the conventions
@@ -331,6 +354,30 @@ def _publish_attributes(messages: Sequence[Outgoing]) -> dict[str, Any]:
 def _queue_name(name: str) -> str:
     """A span name's queue: direct reply-to's per-caller names collapse into one."""
     return _REPLY_TO if name.startswith(_REPLY_TO) else name
+
+
+def _traceparent(value: object) -> OtelContext | None:
+    """The context of a version-00 ``traceparent`` as TraceContextTextMapPropagator reads
+    it, or None for anything else (the propagator itself then reads the headers)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return None
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None:
+        return None
+    trace_id, span_id, flags = match.groups()
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    span = NonRecordingSpan(
+        SpanContext(
+            int(trace_id, 16),
+            int(span_id, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(int(flags, 16)),
+        )
+    )
+    return trace.set_span_in_context(span, _EMPTY)
 
 
 def _first_attempt(headers: dict[str, Any]) -> Sequence[Link]:

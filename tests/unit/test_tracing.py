@@ -385,3 +385,42 @@ def test_an_unsampled_delivery_gets_no_attributes_beyond_its_start(exporter):
     assert exporter.get_finished_spans() == ()
     flags = int(sent.headers["traceparent"].rsplit("-", 1)[1], 16)
     assert flags & 1 == 0  # not sampled: the decision travels on
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"},
+        {"traceparent": " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03\t"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra"},
+        {"traceparent": "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-future"},
+        {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"},
+        {"traceparent": "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"},
+        {"traceparent": "garbage"},
+        {"traceparent": 42},
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=v1",
+        },
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "baggage": "tenant=acme",
+        },
+    ],
+)
+def test_the_parent_is_what_the_global_propagator_reads(headers):
+    """mqkit reads a plain traceparent itself under the W3C propagators: the same context
+    theirs reads, for every header a sender could write."""
+    from opentelemetry import baggage, propagate
+
+    from mqkit.observability.tracing import _GETTER
+
+    ours = TracingMiddleware(TracerProvider())._parent(headers)
+    theirs = propagate.extract(headers, getter=_GETTER)
+    assert trace.get_current_span(ours).get_span_context() == (
+        trace.get_current_span(theirs).get_span_context()
+    )
+    assert baggage.get_all(ours) == baggage.get_all(theirs)
