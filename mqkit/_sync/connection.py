@@ -119,6 +119,9 @@ class Link:
         self._supervisor: threading.Thread | None = None
         self._restorables: list[Restorable] = []
         self._calls: set[Future[Any]] = set()  # IO thread: calls waiting on the connection
+        # IO thread: connections being opened (or given up on) that have not closed yet. Each
+        # owns a socket that only the IO loop closes, so close() ends them before stopping it.
+        self._attempts: set[SelectConnection] = set()
         self._close_done: threading.Event | None = None
 
     # -- state -------------------------------------------------------------------------
@@ -238,6 +241,9 @@ class Link:
         def shut() -> None:
             self._close_done = done
             connection = self._connection
+            for attempt in list(self._attempts):  # a reconnect in progress, or abandoned
+                if attempt is not connection and not (attempt.is_closing or attempt.is_closed):
+                    attempt.close()
             if connection is not None and connection.is_open:
                 connection.close()
                 if self.blocked is not None:  # the broker does not read it: no close-ok
@@ -259,6 +265,11 @@ class Link:
             with contextlib.suppress(ConnectionFailed):
                 io.submit(abort)
                 done.wait(1.0)
+        # The attempts closed above close their sockets on the IO loop: let it get that far
+        # (stopping it first would leave each socket open until garbage collection).
+        deadline = time.monotonic() + 2.0
+        while self._attempts and time.monotonic() < deadline:
+            time.sleep(0.01)
         if self._io_from is None:
             io.stop(timeout)
         supervisor = self._supervisor
@@ -383,20 +394,26 @@ class Link:
         started: list[SelectConnection] = []
 
         def opened(connection: Any) -> None:
-            if future.done():  # we gave up on it meanwhile
+            if future.done() or self._closed.is_set():  # we gave up on it meanwhile
                 connection.close()
+                settle(future, exc=ConnectionError("the client was closed"))
                 return
+            self._attempts.discard(connection)  # the link's connection now: close() closes it
             self._connection = connection
             self.url = mask_url(url)
             settle(future, connection)
 
-        def failed(_connection: Any, exc: BaseException | str) -> None:
+        def failed(connection: Any, exc: BaseException | str) -> None:
+            self._attempts.discard(connection)
             settle(future, exc=exc if isinstance(exc, BaseException) else ConnectionError(exc))
 
         io = self._io
         assert io is not None
 
         def start() -> None:
+            if self._closed.is_set():  # closed meanwhile: open nothing it would not close
+                settle(future, exc=ConnectionError("the client was closed"))
+                return
             connection = LenientSelectConnection(  # repairs headers pika cannot decode
                 params,
                 on_open_callback=opened,
@@ -407,6 +424,7 @@ class Link:
             connection.add_on_connection_blocked_callback(self._on_blocked)
             connection.add_on_connection_unblocked_callback(self._on_unblocked)
             started.append(connection)
+            self._attempts.add(connection)
 
         self.submit(start)
         try:
@@ -470,6 +488,7 @@ class Link:
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
         """IO thread: a connection closed (ours on purpose, or lost)."""
+        self._attempts.discard(connection)
         if connection is not self._connection:
             return  # an attempt we abandoned
         self._connection = None

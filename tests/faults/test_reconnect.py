@@ -7,6 +7,8 @@ the accounting line of each stream is printed (``-s``) and attached to the repor
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
 import threading
 import time
 import uuid
@@ -304,3 +306,42 @@ def test_node_restart_mid_stream_loses_nothing(
         ledger.report(record_property)
     assert ledger.faults, "the node was never restarted"
     ledger.check()
+
+
+# -- closed while reconnecting ---------------------------------------------------------------
+
+
+def test_a_sync_client_closed_while_reconnecting_closes_the_attempts_socket(
+    proxy: FaultProxy,
+) -> None:
+    """A reconnect attempt owns a socket only the IO loop closes: closing the client must end
+    the attempt before it stops that loop. (Left to the garbage collector, the socket's
+    ResourceWarning would fail whichever later test happened to collect it.)"""
+    client = mqkit.Client(url=proxy.url, connect_timeout=10, heartbeat=5)
+    with client:
+        accepted = proxy.accepted
+        proxy.blackhole()  # the attempt's TCP connect succeeds, its handshake never does
+        proxy.cut()
+        deadline = time.monotonic() + 10
+        while proxy.accepted <= accepted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proxy.accepted > accepted, "the client did not try to reconnect"
+        started = time.monotonic()
+    took = time.monotonic() - started
+    gc.collect()
+    left = [
+        sock
+        for sock in gc.get_objects()
+        if isinstance(sock, socket.socket)
+        and sock.fileno() != -1
+        and _peer_port(sock) == proxy.port
+    ]
+    assert not left, f"sockets left open after close: {left}"
+    assert took < 4.0, f"closing a reconnecting client took {took:.1f}s"
+
+
+def _peer_port(sock: socket.socket) -> int | None:
+    try:
+        return int(sock.getpeername()[1])
+    except (OSError, IndexError, TypeError):
+        return None
