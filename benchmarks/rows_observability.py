@@ -295,3 +295,94 @@ async def _async_row(cfg: Config, queues: Queues, row: Result, job: str, variant
     finally:
         if provider is not None:
             provider.shutdown()
+
+
+# -- without a broker ------------------------------------------------------------------------
+
+
+def in_process(n: int = 4000, repeat: int = 5) -> dict[str, dict[str, float]]:
+    """µs of CPU per message that mqkit's observability code adds on its own, without a
+    broker: a consumer's handle chain and the events it reports (``Client`` and
+    ``AsyncClient``), and the publish hooks around a lone publish and a batch of 100; the
+    best of ``repeat`` loops of ``n`` messages, over the same loop with observability off."""
+    from mqkit.context import Context
+    from mqkit.correlation import handling
+    from mqkit.lifecycle import LogObserver, Pipeline, delivery_of, outcome_event
+    from mqkit.messages import Envelope
+    from mqkit.middleware import MiddlewareStack
+    from mqkit.retry import Ack
+
+    def contexts() -> list[Context]:
+        return [
+            Context(f"m{i}", None, {}, exchange="", routing_key="q", queue="q", event_type="T")
+            for i in range(n)
+        ]
+
+    def per_message(run: Any, variant: str, runtime: str) -> float:
+        best = float("inf")
+        for _ in range(repeat):
+            middleware, provider = _middleware(variant) if variant != "off" else ([], None)
+            stack = MiddlewareStack(middleware, runtime=runtime)  # type: ignore[arg-type]
+            pipeline = Pipeline([LogObserver(), *stack.observers])
+            started = time.process_time()
+            run(stack, pipeline)
+            best = min(best, (time.process_time() - started) / n * 1e6)
+            if provider is not None:
+                provider.shutdown()
+        return best
+
+    def consume(stack: Any, pipeline: Any) -> None:
+        handler = stack.wrap(lambda message, ctx: None)
+        for ctx in contexts():
+            with handling(ctx, service=SERVICE):
+                handler(None, ctx)
+            pipeline.emit(outcome_event(delivery_of(ctx, service=SERVICE), Ack(), dlq="q.dlq"))
+
+    def consume_async(stack: Any, pipeline: Any) -> None:
+        async def empty(message: Any, ctx: Any) -> None:
+            return None
+
+        async def loop() -> None:
+            handler = stack.wrap_async(empty)
+            for ctx in contexts():
+                with handling(ctx, service=SERVICE):
+                    await handler(None, ctx)
+                event = outcome_event(delivery_of(ctx, service=SERVICE), Ack(), dlq="q.dlq")
+                pipeline.emit(event)
+
+        asyncio.run(loop())
+
+    def publish(batch: int) -> Any:
+        def run(stack: Any, pipeline: Any) -> None:
+            for b in range(n // batch):
+                prepared = [
+                    (Envelope(b"{}", f"m{b}-{i}", "T", SERVICE, 0, {}), "q") for i in range(batch)
+                ]
+                stack.publish_prepared("", prepared, lambda ps: [e.message_id for e, _ in ps])
+
+        return run
+
+    jobs = {
+        "Client consume": (consume, "sync"),
+        "AsyncClient consume": (consume_async, "async"),
+        "a lone publish": (publish(1), "sync"),
+        "publish_many (100)": (publish(100), "sync"),
+    }
+    logger = logging.getLogger("mqkit")
+    with _logging(True):
+        out: dict[str, dict[str, float]] = {}
+        for job, (run, runtime) in jobs.items():
+            logger.setLevel(logging.WARNING)
+            off = per_message(run, "off", runtime)
+            logger.setLevel(logging.INFO)
+            out[job] = {
+                variant: round(per_message(run, variant, runtime) - off, 1)
+                for variant in ("metrics", "sampled", "traced")
+            }
+            out[job]["off (all of it)"] = round(off, 1)
+    return out
+
+
+if __name__ == "__main__":
+    for job, costs in in_process().items():
+        print(f"{job:22s}", "  ".join(f"{k}: {v}" for k, v in costs.items()))
