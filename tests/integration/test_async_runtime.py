@@ -910,7 +910,8 @@ async def test_a_deleted_queue_is_declared_again_and_consumed(
 
             await eventually(routable, what="the queue to be declared again")
             await got.wait(2)
-            assert consumer.attached
+            # Deliveries may reach the handler a moment before consume-ok is processed.
+            await eventually(lambda: consumer.attached, timeout=5, what="attached again")
         assert client.health().consumers == 0
 
 

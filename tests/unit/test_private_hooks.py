@@ -39,9 +39,7 @@ from pamqp.header import ContentHeader
 from mqkit import PublishNacked, PublishUnroutable
 from mqkit._async import connection as async_connection
 from mqkit._async import publisher as async_publisher
-from mqkit.lifecycle import Pipeline
 from mqkit.messages import Envelope
-from mqkit.settings import Settings
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 AIORMQ = version("aiormq")
@@ -253,29 +251,6 @@ def test_a_batch_the_writer_never_took_is_undone() -> None:
                 await async_publisher._send_batch(channel, _jobs(3), [2], True)
             assert channel.delivery_tag == 2, "the channel's confirm numbering is off"
             assert sorted(channel.confirmations) == [1, 2]
-        finally:
-            await channel.close()
-
-    asyncio.run(check())
-
-
-class _Link:
-    settings = Settings()
-
-
-def test_a_pass_on_a_channel_the_broker_closed_sends_everything_again() -> None:
-    """The broker closed the channel (close-ok sent, ``is_closed`` not yet true): the fast
-    path sends nothing on it and hands every message back to be sent on a new channel."""
-
-    async def check() -> None:
-        channel = await _channel()
-        try:
-            channel._Channel__close_event.set()
-            publisher = async_publisher.Publisher(_Link(), Pipeline())  # type: ignore[arg-type]
-            failures: dict[int, BaseException] = {}
-            lost = await publisher._pipelined(channel, _jobs(3), [0, 1, 2], True, failures)
-            assert lost == [0, 1, 2] and not failures
-            assert channel.write_queue.empty() and channel.delivery_tag == 0
         finally:
             await channel.close()
 
