@@ -17,8 +17,9 @@ the shells (``_sync/acks.py``, ``_async/acks.py``) send it and own threading and
 from __future__ import annotations
 
 from collections import deque
+from typing import Literal
 
-__all__ = ["AckWindow"]
+__all__ = ["ACK", "REJECT", "REQUEUE", "AckWindow", "Settle"]
 
 
 class AckWindow:
@@ -116,3 +117,12 @@ class AckWindow:
         self._order.clear()
         self._open.clear()
         self._done.clear()
+
+
+# What becomes of a finished delivery, as a consumer's handling decided it: acked, returned to
+# its queue, or rejected (not requeued: the broker dead-letters it by the queue's DLX, or drops
+# it if it has none). The shells' ``Acks`` turn it into frames.
+Settle = Literal["ack", "requeue", "reject"]
+ACK: Settle = "ack"
+REQUEUE: Settle = "requeue"
+REJECT: Settle = "reject"

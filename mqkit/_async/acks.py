@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Literal
 
 import aio_pika.abc
 import aiormq.abc
@@ -22,16 +21,9 @@ from mqkit.acks import AckWindow
 
 from .connection import AMQP_ERRORS, describe
 
-__all__ = ["ACK", "REJECT", "REQUEUE", "Acks", "Settle"]
+__all__ = ["Acks"]
 
 log = logging.getLogger("mqkit.consumer")
-
-# What becomes of a finished delivery: acked, returned to its queue, or rejected (not
-# requeued: the broker dead-letters it by the queue's DLX, or drops it if it has none).
-Settle = Literal["ack", "requeue", "reject"]
-ACK: Settle = "ack"
-REQUEUE: Settle = "requeue"
-REJECT: Settle = "reject"
 
 _SETTLE_ERRORS = AMQP_ERRORS
 
@@ -68,7 +60,7 @@ class Acks:
             try:
                 if last:
                     await self.underlay.basic_ack(last, multiple=True, wait=False)
-                for tag in singles:
+                for tag in singles:  # finished out of order: one by one
                     await self.underlay.basic_ack(tag, wait=False)
             except _SETTLE_ERRORS as exc:  # the broker redelivers what we could not ack
                 log.debug("ack failed: %s", describe(exc))

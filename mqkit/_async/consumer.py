@@ -37,6 +37,7 @@ import aiormq.exceptions as amqp
 import tenacity
 from pydantic import BaseModel
 
+from mqkit.acks import ACK, REJECT, REQUEUE, Settle
 from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
@@ -56,7 +57,7 @@ from mqkit.messages import Incoming
 from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import Ack, GiveUp, Outcome, decide
 
-from .acks import ACK, REJECT, REQUEUE, Acks, Settle
+from .acks import Acks
 from .channel import close_channel, incoming_of, open_channel
 from .connection import RPC_ERRORS, RPC_TIMEOUT, Link, cancelling, describe, translate
 from .declarer import Declarer

@@ -15,21 +15,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
-from typing import Literal
 
 from pika.channel import Channel
 
-from mqkit.acks import AckWindow
+from mqkit.acks import ACK, REQUEUE, AckWindow, Settle
 from mqkit.errors import MqkitError
 
-__all__ = ["ACK", "REJECT", "REQUEUE", "Acks", "Settle"]
-
-# What becomes of a finished delivery: acked, returned to its queue, or rejected (not
-# requeued: the broker dead-letters it by the queue's DLX, or drops it if it has none).
-Settle = Literal["ack", "requeue", "reject"]
-ACK: Settle = "ack"
-REQUEUE: Settle = "requeue"
-REJECT: Settle = "reject"
+__all__ = ["Acks"]
 
 
 class Acks:

@@ -36,6 +36,7 @@ from pika.channel import Channel
 from pika.spec import BasicProperties
 from pydantic import BaseModel
 
+from mqkit.acks import ACK, REJECT, REQUEUE, Settle
 from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
 from mqkit.context import Context
@@ -54,7 +55,7 @@ from mqkit.messages import Incoming
 from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import Ack, GiveUp, Outcome, decide
 
-from .acks import ACK, REJECT, REQUEUE, Acks, Settle
+from .acks import Acks
 from .channel import incoming_of, open_channel
 from .connection import LinkDown, describe, translate
 from .io_thread import settle
