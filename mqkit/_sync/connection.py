@@ -70,12 +70,8 @@ class LinkDown(MqkitError):
     """Internal: the connection went away while an operation was waiting for it."""
 
 
-class _Fatal(Exception):
-    """Internal: a connection error that retrying cannot fix (credentials, vhost)."""
-
-    def __init__(self, error: ConnectionFailed) -> None:
-        super().__init__(str(error))
-        self.error = error
+class _Unreachable(Exception):
+    """Internal: every URL failed this round (network-level); worth another try."""
 
 
 class Link:
@@ -100,6 +96,7 @@ class Link:
         self.settings = settings
         self._pipeline = pipeline
         self.purpose = purpose
+        self.connection_name = connection_name(settings.service, purpose)
         self.url = ""  # the broker in use, password masked
         self.reconnects = 0
         self.last_error_at = 0.0  # time.monotonic() of the last error (0.0: none yet)
@@ -346,26 +343,27 @@ class Link:
         def one_round() -> None:
             for url in urls:
                 if self._closed.is_set():
-                    raise _Fatal(explain.closed("connect"))
+                    raise explain.closed("connect")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 try:
                     self._attempt(url, 10.0 if remaining is None else min(remaining, 10.0))
                     return
-                except _Fatal:
-                    raise
                 except Exception as exc:
+                    fatal = connect_error(url, exc)  # what no retry can fix
+                    if fatal is not None:
+                        raise fatal from exc
                     last.append(exc)
-                    log.debug("connecting to %s failed: %s", mask_url(url), exc)
-            raise ConnectionError("no broker answered")
+                    log.debug("connecting to %s failed: %s", mask_url(url), describe(exc))
+            raise _Unreachable()
 
         stop: Any = tenacity.stop_when_event_set(self._closed)
         if deadline is not None:
             stop = stop | tenacity.stop_after_delay(max(0.0, deadline - time.monotonic()))
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(ConnectionError),
+            retry=tenacity.retry_if_exception_type(_Unreachable),
             wait=LINK_BACKOFF.wait(deadline=deadline),  # a last try at the deadline
             stop=stop,
             sleep=self._sleep,
@@ -373,10 +371,10 @@ class Link:
         )
         try:
             retrying(one_round)
-        except _Fatal as exc:
-            self.last_error = str(exc.error)
-            raise exc.error from exc.__cause__
-        except ConnectionError:
+        except ConnectionFailed as exc:
+            self.last_error = mask_url(str(exc))
+            raise
+        except _Unreachable:
             last_cause = last[-1] if last else None
             error = explain.unreachable(
                 urls, self.settings.connect_timeout, describe(last_cause) if last_cause else None
@@ -439,11 +437,6 @@ class Link:
 
             self.submit(abort)
             raise ConnectionError(f"no answer within {timeout:g}s") from None
-        except Exception as exc:  # connect_error decides what no retry can fix
-            fatal = connect_error(url, exc)
-            if fatal is not None:
-                raise _Fatal(fatal) from exc
-            raise
 
     def _parameters(self, url: str, timeout: float) -> pika.URLParameters:
         params = pika.URLParameters(connectable(url))  # memory://NAME: its loopback URL
@@ -452,18 +445,12 @@ class Link:
         params.socket_timeout = max(0.5, timeout)
         params.stack_timeout = max(1.0, timeout)
         params.blocked_connection_timeout = None
-        params.client_properties = {
-            "connection_name": connection_name(self.settings.service, self.purpose)
-        }
+        params.client_properties = {"connection_name": self.connection_name}
         if tls.external(self.settings):
             params.credentials = pika.credentials.ExternalCredentials()
         if tls.uses_tls(url):
-            try:
-                context = tls.ssl_context(self.settings)
-            except tls.TLSSetupError as exc:  # a file or pass phrase: retrying cannot help
-                fatal = connect_error(url, exc)
-                assert fatal is not None
-                raise _Fatal(fatal) from exc
+            # A TLSSetupError (a file, a pass phrase) is one that connect_error calls fatal.
+            context = tls.ssl_context(self.settings)
             params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
         return params
 
@@ -473,9 +460,8 @@ class Link:
         """IO thread: the broker blocks this connection (a memory or disk alarm)."""
         if connection is not self._connection:
             return
-        reason = str(getattr(frame.method, "reason", "") or "a resource alarm")
-        self.blocked = reason
-        self._pipeline.emit(PublishingBlocked(reason, service=self.settings.service))
+        self.blocked = str(getattr(frame.method, "reason", "") or "a resource alarm")
+        self._pipeline.emit(PublishingBlocked(self.blocked, service=self.settings.service))
 
     def _on_unblocked(self, connection: Any, _frame: Any) -> None:
         """IO thread: the broker's alarm cleared."""
