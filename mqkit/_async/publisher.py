@@ -5,8 +5,8 @@ copies, RPC and dead-letter replays.
 A publishing task turns its messages into a :class:`Batch` it awaits. A lone message it sends
 itself when no sending task is at work (:meth:`Publisher._send_here`); otherwise its messages
 wait in line for the sending task, which writes :data:`~mqkit.publishing.SEND_CHUNK` publishes
-per write (aiormq's channel is written into directly: :func:`_send_batch`). While the link is
-down, messages wait in line for it.
+per write (aiormq's channel is written into directly: :func:`.transport.send_batch`). While
+the link is down, messages wait in line for it.
 
 What is in flight, and what each confirm, return, nack, closed channel or lost link does to
 it, is the core's :class:`~mqkit.ledger.Ledger`, the same on both runtimes: this module only
@@ -43,17 +43,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
-import aiormq
 import aiormq.exceptions as amqp
 from aiormq.abc import AbstractChannel as Channel
-from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
-from pamqp.header import ContentHeader
 
 from mqkit import explain, ledger
 from mqkit.errors import ConnectionFailed, MqkitError, PublishTimeout
@@ -72,6 +69,7 @@ from .connection import (
     returned_reply,
     translate,
 )
+from .transport import can_pipeline, idle, send_batch
 
 __all__ = ["Batch", "Publisher", "properties"]
 
@@ -227,7 +225,7 @@ class Publisher:
         this task while no task sends and the channel is idle (no task to wake, and the
         write cannot keep this task past its deadline)."""
         channel = self._channel
-        if lone and not self._sending and channel is not None and _idle(channel):
+        if lone and not self._sending and channel is not None and idle(channel):
             await self._send_here(messages)
             return
         self._enqueue(messages)
@@ -291,8 +289,8 @@ class Publisher:
             if fast:
                 jobs = [(m.envelope, m.exchange, m.routing_key) for m in messages]
                 settled = partial(self._settled, channel, messages)
-                sent = await _send_batch(
-                    channel, jobs, range(len(jobs)), messages[0].mandatory, settled
+                sent = await send_batch(
+                    channel, jobs, range(len(jobs)), messages[0].mandatory, properties, settled
                 )
                 confirms = [confirm for _, confirm in sent]
             else:
@@ -319,10 +317,10 @@ class Publisher:
                 confirm.add_done_callback(partial(on_confirm, channel, message))
 
     def _pipelines(self, channel: Channel) -> bool:
-        """Whether ``channel`` takes the fast path (:func:`_send_batch`); asked once per
-        channel."""
+        """Whether ``channel`` takes the fast path (:func:`.transport.send_batch`); asked once
+        per channel."""
         if channel is not self._pipelined_on:
-            self._pipelined_on = channel if _can_pipeline(channel) else None
+            self._pipelined_on = channel if can_pipeline(channel) else None
         return channel is self._pipelined_on
 
     def _settled(
@@ -495,132 +493,9 @@ class Publisher:
         self._pump()
 
 
-_PIPELINE_ATTRS = (
-    "confirmations",
-    "create_future",
-    "delivery_tag",
-    "lock",
-    "message_id_delivery_tag",
-    "number",
-    "publisher_confirms",
-    "write_queue",
-    "_split_body",
-    "_Channel__close_event",
-    "_Channel__lock",
-)
-
-
-def _can_pipeline(channel: Any) -> bool:
-    """Whether ``channel`` is the aiormq 7 channel whose confirm bookkeeping we know."""
-    return (
-        isinstance(channel, aiormq.Channel)
-        and all(hasattr(channel, name) for name in _PIPELINE_ATTRS)
-        and bool(channel.publisher_confirms)
-    )
-
-
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
-
-
-def _idle(channel: Any) -> bool:
-    """Whether ``channel`` is open and a write on it goes out at once: nothing holds its lock
-    (another write, or an RPC waiting for its answer) and the writer's queue has room."""
-    if channel.is_closed:
-        return False
-    lock = getattr(channel, "_Channel__lock", None)
-    queue = getattr(channel, "write_queue", None)
-    return (lock is None or not lock.locked()) and (queue is None or not queue.full())
-
-
-def _forget(registry: dict[str, int], message_id: str, tag: int, _: Any) -> None:
-    if registry.get(message_id) == tag:
-        registry.pop(message_id, None)
-
-
-async def _send_batch(
-    channel: Any,
-    jobs: Sequence[tuple[Envelope, str, str]],
-    chunk: Sequence[int],
-    mandatory: bool,
-    settled: Callable[[int, asyncio.Future[Any]], None] | None = None,
-) -> list[tuple[int, asyncio.Future[Any]]]:
-    """Publish ``chunk`` in one write, registering each confirm the way aiormq's own
-    ``basic_publish`` does (delivery tag, confirmation future, message id for returns).
-    ``settled(index, future)`` is told of each confirm the moment aiormq settles it
-    (:class:`_Confirm`)."""
-    frames: list[Any] = []
-    sent: list[tuple[int, asyncio.Future[Any]]] = []
-    async with channel.lock:
-        # The broker closed the channel and aiormq answered close-ok, but is_closed (which
-        # the lock checks) lags behind: a publish frame sent now would make the broker close
-        # the whole connection (504 CHANNEL_ERROR).
-        if channel._Channel__close_event.is_set():
-            raise amqp.ChannelInvalidStateError(f"{channel!r} is closing")
-        first = channel.delivery_tag
-        for index in chunk:
-            envelope, exchange, routing_key = jobs[index]
-            channel.delivery_tag += 1
-            tag = channel.delivery_tag
-            future = (
-                channel.create_future()
-                if settled is None
-                else _Confirm(channel.loop, partial(settled, index))
-            )
-            channel.confirmations[tag] = future
-            channel.message_id_delivery_tag[envelope.message_id] = tag
-            future.add_done_callback(
-                partial(_forget, channel.message_id_delivery_tag, envelope.message_id, tag)
-            )
-            frames.append(
-                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
-            )
-            frames.append(
-                ContentHeader(properties=properties(envelope), body_size=len(envelope.body))
-            )
-            frames.extend(channel._split_body(envelope.body))
-            sent.append((index, future))
-        try:
-            await channel.write_queue.put(
-                ChannelFrame.marshall(channel_number=channel.number, frames=frames)
-            )
-        except BaseException:
-            # Never handed to the writer: undo, or the channel's confirm numbering is off.
-            for offset, (_, future) in enumerate(sent, start=first + 1):
-                channel.confirmations.pop(offset, None)
-                future.cancel()
-            channel.delivery_tag = first
-            raise
-    return sent
-
-
-class _Confirm(asyncio.Future[Any]):
-    """The confirmation future of one publish, which hands itself to ``settled`` the moment
-    aiormq settles it (ack, nack, return): the publisher's books are kept, and a task waiting
-    for it woken, in that same step, as soon as with aiormq's own ``basic_publish`` (a done
-    callback would cost a loop iteration per confirm). Closing the channel does not settle
-    it: the publisher's close handler takes over what was in flight."""
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, settled: Callable[[asyncio.Future[Any]], None]
-    ) -> None:
-        super().__init__(loop=loop)
-        self._settled = settled
-
-    def set_result(self, result: Any, /) -> None:
-        super().set_result(result)
-        self._tell()
-
-    def set_exception(self, exception: Any, /) -> None:
-        super().set_exception(exception)
-        self._tell()
-
-    def _tell(self) -> None:
-        try:  # in aiormq's frame reader: nothing may escape into it
-            self._settled(self)
-        except Exception:
-            log.exception("keeping the books of a publish confirm failed")
 
 
 def _nacked(exc: BaseException) -> bool:

@@ -5,12 +5,13 @@ them, these fail loudly instead of a shell quietly losing a feature (or getting 
   must be one of them.
 - ``_watch_blocked`` wraps aiormq's handlers of connection.blocked / unblocked (aiormq has
   no callback for them): without them ``health()`` cannot report a broker alarm.
-- The pipelined ``publish_many`` (``_send_batch``) writes frames with aiormq's own confirm
-  bookkeeping (``delivery_tag``, ``confirmations``, ``message_id_delivery_tag``,
-  ``write_queue``, ``_split_body``) and checks the channel's close event (``is_closed`` lags
-  behind a close-ok). Without them it would fall back to the one-task-per-message path,
-  several times slower: so the fast path must be chosen on the installed aiormq, and aiormq's
-  own frame handling must settle what it registered (acks, nacks, returns).
+- The pipelined ``publish_many`` (``mqkit._async.transport.send_batch``) writes frames with
+  aiormq's own confirm bookkeeping (``delivery_tag``, ``confirmations``,
+  ``message_id_delivery_tag``, ``write_queue``, ``_split_body``) and checks the channel's
+  close event (``is_closed`` lags behind a close-ok). Without them it would fall back to the
+  one-task-per-message path, several times slower: so the fast path must be chosen on the
+  installed aiormq, and aiormq's own frame handling must settle what it registered (acks,
+  nacks, returns).
 - :mod:`mqkit._async.lenient` repairs content headers through aiormq's
   ``transport_factory`` (aiormq 6.9 and later; ``tests/unit/test_wire.py`` checks it is there).
 - The blocking client drops a connection the broker no longer answers (it blocks it during an
@@ -39,6 +40,8 @@ from pamqp.header import ContentHeader
 from mqkit import PublishNacked, PublishUnroutable
 from mqkit._async import connection as async_connection
 from mqkit._async import publisher as async_publisher
+from mqkit._async import transport as async_transport
+from mqkit._async.publisher import properties
 from mqkit.messages import Envelope
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
@@ -68,7 +71,7 @@ def test_aiormq_still_has_what_the_pipelined_publish_uses() -> None:
     import inspect
 
     source = inspect.getsource(aiormq.Channel)
-    for name in async_publisher._PIPELINE_ATTRS:
+    for name in async_transport._PIPELINE_ATTRS:
         short = name.replace("_Channel__", "__")
         assert hasattr(aiormq.Channel, name) or f"self.{short}" in source, (
             f"aiormq.Channel no longer has {name} (aiormq {AIORMQ}): the "
@@ -179,13 +182,13 @@ def test_the_fast_path_is_chosen_on_this_aiormq() -> None:
     async def check() -> None:
         channel = await _channel()
         try:
-            missing = [n for n in async_publisher._PIPELINE_ATTRS if not hasattr(channel, n)]
+            missing = [n for n in async_transport._PIPELINE_ATTRS if not hasattr(channel, n)]
             assert not missing, (
                 f"aiormq {AIORMQ}'s Channel lacks {missing}: publish_many would fall "
                 "back to one task per message (several times slower); update "
-                "mqkit._async.publisher._send_batch"
+                "mqkit._async.transport.send_batch"
             )
-            assert async_publisher._can_pipeline(channel), (
+            assert async_transport.can_pipeline(channel), (
                 f"publish_many does not take its fast path on aiormq {AIORMQ}"
             )
         finally:
@@ -195,7 +198,7 @@ def test_the_fast_path_is_chosen_on_this_aiormq() -> None:
 
 
 def test_aiormq_settles_what_the_fast_path_registered() -> None:
-    """``_send_batch`` registers each publish as aiormq's ``basic_publish`` does; aiormq's own
+    """``send_batch`` registers each publish as aiormq's ``basic_publish`` does; aiormq's own
     frame handling must then settle those futures: a multiple ack, a nack, a return."""
 
     async def check() -> None:
@@ -203,7 +206,7 @@ def test_aiormq_settles_what_the_fast_path_registered() -> None:
         writes: asyncio.Queue[Any] = channel.write_queue
         try:
             jobs = _jobs(4)
-            sent = await async_publisher._send_batch(channel, jobs, [0, 1, 2, 3], True)
+            sent = await async_transport.send_batch(channel, jobs, [0, 1, 2, 3], True, properties)
             assert writes.qsize() == 1, "a chunk must go to the writer in one write"
             assert isinstance(writes.get_nowait(), aiormq.abc.ChannelFrame)
             assert channel.delivery_tag == 4
@@ -213,11 +216,11 @@ def test_aiormq_settles_what_the_fast_path_registered() -> None:
 
             # m-0 and m-1 are acked at once (multiple), m-2 is nacked, m-3 comes back (basic.return,
             # then its ack).
-            properties = async_publisher.properties(jobs[3][0])
+            returned_properties = properties(jobs[3][0])
             await _feed(
                 channel,
                 spec.Basic.Return(reply_code=312, reply_text="NO_ROUTE", routing_key="orders"),
-                ContentHeader(properties=properties, body_size=len(jobs[3][0].body)),
+                ContentHeader(properties=returned_properties, body_size=len(jobs[3][0].body)),
                 ContentBody(jobs[3][0].body),
                 spec.Basic.Nack(delivery_tag=3),
                 spec.Basic.Ack(delivery_tag=2, multiple=True),
@@ -241,14 +244,14 @@ def test_a_batch_the_writer_never_took_is_undone() -> None:
     async def check() -> None:
         channel = await _channel()
         try:
-            await async_publisher._send_batch(channel, _jobs(2), [0, 1], True)
+            await async_transport.send_batch(channel, _jobs(2), [0, 1], True, properties)
 
             async def refuse(_frame: Any) -> None:
                 raise asyncio.CancelledError
 
             channel.write_queue.put = refuse
             with pytest.raises(asyncio.CancelledError):
-                await async_publisher._send_batch(channel, _jobs(3), [2], True)
+                await async_transport.send_batch(channel, _jobs(3), [2], True, properties)
             assert channel.delivery_tag == 2, "the channel's confirm numbering is off"
             assert sorted(channel.confirmations) == [1, 2]
         finally:
