@@ -31,7 +31,8 @@ class Acks:
         self._submit = submit  # runs a function on the IO thread
         self.channel: Channel | None = None  # IO thread: the consumer's current channel
         self.generation = 0
-        self._window = AckWindow()  # IO thread: the current channel's deliveries
+        # IO thread: the current channel's deliveries (delivered, finished, settled).
+        self.window = AckWindow()
         self._done: SimpleQueue[tuple[int, int, Settle]] = SimpleQueue()
         self._flush_pending = False
 
@@ -39,15 +40,11 @@ class Acks:
         """IO thread: no channel any more; what was delivered on it is stale."""
         self.channel = None
         self.generation += 1
-        self._window.clear()
+        self.window.clear()
 
     def delivered(self, tag: int) -> None:
         """IO thread: ``tag`` was delivered on the current channel."""
-        self._window.delivered(tag)
-
-    def settled(self, tag: int) -> None:
-        """IO thread: ``tag`` was nacked directly (a prefetched message returned on stop)."""
-        self._window.returned(tag)
+        self.window.delivered(tag)
 
     def finish(self, generation: int, tag: int, settle: Settle) -> None:
         """Any thread: a handler is done with ``tag``: ack it, requeue it or reject it."""
@@ -64,26 +61,32 @@ class Acks:
 
     def flush(self) -> None:
         """IO thread: send the acks (and nacks) of what finished so far."""
-        channel = self.channel
-        usable = channel is not None and channel.is_open
-        generation, window = self.generation, self._window
+        generation = self.generation
         while True:
             try:
                 item_generation, tag, settle = self._done.get_nowait()
             except Empty:
                 break
-            if item_generation != generation or not usable:
-                continue
+            if item_generation != generation:
+                continue  # delivered on an earlier channel: the broker redelivers it
             if settle == ACK:
-                window.finished(tag)
-            elif window.returned(tag):
-                assert channel is not None
-                channel.basic_nack(tag, requeue=settle == REQUEUE)
-        if not usable:
+                self.window.finished(tag)
+            else:
+                self.nack(tag, requeue=settle == REQUEUE)
+        channel = self.channel
+        if channel is None or not channel.is_open:
             return
-        assert channel is not None
-        last, singles = window.take(everything=True)
+        last, singles = self.window.take(everything=True)
         if last:
             channel.basic_ack(last, multiple=True)
         for tag in singles:  # finished out of order: one by one
             channel.basic_ack(tag)
+
+    def nack(self, tag: int, *, requeue: bool = True) -> None:
+        """IO thread: return one delivery to its queue; ``requeue=False``: reject it (the
+        broker dead-letters it by the queue's DLX, or drops it if the queue has none)."""
+        if not self.window.returned(tag):
+            return
+        channel = self.channel
+        if channel is not None and channel.is_open:
+            channel.basic_nack(tag, requeue=requeue)

@@ -518,28 +518,27 @@ class Consumer(Generic[T]):
         """IO thread: basic.cancel, then return what was prefetched and not started."""
         channel, tag = self._acks.channel, self._consumer_tag
         if channel is None or not channel.is_open or tag is None:
-            self._requeue_unstarted(None)
+            self._requeue_unstarted(nack=False)
             settle(future)
             return
 
         def cancelled(_frame: Any) -> None:
-            self._requeue_unstarted(channel)
+            self._requeue_unstarted(nack=True)
             settle(future)
 
         channel.basic_cancel(tag, callback=cancelled)
 
-    def _requeue_unstarted(self, channel: Channel | None) -> None:
+    def _requeue_unstarted(self, *, nack: bool) -> None:
+        """IO thread: take the deliveries no worker started out of line; ``nack``: return
+        them to the queue now (otherwise their channel is gone, and the broker does)."""
         generation = self._acks.generation
         while True:
             try:
                 item = self._ready.get_nowait()
             except Empty:
                 return
-            if item is None or item[0] != generation or channel is None:
-                continue
-            tag = item[1].delivery_tag
-            channel.basic_nack(tag, requeue=True)
-            self._acks.settled(tag)
+            if nack and item is not None and item[0] == generation:
+                self._acks.nack(item[1].delivery_tag, requeue=True)
 
     def _close_channel(self, _connection: SelectConnection, future: Future[None]) -> None:
         """IO thread: send the last acks, then close the channel."""
