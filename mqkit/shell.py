@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["AsyncRestorable", "Restorable", "connection_name"]
+__all__ = ["AsyncRestorable", "Restorable", "connection_name", "link_name"]
 
 
 def connection_name(service: str, purpose: str = "") -> str:
@@ -48,6 +48,12 @@ def connection_name(service: str, purpose: str = "") -> str:
     client_properties``, the management UI): the same on both runtimes, and telling a
     client's two connections apart, e.g. ``mqkit:billing (publishing)``."""
     return f"mqkit:{service} ({purpose})" if purpose else f"mqkit:{service}"
+
+
+def link_name(purpose: str = "") -> str:
+    """How log lines name a client's connection, the same on both runtimes: "the publishing
+    connection", or "the connection" when it has no purpose of its own."""
+    return f"the {purpose} connection" if purpose else "the connection"
 
 
 class Restorable(Protocol):

@@ -47,7 +47,7 @@ from mqkit.lifecycle import (
     PublishingUnblocked,
 )
 from mqkit.settings import Settings, mask_url
-from mqkit.shell import AsyncRestorable, connection_name
+from mqkit.shell import AsyncRestorable, connection_name, link_name
 from mqkit.urls import connectable
 
 from . import lenient
@@ -139,7 +139,7 @@ class Link:
     @property
     def name(self) -> str:
         """How log lines name this connection ("the publishing connection to ...")."""
-        return f"the {self.purpose} connection" if self.purpose else "the connection"
+        return link_name(self.purpose)
 
     @property
     def connected(self) -> bool:
