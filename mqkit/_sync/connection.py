@@ -485,7 +485,7 @@ class Link:
             if self._close_done is not None:
                 self._close_done.set()
             return
-        self.last_error = mask_url(describe(reason))
+        self.last_error = describe(reason)
         self._pipeline.emit(
             LinkLost(self.url, self.last_error or "", service=self.settings.service)
         )
@@ -575,13 +575,14 @@ def _abort(connection: SelectConnection) -> None:
 
 
 def describe(exc: BaseException | None) -> str:
+    """A one-line, password-free description of a pika/OS error."""
     if exc is None:
         return "unknown error"
     tls_problem = tls.ssl_reason(exc)
     if tls_problem is not None:
         return mask_url(tls_problem)
     if isinstance(exc, pex.ConnectionClosedByBroker | pex.ChannelClosedByBroker):
-        return f"{exc.reply_code} {exc.reply_text}"
+        return mask_url(f"{exc.reply_code} {exc.reply_text}")
     # pika's exceptions say more in repr() than in str()
     pika_error = type(exc).__module__.startswith("pika")
     text = repr(exc) if pika_error else str(exc) or type(exc).__name__

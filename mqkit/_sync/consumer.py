@@ -300,13 +300,13 @@ class Consumer(Generic[T]):
         plan = self._plan
         self._pipeline.emit(ConsumerDetached(plan.queue, reason, service=plan.service))
 
-    def _on_closed(self, channel: Channel, reason: BaseException) -> None:
+    def _on_closed(self, channel: Channel, exc: BaseException) -> None:
         if channel is not self._acks.channel:
             return
-        self._lose(describe(reason))
+        self._lose(describe(exc))
         if self._stopping or self._link.closed:
             return
-        if isinstance(reason, pex.ChannelClosedByBroker):
+        if isinstance(exc, pex.ChannelClosedByBroker):
             self._schedule_reattach()
         # otherwise the connection is gone and the link restores us
 
