@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pika.exceptions as pex
 import tenacity
@@ -57,13 +57,10 @@ from mqkit.retry import Ack, GiveUp, Outcome, decide
 
 from .acks import Acks
 from .channel import incoming_of, open_channel
-from .connection import LinkDown, describe, translate
+from .connection import Link, LinkDown, describe, translate
+from .declarer import Declarer
 from .io_thread import settle
-
-if TYPE_CHECKING:
-    from .connection import Link
-    from .declarer import Declarer
-    from .publisher import Publisher
+from .publisher import Publisher
 
 __all__ = ["Consumer", "ReplyStep"]
 

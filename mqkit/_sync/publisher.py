@@ -55,14 +55,15 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from mqkit import ledger
-from mqkit._sync.channel import open_channel
-from mqkit._sync.connection import Link, translate
-from mqkit._sync.io_thread import Loop, Reads, settle, wake
-from mqkit._sync.transport import streamline
 from mqkit.ledger import Entry, Ledger, stall_cause
 from mqkit.lifecycle import Pipeline
 from mqkit.messages import Envelope
 from mqkit.publishing import SEND_CHUNK
+
+from .channel import open_channel
+from .connection import Link, translate
+from .io_thread import Loop, Reads, settle, wake
+from .transport import streamline
 
 __all__ = ["Batch", "Publisher", "properties"]
 
