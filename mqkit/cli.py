@@ -63,6 +63,7 @@ from mqkit.errors import ConfigError, ConnectionFailed, MqkitError, PublishError
 from mqkit.outbox.cli import app as outbox_app
 from mqkit.settings import Settings, mask_url
 from mqkit.topology import dlq_name
+from mqkit.urls import memory_name
 
 __all__ = [
     "EXIT_ABORTED",
@@ -184,6 +185,15 @@ def _client(
         overrides["connect_timeout"] = connect_timeout
     try:
         settings = _settings(overrides)
+        if _OWN_PROCESS and any(memory_name(u) is not None for u in settings.all_urls):
+            err.print(
+                Text("warning: ", style="bold yellow")
+                + Text(
+                    "memory:// brokers live inside one Python process: this mqkit command "
+                    "has a new, empty one. Run the commands in your tests' process "
+                    "(typer.testing.CliRunner on mqkit.cli.app), or give --url a RabbitMQ."
+                )
+            )
         with mqkit.Client(settings) as client:
             yield client
     except ConfigError as exc:
@@ -625,8 +635,15 @@ def export(
     err.print(f"exported {_plural(exported)} from {name} to {where}")
 
 
+# Set by the console script: the commands run in a process of their own, where a memory://
+# URL can only name a new, empty broker.
+_OWN_PROCESS = False
+
+
 def main() -> None:
     """The ``mqkit`` console script."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     app(prog_name="mqkit")
 
 

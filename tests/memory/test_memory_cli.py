@@ -120,3 +120,24 @@ def test_dlq_of_a_missing_queue_and_a_wrong_login(mqkit_memory: MemoryBroker) ->
     ran = mqkit_cli("dlq", "list", "orders", "--url", mqkit_memory.url, "--connect-timeout", "2")
     assert ran.code == cli.EXIT_CONNECT
     assert "credentials" in ran.stderr
+
+
+def test_the_console_script_says_a_memory_url_names_a_broker_of_its_own() -> None:
+    """``mqkit`` run as a command has a process of its own: a memory:// URL there names a new,
+    empty broker, and the command says so before it answers."""
+    import subprocess
+    import sys
+
+    ran = subprocess.run(
+        [sys.executable, "-c", "from mqkit.cli import main; main()", "dlq", "list", "orders"],
+        env={"MQKIT_URL": "memory://elsewhere", "COLUMNS": "250", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "memory:// brokers live inside one Python process" in ran.stderr
+    assert "typer.testing.CliRunner" in ran.stderr
+    assert ran.returncode == 4  # and the empty broker has no such DLQ
+    # In process (the tests' own broker), no such warning.
+    assert "live inside one Python process" not in mqkit_cli("dlq", "list", "orders").stderr
