@@ -27,6 +27,8 @@ def _figure(row: dict[str, Any]) -> str:
         return f"+{extra.get('growth_kib')} KiB"
     if row["section"] == "footprint":
         return f"{extra.get('queues')} queues, broker {extra.get('memory_mib', 0):.1f} MiB"
+    if row["section"] == "memory":
+        return str(row.get("note", ""))
     if row["section"] == "codec":
         return f"{extra.get('us_median', 0):.1f} µs per message (median)"
     rate = row.get("rate")
