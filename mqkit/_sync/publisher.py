@@ -63,7 +63,7 @@ from mqkit.publishing import SEND_CHUNK
 from .channel import open_channel
 from .connection import Link, translate
 from .io_thread import Loop, Reads, settle, wake
-from .transport import streamline
+from .transport import CORKED, cork, streamline
 
 __all__ = ["Batch", "Publisher", "properties"]
 
@@ -230,22 +230,33 @@ class Publisher:
             return
         ledger = self._ledger
         publish = channel.basic_publish
-        while (entry := ledger.next_to_send()) is not None:
-            try:
-                publish(
-                    entry.exchange,
-                    entry.routing_key,
-                    entry.envelope.body,
-                    entry.properties,
-                    entry.mandatory,
-                )
-            except pex.ChannelWrongStateError:
-                ledger.unsent([entry])  # the channel is closing: its close handler reopens
-                return
-            except Exception as exc:
-                ledger.fail(entry, translate(exc, what=entry.what))
-                continue
-            ledger.sent(entry)
+        # A batch goes out in slices of CORKED messages, one write each; a lone message at once.
+        uncork = cork(channel.connection) if len(ledger.waiting) > 1 else None
+        try:
+            count = 0
+            while (entry := ledger.next_to_send()) is not None:
+                try:
+                    publish(
+                        entry.exchange,
+                        entry.routing_key,
+                        entry.envelope.body,
+                        entry.properties,
+                        entry.mandatory,
+                    )
+                except pex.ChannelWrongStateError:
+                    ledger.unsent([entry])  # the channel is closing: its close handler reopens
+                    return
+                except Exception as exc:
+                    ledger.fail(entry, translate(exc, what=entry.what))
+                    continue
+                ledger.sent(entry)
+                count += 1
+                if uncork is not None and count % CORKED == 0:
+                    uncork()
+                    cork(channel.connection)
+        finally:
+            if uncork is not None:
+                uncork()
 
     def _on_confirm(self, channel: Channel, frame: Any) -> None:
         if channel is not self._channel:

@@ -6,7 +6,9 @@ on the path of every confirmed publish:
 - **Writes.** pika sends each frame of a publish (method, header, body) on its own, and only
   after asking the ioloop to wait until the socket is writable (two ``epoll_ctl`` and one
   ``epoll_wait`` around three ``send``). Here a publish is one write, sent at once when nothing
-  waits before it; what the socket cannot take is queued behind, as pika does it.
+  waits before it; what the socket cannot take is queued behind, as pika does it. A batch is
+  fewer writes still: between :func:`cork` and :func:`uncork` writes are held and then sent
+  as one (the publisher sends a batch in slices of :data:`CORKED` messages).
 - **Reads.** pika reads until the socket says it would block: after each confirm, one more
   ``recv`` that fails, and an exception caught in Python. Here a read that did not fill the
   buffer ends there; epoll (level-triggered) reports whatever comes after.
@@ -33,7 +35,7 @@ from typing import Any
 
 from pika.adapters.utils import io_services_utils
 
-__all__ = ["Confirms", "streamline"]
+__all__ = ["CORKED", "Confirms", "cork", "streamline"]
 
 Confirms = Callable[[int, list[tuple[int, bool, bool]]], bool]
 """``confirms(channel_number, [(delivery_tag, multiple, nacked), ...])``: handle them and
@@ -69,8 +71,13 @@ def streamline(connection: Any, confirms: Confirms | None = None) -> bool:
         return False
     sock, buffered, active, recv_max, consume_max = parts
     queue_write: Callable[[bytes], None] = transport.write
+    held: list[bytes] = []  # while corked: writes to send as one
+    corked = [False]
 
     def write(data: bytes) -> None:
+        if corked[0]:
+            held.append(data)
+            return
         if not buffered and transport._state == active:
             try:
                 sent = sock.send(data)
@@ -103,12 +110,39 @@ def streamline(connection: Any, confirms: Confirms | None = None) -> bool:
             if len(data) < recv_max:
                 return
 
+    def cork() -> None:
+        corked[0] = True
+
+    def uncork() -> None:
+        corked[0] = False
+        if held:
+            data = held[0] if len(held) == 1 else b"".join(held)
+            held.clear()
+            write(data)
+
     transport.write = write
     transport._consume = consume
+    connection._mqkit_cork = (cork, uncork)
     connection._output_marshaled_frames = output_frames
     connection._mqkit_confirms = confirms
     connection._mqkit_streamlined = True
     return True
+
+
+# Messages of a batch sent as one write (about 16 KiB of small messages): enough to spare the
+# system calls, few enough that the broker starts on the first ones at once.
+CORKED = 64
+
+
+def cork(connection: Any) -> Callable[[], None] | None:
+    """Hold ``connection``'s writes (a streamlined one; else ``None``, nothing held): they go
+    out as one write when the returned function is called."""
+    pair = getattr(connection, "_mqkit_cork", None)
+    if pair is None:
+        return None
+    pair[0]()
+    uncork: Callable[[], None] = pair[1]
+    return uncork
 
 
 def _took_confirms(connection: Any, data: bytes) -> bool:
