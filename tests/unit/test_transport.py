@@ -20,7 +20,7 @@ from pika import frame, spec
 from pika.adapters.base_connection import BaseConnection
 from pika.adapters.utils import io_services_utils
 
-from mqkit._sync.transport import parse_confirms, streamline
+from mqkit._sync.transport import cork, parse_confirms, streamline
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -146,6 +146,41 @@ def test_streamline_queues_what_the_socket_cannot_take_in_order(
             services.writer()  # the ioloop found the socket writable
     assert received == big + b"after"
     assert services.writer is None
+
+
+class _CountingSocket:
+    """A socket whose sends are counted."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_corked_writes_go_out_as_one(
+    wire: tuple[_Connection, _Services, socket.socket],
+) -> None:
+    connection, _, peer = wire
+    counting = _CountingSocket(connection._transport._sock)
+    connection._transport._sock = counting
+    assert streamline(connection)
+    uncork = cork(connection)
+    assert uncork is not None
+    for name in (b"one", b"two", b"three"):
+        connection._output_marshaled_frames([name, b"|"])
+    assert counting.sends == 0  # held
+    uncork()
+    assert counting.sends == 1
+    assert read(peer, 14) == b"one|two|three|"
+    connection._output_marshaled_frames([b"lone"])  # uncorked: sent at once, as before
+    assert counting.sends == 2 and read(peer, 4) == b"lone"
+    assert cork(_Connection(None)) is None  # a connection that was not streamlined
 
 
 def test_streamline_leaves_other_transports_to_pika() -> None:
