@@ -125,7 +125,7 @@ def memory_name(url: str) -> str | None:
     name = text[len(MEMORY_SCHEME) :].rstrip("/")
     if not _MEMORY_NAME.fullmatch(name):
         raise ValueError(
-            f"{url!r} is not a valid memory URL: use memory:// or memory://NAME "
+            f"{mask_raw_url(url)!r} is not a valid memory URL: use memory:// or memory://NAME "
             "(NAME of letters, digits, '_', '.', '-')"
         )
     return name

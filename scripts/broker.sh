@@ -239,7 +239,8 @@ start_local() {
     fi
     # Output to a file, never our stdout/stderr: the detached VM inherits them and would hold
     # a caller's pipe (a CI runner's log) open for as long as the broker runs.
-    local started_log="${TMPDIR:-/tmp}/mqkit-rabbitmq-server.$PORT.log"
+    local started_log
+    started_log="$(mktemp "${TMPDIR:-/tmp}/mqkit-rabbitmq-server.XXXXXX")"
     if "${run[@]}" "$server" -detached </dev/null >"$started_log" 2>&1 &&
         wait_for_broker "rabbitmq-server"; then
         exit 0
@@ -259,14 +260,19 @@ elif ! can_be_root; then
     TRIED+=("apt-get: needs root (run as root, or allow sudo without a password)")
 else
     say "installing rabbitmq-server with apt-get ..."
-    if as_root apt-get update -q &&
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server; then
+    # Into a log, never our stdout/stderr: the package's postinst may start the server, which
+    # would then hold a caller's pipe (a CI runner's log) open for as long as it runs.
+    apt_log="$(mktemp "${TMPDIR:-/tmp}/mqkit-apt.XXXXXX")"
+    if as_root apt-get update -q >"$apt_log" 2>&1 </dev/null &&
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server \
+            >>"$apt_log" 2>&1 </dev/null; then
         if server="$(find_rabbitmq_server)"; then
             start_local "$server"
         fi
         TRIED+=("apt-get: installed rabbitmq-server, but it is not to be found on PATH or in $SBIN_DIRS")
     else
-        TRIED+=("apt-get: \`apt-get install rabbitmq-server\` failed (see above)")
+        tail -n 20 "$apt_log" >&2 || true
+        TRIED+=("apt-get: \`apt-get install rabbitmq-server\` failed (above: the end of $apt_log)")
     fi
 fi
 

@@ -80,6 +80,8 @@ _PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 _FRAME_END = b"\xce"
 _FRAME_MAX = 131072
 _CHANNEL_MAX = 2047
+# RabbitMQ 4.0's delivery limit of a quorum queue declared without x-delivery-limit.
+QUORUM_DELIVERY_LIMIT = 20
 # RabbitMQ 4.0's default max_message_size.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _REPLY_TO = "amq.rabbitmq.reply-to"
@@ -159,6 +161,9 @@ class MemoryMessage:
     delivery_count: int = 0
     seq: int = 0
     expires_at: float | None = None  # on the broker's clock, while in a queue
+    # (queue, reason) of each dead-lettering by this broker, latest first: its cycle check
+    # (what a client put in x-death does not count, as in RabbitMQ 4.0).
+    dead_path: tuple[tuple[str, str], ...] = ()
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -184,6 +189,7 @@ class MemoryMessage:
             self.redelivered,
             self.delivery_count,
             self.seq,
+            dead_path=self.dead_path,
         )
 
 
@@ -240,6 +246,7 @@ class _Queue:
     had_consumer: bool = False
     timer: asyncio.TimerHandle | None = None
     deleted: bool = False
+    in_flight: int = 0  # delivered (to a consumer or basic.get) and not yet settled
 
     @property
     def quorum(self) -> bool:
@@ -252,11 +259,14 @@ class _Queue:
 
     @property
     def delivery_limit(self) -> int | None:
+        if not self.quorum:
+            return None
         value = self.arguments.get("x-delivery-limit")
-        return value if isinstance(value, int) and self.quorum else None
+        return value if isinstance(value, int) else QUORUM_DELIVERY_LIMIT
 
     def unacked(self) -> int:
-        return sum(c.unacked for c in self.consumers)
+        """Deliveries of this queue not yet acked (consumers', cancelled ones' and gets')."""
+        return self.in_flight
 
 
 class _ChannelError(Exception):
@@ -315,6 +325,17 @@ def _topic_matches(pattern: str, key: str) -> bool:
         return (words[i] == "*" or words[i] == keys[j]) and match(i + 1, j + 1)
 
     return match(0, 0)
+
+
+def _cycle(path: tuple[tuple[str, str], ...], target: str) -> bool:
+    """Whether dead-lettering to ``target`` closes a cycle RabbitMQ drops: ``target`` was
+    dead-lettered from before, with no rejection (a consumer's decision) since."""
+    for queue, reason in path:
+        if reason == "rejected":
+            return False
+        if queue == target:
+            return True
+    return False
 
 
 def _keys(value: Any) -> list[str]:
@@ -466,6 +487,8 @@ class MemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._connections: dict[int, _Connection] = {}
         self._reply_channels: dict[str, _Channel] = {}
+        self._serving: set[asyncio.Task[None]] = set()  # a task per client connection
+        self._all_connections: set[_Connection] = set()  # also those closing
         self._declare_defaults()
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -664,10 +687,19 @@ class MemoryBroker:
         self.closed = True
 
         async def stop() -> None:
+            self._server.close()
             for connection in list(self._connections.values()):
                 self._close_connection(connection, CONNECTION_FORCED, "CONNECTION_FORCED - stop")
-            self._server.close()
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.05)  # the close frames go out
+            tasks = [t for t in self._serving if not t.done()]
+            for connection in list(self._all_connections):
+                with contextlib.suppress(Exception):
+                    connection.writer.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
 
         with contextlib.suppress(Exception):
             self._call_async(stop())
@@ -743,6 +775,11 @@ class MemoryBroker:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = _Connection(self, reader, writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+        self._all_connections.add(connection)
         try:
             header = await reader.readexactly(8)
             if header != _PROTOCOL_HEADER:
@@ -783,11 +820,22 @@ class MemoryBroker:
             self._close_connection(connection, error.code, error.text)
         finally:
             self._connection_gone(connection)
+            self._all_connections.discard(connection)
             with contextlib.suppress(Exception):
                 writer.close()
 
     def _on_frame(self, connection: _Connection, kind: int, number: int, data: bytes) -> None:
         if kind == 8:  # heartbeat
+            return
+        if connection.closing:  # after Connection.Close: only close and close-ok count
+            if kind == 1 and number == 0:
+                with contextlib.suppress(Exception):
+                    _, _, method = amqp_frame.unmarshal(data)
+                    if isinstance(method, (spec.Connection.Close, spec.Connection.CloseOk)):
+                        if isinstance(method, spec.Connection.Close):
+                            connection.send(spec.Connection.CloseOk())
+                        connection.closed = True
+                        connection.writer.close()
             return
         if kind == 2:
             try:
@@ -944,6 +992,8 @@ class MemoryBroker:
         for owner, message, holder in unacked.values():
             if holder is not None:
                 holder.unacked -= 1
+            if owner is not None:
+                owner.in_flight -= 1
             if owner is not None and not owner.deleted:
                 self._requeue(owner, message)
                 touched.add(owner.name)
@@ -1045,6 +1095,8 @@ class MemoryBroker:
         for queue, message, consumer in unacked.values():
             if consumer is not None:
                 consumer.unacked -= 1
+            if queue is not None:
+                queue.in_flight -= 1
             if queue is not None and not queue.deleted:
                 self._requeue(queue, message)
                 self._pump(queue)
@@ -1532,6 +1584,8 @@ class MemoryBroker:
                 return
         position = bisect.bisect([m.seq for m in queue.messages], message.seq)
         queue.messages.insert(position, message)
+        if position == 0 and message.expires_at is not None:
+            self._expire(queue)  # the new head may expire before the armed timer
 
     # -- expiry and dead-lettering ---------------------------------------------------------------
 
@@ -1607,9 +1661,11 @@ class MemoryBroker:
             message.body,
             _with(properties, headers=headers, expiration=None),
         )
+        copy.dead_path = ((queue.name, reason), *message.dead_path)
         for target_queue in self._route(exchange, copy):
-            if target_queue is not queue or reason != "maxlen":
-                self._enqueue(target_queue, copy.copy())
+            if _cycle(copy.dead_path, target_queue.name):
+                continue  # RabbitMQ drops it: it would go round without end
+            self._enqueue(target_queue, copy.copy())
 
     # -- consuming -------------------------------------------------------------------------------
 
@@ -1697,6 +1753,7 @@ class MemoryBroker:
         if not consumer.no_ack:
             consumer.unacked += 1
             channel.unacked[tag] = (queue, message, consumer)
+            queue.in_flight += 1
         extra = {"x-delivery-count": message.delivery_count} if message.delivery_count else {}
         channel.connection.send_content(
             channel.number,
@@ -1721,6 +1778,7 @@ class MemoryBroker:
         tag = self._next_tag(channel)
         if not method.no_ack:
             channel.unacked[tag] = (queue, message, None)
+            queue.in_flight += 1
         extra = {"x-delivery-count": message.delivery_count} if message.delivery_count else {}
         channel.connection.send_content(
             channel.number,
@@ -1747,9 +1805,9 @@ class MemoryBroker:
         """An ack (``requeue`` None), nack or reject of ``delivery_tag`` (and, with
         ``multiple``, every earlier one; tag 0 with ``multiple``: all)."""
         if multiple:
-            tags = [t for t in channel.unacked if delivery_tag == 0 or t <= delivery_tag]
-            if not tags and delivery_tag and delivery_tag >= channel.next_tag:
+            if delivery_tag and delivery_tag not in channel.unacked:
                 raise _precondition(f"unknown delivery tag {delivery_tag}", method)
+            tags = [t for t in channel.unacked if delivery_tag == 0 or t <= delivery_tag]
         else:
             if delivery_tag not in channel.unacked:
                 raise _precondition(f"unknown delivery tag {delivery_tag}", method)
@@ -1759,6 +1817,8 @@ class MemoryBroker:
             queue, message, consumer = channel.unacked.pop(tag)
             if consumer is not None:
                 consumer.unacked -= 1
+            if queue is not None:
+                queue.in_flight -= 1
             if queue is None or queue.deleted:
                 continue
             touched[queue.name] = queue

@@ -272,7 +272,11 @@ def published(source: str | MemoryBroker, queue: str, model: type[M]) -> list[M]
     """The messages waiting in ``queue``, oldest first, decoded as ``model``, left in the
     queue. ``source``: a broker URL (``amqp://...`` or ``memory://NAME``) or a
     :class:`~mqkit.testing.memory.MemoryBroker`. A body that is not a ``model`` fails the
-    test, saying why."""
+    test, saying why.
+
+    On the memory broker it only looks. On RabbitMQ it takes the messages without acking and
+    lets the broker put them back: they are then ``redelivered``, and on a quorum queue each
+    look counts as a delivery towards its delivery limit (20 by default on RabbitMQ 4)."""
     if isinstance(source, MemoryBroker):
         bodies = [m.body for m in source.peek(queue)]
     elif memory_name(source) is not None:
@@ -345,6 +349,12 @@ def mqkit_names(request: pytest.FixtureRequest) -> Iterator[Names]:
     """Unique names; on a real broker (the test's ``mqkit_url``, or ``mqkit_broker_url``),
     what was declared under them is deleted after the test."""
     names = Names()
+    # The broker to clean up, resolved now: pytest then tears it down after this fixture.
+    url = None
+    if "mqkit_url" in request.fixturenames:
+        url = request.getfixturevalue("mqkit_url")
+    elif "mqkit_broker_url" in request.fixturenames:
+        url = request.getfixturevalue("mqkit_broker_url")
     # Every client made during the test: what it declared under the names is deleted too.
     import mqkit
 
@@ -358,10 +368,5 @@ def mqkit_names(request: pytest.FixtureRequest) -> Iterator[Names]:
 
         monkeypatch.setattr(cls, "__init__", init)
     yield names
-    url = None
-    if "mqkit_url" in request.fixturenames:
-        url = request.getfixturevalue("mqkit_url")
-    elif "mqkit_broker_url" in request.fixturenames:
-        url = request.getfixturevalue("mqkit_broker_url")
     if url is not None and memory_name(url) is None:
         names.delete(url)

@@ -374,7 +374,8 @@ def test_basic_get_and_channel_close_requeue(mqkit_memory: MemoryBroker) -> None
         publish_raw(ch, "", "work", b"b")
         method, _, body = ch.basic_get("work")
         assert (body, method.redelivered, method.message_count) == (b"a", False, 1)
-        assert mqkit_memory.count("work") == 1 and mqkit_memory.unacked("work") == 0
+        # Taken without an ack: unacked, as RabbitMQ counts it (messages_unacknowledged).
+        assert mqkit_memory.count("work") == 1 and mqkit_memory.unacked("work") == 1
     # basic.get's unacked message went back at the head when the connection closed.
     assert [(m.body, m.redelivered) for m in mqkit_memory.peek("work")] == [
         (b"a", True),
@@ -446,8 +447,44 @@ def test_per_message_expiration_then_a_rejection(mqkit_memory: MemoryBroker) -> 
 
 
 def test_x_death_counts_each_cycle(mqkit_memory: MemoryBroker) -> None:
+    """A message expires from ``a`` into ``b``; a consumer rejects it there, back into ``a``;
+    it expires again: ``a``'s entry counts 2, and the rejection makes it no cycle."""
     with raw_channel(mqkit_memory) as ch:
-        # ping and pong hold a message a second each, then hand it to the other.
+        ch.queue_declare(
+            "a",
+            arguments={
+                "x-message-ttl": 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": "b",
+            },
+        )
+        ch.queue_declare(
+            "b", arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "a"}
+        )
+        publish_raw(ch, "", "a", b"ball")
+
+    def deaths(queue: str) -> dict[tuple[str, str], int]:
+        [message] = mqkit_memory.peek(queue)
+        return {
+            (text(d["queue"]), text(d["reason"])): d["count"] for d in message.headers["x-death"]
+        }
+
+    mqkit_memory.advance(1)
+    assert deaths("b") == {("a", "expired"): 1}
+    with raw_channel(mqkit_memory, confirm=False) as ch:
+        method, _, _ = ch.basic_get("b")
+        ch.basic_reject(method.delivery_tag, requeue=False)
+        ch.queue_declare("b", passive=True)  # a round trip: the reject has been read
+    assert deaths("a") == {("a", "expired"): 1, ("b", "rejected"): 1}
+    mqkit_memory.advance(1)
+    assert deaths("b") == {("a", "expired"): 2, ("b", "rejected"): 1}
+    assert text(x_death(mqkit_memory, "b")["queue"]) == "a"  # the newest first
+
+
+def test_a_cycle_without_a_rejection_is_dropped(mqkit_memory: MemoryBroker) -> None:
+    """ping and pong hold a message a second each, then hand it to the other: back at ping
+    it would go round without end, and RabbitMQ drops it there."""
+    with raw_channel(mqkit_memory) as ch:
         for queue, target in (("ping", "pong"), ("pong", "ping")):
             ch.queue_declare(
                 queue,
@@ -458,18 +495,10 @@ def test_x_death_counts_each_cycle(mqkit_memory: MemoryBroker) -> None:
                 },
             )
         publish_raw(ch, "", "ping", b"ball")
-
-    def deaths(queue: str) -> dict[str, int]:
-        [message] = mqkit_memory.peek(queue)
-        return {text(d["queue"]): d["count"] for d in message.headers["x-death"]}
-
     mqkit_memory.advance(1)
-    assert deaths("pong") == {"ping": 1}
+    assert (mqkit_memory.count("ping"), mqkit_memory.count("pong")) == (0, 1)
     mqkit_memory.advance(1)
-    assert deaths("ping") == {"ping": 1, "pong": 1}
-    mqkit_memory.advance(1)
-    assert deaths("pong") == {"ping": 2, "pong": 1}
-    assert text(x_death(mqkit_memory, "pong")["queue"]) == "ping"  # the newest first
+    assert (mqkit_memory.count("ping"), mqkit_memory.count("pong")) == (0, 0)
 
 
 def test_quorum_delivery_limit_dead_letters_after_limit_plus_one_deliveries(
@@ -774,3 +803,60 @@ async def test_async_wrong_password_is_connection_failed(mqkit_memory: MemoryBro
         await client.connect()
     assert "credentials" in str(caught.value) and "hunter2" not in str(caught.value)
     await client.close()
+
+
+def test_close_with_a_raw_connection_still_open_leaves_nothing_behind() -> None:
+    """The broker closes what it serves itself: a client that never said goodbye leaves no
+    socket, task or loop open (each would be a ResourceWarning in a later test)."""
+    broker = memory_broker("closing-raw")
+    connection = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    connection.channel().queue_declare("held")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        broker.close()
+        del broker
+        gc.collect()
+    assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []
+    assert not any(t.name.startswith("mqkit-memory[closing-raw]") for t in threading.enumerate())
+    with pytest.raises(pika.exceptions.AMQPError):
+        connection.process_data_events(time_limit=1)  # the broker closed it
+    if connection.is_open:
+        connection.close()
+
+
+def test_a_dead_letter_cycle_is_dropped_as_rabbitmq_drops_it(mqkit_memory: MemoryBroker) -> None:
+    """A queue that dead-letters its expired messages back to itself: RabbitMQ drops the
+    message rather than cycle without end (no rejection in the cycle)."""
+    with raw_channel(mqkit_memory) as channel:
+        channel.queue_declare("loop", arguments={"x-message-ttl": 0, "x-dead-letter-exchange": ""})
+        publish_raw(channel, "", "loop")
+        assert channel.queue_declare("loop", passive=True).method.message_count == 0
+    assert mqkit_memory.next_expiry() is None
+    mqkit_memory.run_until_idle(timeout=2)
+
+
+def test_a_multiple_ack_of_an_unknown_tag_closes_the_channel(mqkit_memory: MemoryBroker) -> None:
+    with raw_channel(mqkit_memory, confirm=False) as channel:
+        channel.queue_declare("acks")
+        publish_raw(channel, "", "acks")
+        method, _, _ = channel.basic_get("acks")
+        assert method is not None
+        channel.basic_ack(method.delivery_tag + 5, multiple=True)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+            channel.basic_get("acks")
+        assert info.value.reply_code == 406 and "unknown delivery tag" in info.value.reply_text
+
+
+def test_a_quorum_queue_without_a_limit_has_rabbitmq_4s_twenty(mqkit_memory: MemoryBroker) -> None:
+    with raw_channel(mqkit_memory, confirm=False) as channel:
+        channel.queue_declare(
+            "q4",
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": ""},
+        )
+        publish_raw(channel, "", "q4")
+        deliveries = 0
+        while (got := channel.basic_get("q4"))[0] is not None:
+            deliveries += 1
+            channel.basic_nack(got[0].delivery_tag, requeue=True)
+        assert deliveries == 21  # the first delivery, then 20 redeliveries

@@ -119,3 +119,13 @@ def test_mqkit_names_deletes_everything_declared_under_its_names(
         assert left == [], f"mqkit_names left these on the broker: {left}"
     finally:
         delete(mqkit_broker_url, left)
+
+
+@pytest.mark.parametrize("mqkit_url", ["memory", "rabbitmq"], indirect=True)
+def test_mqkit_names_before_mqkit_url_still_cleans_up(mqkit_names: Names, mqkit_url: str) -> None:
+    """Fixture order does not matter: mqkit_names resolves the broker before the test, so the
+    URL's fixture is torn down after it."""
+    queue = mqkit_names.queue()
+    with mqkit.Client(url=mqkit_url, service=mqkit_names.service()) as client:
+        client.producer(Order, queue=queue).publish(Order(id=1))
+        assert published(mqkit_url, queue, Order) == [Order(id=1)]

@@ -446,3 +446,13 @@ def test_a_client_certificate_never_falls_back_to_guest_silently() -> None:
     assert "guest/guest" in text and "auth='external'" in text
     # With a user in the URL, the certificate is an extra (mutual TLS): fine.
     Settings(url="amqps://app:pw@rabbit:5671/", cert_file="/c.pem", key_file="/k.pem")
+
+
+def test_memory_urls_are_accepted_and_a_malformed_one_is_refused_masked() -> None:
+    assert Settings(url="memory://").url == "memory://"
+    assert Settings(url="memory://billing-test.1").url == "memory://billing-test.1"
+    with pytest.raises(ConfigError) as info:
+        Settings(url="memory://app:s3cret@rabbit")
+    text = str(info.value)
+    assert "s3cret" not in text and "memory://app:***@rabbit" in text
+    assert "use memory:// or memory://NAME" in text
