@@ -14,9 +14,10 @@ mandatory returns; publisher confirms (a ``reject-publish`` queue nacks); prefet
 ``redelivered``; durable, exclusive and auto-delete queues; the queue arguments
 ``x-queue-type`` (classic, quorum), ``x-message-ttl``, per-message ``expiration``,
 ``x-dead-letter-exchange``, ``x-dead-letter-routing-key``, ``x-delivery-limit`` (with the
-``x-delivery-count`` header), ``x-max-length`` with ``x-overflow``; dead-lettering with
-``x-death`` and ``x-first-death-*``; declare conflicts and their reply codes and texts;
-``basic.get``; direct reply-to; a message size limit.
+``x-delivery-count`` header; 20 on a quorum queue declared without one, as in RabbitMQ 4),
+``x-max-length`` with ``x-overflow``; dead-lettering with ``x-death`` and
+``x-first-death-*``, a dead-letter cycle without a rejection dropped; declare conflicts
+and their reply codes and texts; ``basic.get``; direct reply-to; a message size limit.
 
 It does not model: persistence and broker restarts, clustering, memory and disk alarms,
 connection/channel limits, permissions (a user of ``broker.users``, ``guest``/``guest`` by
