@@ -988,19 +988,7 @@ class MemoryBroker:
             channel.reply_consumer = None
         for consumer in list(channel.consumers.values()):
             self._remove_consumer(consumer, notify=False)
-        unacked, channel.unacked = channel.unacked, {}
-        touched: set[str] = set()
-        for owner, message, holder in unacked.values():
-            if holder is not None:
-                holder.unacked -= 1
-            if owner is not None:
-                owner.in_flight -= 1
-            if owner is not None and not owner.deleted:
-                self._requeue(owner, message)
-                touched.add(owner.name)
-        for name in touched:
-            if name in self._queues:
-                self._pump(self._queues[name])
+        self._release_unacked(channel)
 
     # -- channel methods -------------------------------------------------------------------------
 
@@ -1092,14 +1080,20 @@ class MemoryBroker:
             )
 
     def _release_unacked(self, channel: _Channel) -> None:
+        """Requeue (``redelivered``) every delivery of ``channel`` not yet settled, then
+        deliver again from the queues they went back to."""
         unacked, channel.unacked = channel.unacked, {}
+        touched: dict[str, _Queue] = {}
         for queue, message, consumer in unacked.values():
             if consumer is not None:
                 consumer.unacked -= 1
             if queue is not None:
                 queue.in_flight -= 1
-            if queue is not None and not queue.deleted:
-                self._requeue(queue, message)
+                if not queue.deleted:
+                    self._requeue(queue, message)
+                    touched[queue.name] = queue
+        for queue in touched.values():
+            if not queue.deleted:
                 self._pump(queue)
 
     # -- declaring -------------------------------------------------------------------------------
@@ -1583,7 +1577,7 @@ class MemoryBroker:
             if limit is not None and message.delivery_count > limit:
                 self._dead_letter(queue, message, "delivery_limit")
                 return
-        position = bisect.bisect([m.seq for m in queue.messages], message.seq)
+        position = bisect.bisect(queue.messages, message.seq, key=lambda m: m.seq)
         queue.messages.insert(position, message)
         if position == 0 and message.expires_at is not None:
             self._expire(queue)  # the new head may expire before the armed timer
@@ -1593,13 +1587,7 @@ class MemoryBroker:
     def _expire(self, queue: _Queue) -> None:
         """Dead-letter the expired messages at the head of ``queue``; arm the timer for the
         next one."""
-        now = self.now()
-        while queue.messages:
-            head = queue.messages[0]
-            if head.expires_at is None or head.expires_at > now + 1e-9:
-                break
-            queue.messages.pop(0)
-            self._dead_letter(queue, head, "expired")
+        self._expire_head_only(queue)
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
