@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import mqkit
+from mqkit.testing.pytest_plugin import Recorder
 
 # A memory pass (MQKIT_TEST_URL=memory://NAME, see tests/conftest.py): clients get that URL.
 _TEST_URL = os.environ.get("MQKIT_TEST_URL", "").strip()
@@ -156,49 +157,14 @@ def rt(request: pytest.FixtureRequest, broker_url: str, _loop: Loop) -> Runtime:
     return Runtime(request.param, url, _loop if request.param == "async" else None, broker_url)
 
 
-class Collector:
-    """A thread-safe handler that records what it received; ``wait`` blocks for more."""
-
-    def __init__(self, behaviour: Callable[[Any, Any], Any] | None = None) -> None:
-        self.items: list[tuple[Any, Any]] = []
-        self._cond = threading.Condition()
-        self._behaviour = behaviour
-
-    def __call__(self, message: Any, ctx: Any) -> Any:
-        result = self._behaviour(message, ctx) if self._behaviour else None
-        with self._cond:
-            self.items.append((message, ctx))
-            self._cond.notify_all()
-        return result
-
-    @property
-    def messages(self) -> list[Any]:
-        with self._cond:
-            return [m for m, _ in self.items]
-
-    @property
-    def contexts(self) -> list[Any]:
-        with self._cond:
-            return [c for _, c in self.items]
-
-    def wait(self, count: int, timeout: float = 10.0) -> list[Any]:
-        """Block until ``count`` messages arrived; fail the test if they do not."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self.items) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pytest.fail(
-                        f"expected {count} messages within {timeout}s, got {len(self.items)}"
-                    )
-                self._cond.wait(left)
-            return [m for m, _ in self.items]
+class Collector(Recorder):
+    """The plugin's :class:`~mqkit.testing.pytest_plugin.Recorder` (a thread-safe handler that
+    records what it handled; ``wait`` blocks for more), with :meth:`settle`."""
 
     def settle(self, seconds: float = 0.5) -> int:
         """Wait ``seconds`` more and return the count (to check that nothing else arrives)."""
         time.sleep(seconds)
-        with self._cond:
-            return len(self.items)
+        return len(self.messages)
 
 
 @pytest.fixture
