@@ -47,6 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import pika
@@ -311,14 +312,20 @@ def _peek_bodies(url: str, queue: str) -> list[bytes]:
 # -- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def mqkit_memory() -> Iterator[MemoryBroker]:
-    """A fresh in-memory broker for the test (``mqkit_memory.url``: ``memory://<unique>``)."""
+@contextmanager
+def _fresh_memory_broker() -> Iterator[MemoryBroker]:
     broker = memory_broker(f"test-{uuid.uuid4().hex[:12]}")
     try:
         yield broker
     finally:
         broker.close()
+
+
+@pytest.fixture
+def mqkit_memory() -> Iterator[MemoryBroker]:
+    """A fresh in-memory broker for the test (``mqkit_memory.url``: ``memory://<unique>``)."""
+    with _fresh_memory_broker() as broker:
+        yield broker
 
 
 @pytest.fixture(scope="session")
@@ -333,11 +340,8 @@ def mqkit_url(request: pytest.FixtureRequest) -> Iterator[str]:
     ``rabbitmq`` (``mqkit_broker_url``), chosen with ``indirect`` parametrization."""
     kind = getattr(request, "param", "memory")
     if kind == "memory":
-        broker = memory_broker(f"test-{uuid.uuid4().hex[:12]}")
-        try:
+        with _fresh_memory_broker() as broker:
             yield broker.url
-        finally:
-            broker.close()
     elif kind == "rabbitmq":
         yield request.getfixturevalue("mqkit_broker_url")
     else:
