@@ -119,6 +119,21 @@ mounts() {
     done
 }
 
+# The node looks up this machine's host name now and then while it accepts connections (about
+# one in 64). A debootstrapped /etc/hosts does not know that name, so each such lookup went to
+# DNS and a connection waited 5 s for its connection.start: give the chroot the host's names.
+host_names() {
+    local name
+    name="$(hostname 2>/dev/null || true)"
+    {
+        cat /etc/hosts 2>/dev/null || printf '127.0.0.1\tlocalhost\n'
+        if [[ -n "$name" ]] && ! getent hosts "$name" >/dev/null 2>&1; then
+            printf '127.0.0.1\t%s\n' "$name"
+        fi
+    } | as_root tee "$ROOT/etc/hosts" >/dev/null
+    as_root cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
+}
+
 unmounts() {
     local d
     for d in dev sys proc; do
@@ -143,6 +158,7 @@ start() {
         running="$(installed && can_be_root && serves_port && version)" || true
         if [[ -n "$running" ]]; then
             say "reusing RabbitMQ $running ($NODE) at ${URL/guest@/***@}"
+            host_names # a node started by an earlier version of this script may lack them
             echo "$URL"
             return
         fi
@@ -153,6 +169,7 @@ start() {
     need_root start
     installed || bootstrap
     mounts
+    host_names
     as_root tee "$ROOT/start-rabbit4.sh" >/dev/null <<EOS
 #!/bin/sh
 # Written by mqkit's scripts/rabbitmq4.sh: the node it starts in this chroot.
