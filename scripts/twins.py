@@ -19,7 +19,7 @@ _SUBS = [
     (re.compile(r"\bawait\s+"), ""),
     (re.compile(r"\basync\s+(def|with|for)\b"), r"\1"),
     (re.compile(r"\bAsync(?=[A-Z])"), ""),
-    (re.compile(r"\b_?async\b"), "_sync"),
+    (re.compile(r"\b(_?)async\b"), r"\1sync"),  # _async/ -> _sync/, "async" -> "sync"
     (re.compile(r"\s+"), " "),
 ]
 

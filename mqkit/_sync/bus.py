@@ -234,7 +234,10 @@ class EventBus:
 
         def send(prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
             [(envelope, key)] = prepared
-            return self._publisher.publish(self._exchange, key, [envelope], mandatory=mandatory)
+            self._publisher.publish(
+                envelope, exchange=self._exchange, routing_key=key, mandatory=mandatory
+            )
+            return [envelope.message_id]
 
         return self._middleware.publish_prepared(self._exchange, [(envelope, key)], send)[0]
 

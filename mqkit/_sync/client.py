@@ -100,8 +100,10 @@ class Client:
         self._stop = threading.Event()
 
     def __repr__(self) -> str:
-        url = self._link.url or mask_url(self._settings.all_urls[0])
-        return f"Client(url={url!r}, service={self._settings.service!r})"
+        urls = ", ".join(mask_url(u) for u in self._settings.all_urls)
+        connected = self._link.connected and self._publish_link.connected
+        state = "closed" if self._link.closed else ("connected" if connected else "idle")
+        return f"<Client service={self._settings.service!r} {urls} {state}>"
 
     @property
     def settings(self) -> Settings:

@@ -128,7 +128,7 @@ class Consumer(Generic[T]):
         self._reattacher: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        return f"Consumer(queue={self._plan.queue!r}, concurrency={self._plan.concurrency})"
+        return f"<Consumer queue={self._plan.queue!r} started={self._started}>"
 
     # -- properties --------------------------------------------------------------------------
 
@@ -404,7 +404,10 @@ class Consumer(Generic[T]):
             scope.stamp(copy.envelope)  # what middleware asked the copy to carry
             try:
                 self._publisher.publish(
-                    copy.exchange, copy.routing_key, [copy.envelope], mandatory=True
+                    copy.envelope,
+                    exchange=copy.exchange,
+                    routing_key=copy.routing_key,
+                    mandatory=True,
                 )
             except MqkitError as error:
                 log.error(

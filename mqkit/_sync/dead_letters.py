@@ -136,7 +136,9 @@ class DeadLetterQueue:
                 if not replay.wants(letter):
                     continue
                 try:
-                    publisher.publish("", replay.target(letter), [replay.envelope(letter)])
+                    publisher.publish(
+                        replay.envelope(letter), exchange="", routing_key=replay.target(letter)
+                    )
                 except MqkitError as exc:
                     replay.failed(letter, exc)
                     continue

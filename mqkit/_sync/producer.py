@@ -61,7 +61,7 @@ class Producer(Generic[T]):
         self._middleware = middleware
 
     def __repr__(self) -> str:
-        return f"Producer[{self._target.message_type.__name__}]({self._target.describe()})"
+        return f"<Producer[{self._target.message_type.__name__}] {self._target.describe()}>"
 
     @property
     def message_type(self) -> type[T]:
@@ -80,15 +80,22 @@ class Producer(Generic[T]):
         expiration: float | None = None,
     ) -> str:
         """Publish one message (``expiration`` in seconds); return its id once confirmed."""
-        return self.publish_many(
+        [(envelope, key)] = self._target.prepare(
             [message],
+            service=self._link.settings.service,
             routing_key=routing_key,
             headers=headers,
             message_id=message_id,
             correlation_id=correlation_id,
             priority=priority,
             expiration=expiration,
-        )[0]
+        )
+        self._link.ensure_open()
+        exchange = self._target.exchange
+        [message_id] = self._middleware.publish_prepared(
+            exchange, [(envelope, key)], self._send_one
+        )
+        return message_id
 
     def publish_many(
         self,
@@ -124,9 +131,14 @@ class Producer(Generic[T]):
         if not prepared:
             return []
         self._link.ensure_open()
-        return self._middleware.publish_prepared(self._target.exchange, prepared, self._send)
+        return self._middleware.publish_prepared(self._target.exchange, prepared, self._send_many)
 
-    def _send(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
-        envelopes = [envelope for envelope, _ in prepared]
-        keys = [key for _, key in prepared]
-        return self._publisher.publish(self._target.exchange, keys[0], envelopes, routing_keys=keys)
+    def _send_one(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
+        [(envelope, key)] = prepared
+        self._publisher.publish(envelope, exchange=self._target.exchange, routing_key=key)
+        return [envelope.message_id]
+
+    def _send_many(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
+        exchange = self._target.exchange
+        self._publisher.publish_many([(envelope, exchange, key) for envelope, key in prepared])
+        return [envelope.message_id for envelope, _ in prepared]

@@ -46,7 +46,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import partial
-from itertools import repeat
 from typing import Any
 
 import pika.exceptions as pex
@@ -55,7 +54,7 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from mqkit import ledger
-from mqkit.ledger import Entry, Ledger, stall_cause
+from mqkit.ledger import Entry, Job, Ledger, stall_cause
 from mqkit.lifecycle import Pipeline
 from mqkit.messages import Envelope
 from mqkit.publishing import SEND_CHUNK
@@ -151,21 +150,26 @@ class Publisher:
 
     def publish(
         self,
+        envelope: Envelope,
+        *,
         exchange: str,
         routing_key: str,
-        envelopes: Sequence[Envelope],
-        *,
         mandatory: bool = True,
-        routing_keys: Sequence[str] | None = None,
-    ) -> list[str]:
-        """Publish and wait for every confirm; return the message ids.
+    ) -> None:
+        """Publish one message and wait for its confirm; raises the
+        :class:`~mqkit.PublishError` subclass that says why it was not confirmed."""
+        self._publish([(envelope, exchange, routing_key)], mandatory)
 
-        Raises the :class:`~mqkit.PublishError` subclass for a single message; for several,
-        one whose ``unconfirmed`` lists the ids not confirmed.
-        """
-        batch = Batch([envelope.message_id for envelope in envelopes])
-        keys = repeat(routing_key) if routing_keys is None else routing_keys
-        jobs = list(zip(envelopes, repeat(exchange), keys))
+    def publish_many(self, jobs: Sequence[Job], *, mandatory: bool = True) -> None:
+        """Publish ``(envelope, exchange, routing_key)`` jobs and wait for every confirm; on
+        a failure, raises a :class:`~mqkit.PublishError` whose ``unconfirmed`` lists the ids
+        not confirmed."""
+        if not jobs:
+            return
+        self._publish(jobs, mandatory)
+
+    def _publish(self, jobs: Sequence[Job], mandatory: bool) -> None:
+        batch = Batch([envelope.message_id for envelope, _, _ in jobs])
         # Messages too large fail in admit(), before the IO thread sees the batch (it settles
         # the others); pika's properties are built here, on this thread.
         chunk: list[Entry] = []
@@ -174,7 +178,7 @@ class Publisher:
             if len(chunk) >= SEND_CHUNK:  # let the IO thread start sending while we build the rest
                 self._hand_over(chunk)
                 chunk = []
-        reads = self._hand_over(chunk, lone=len(envelopes) == 1) if chunk else None
+        reads = self._hand_over(chunk, lone=len(jobs) == 1) if chunk else None
         if reads is None:
             confirmed = batch.wait(self._confirm_timeout)
         else:  # a lone message sent in place: read its confirm here, not from the IO thread
@@ -184,7 +188,8 @@ class Publisher:
         if not confirmed:
             batch.abandoned = True
         if confirmed and not batch.errors:
-            return batch.ids
+            return
+        _, exchange, routing_key = jobs[0]
         raise batch.failure(
             exchange,
             routing_key,

@@ -164,7 +164,8 @@ class Requester:
 
     def _send(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
         [(envelope, queue)] = prepared
-        return self._publisher.publish("", queue, [envelope], mandatory=True)
+        self._publisher.publish(envelope, exchange="", routing_key=queue, mandatory=True)
+        return [envelope.message_id]
 
     # -- Restorable --------------------------------------------------------------------------
 
@@ -205,7 +206,8 @@ def reply_step(
 
     def send(prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
         [(envelope, reply_to)] = prepared
-        return publisher.publish("", reply_to, [envelope], mandatory=False)
+        publisher.publish(envelope, exchange="", routing_key=reply_to, mandatory=False)
+        return [envelope.message_id]
 
     def publish(reply: Reply | None, ctx: Context) -> None:
         if reply is None:

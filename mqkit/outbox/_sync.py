@@ -284,9 +284,8 @@ class OutboxRelay:
     def _publish(
         self, exchange: str, mandatory: bool, envelopes: list[Envelope], keys: list[str]
     ) -> None:
-        self._client._publisher.publish(
-            exchange, keys[0], envelopes, mandatory=mandatory, routing_keys=keys
-        )
+        jobs = [(envelope, exchange, key) for envelope, key in zip(envelopes, keys, strict=True)]
+        self._client._publisher.publish_many(jobs, mandatory=mandatory)
 
     def _count(self, outcome: Settlement) -> None:
         self.sent += len(outcome.sent)
