@@ -88,7 +88,7 @@ class EventBus:
         self._stopped = threading.Event()
 
     def __repr__(self) -> str:
-        return f"EventBus(service={self._service!r}, exchange={self._exchange!r})"
+        return f"<EventBus exchange={self._exchange!r} service={self._service!r}>"
 
     @property
     def exchange(self) -> str:

@@ -44,7 +44,7 @@ class DeadLetterQueue:
         self._dlq = dlq_name(queue)
 
     def __repr__(self) -> str:
-        return f"DeadLetterQueue({self._dlq!r})"
+        return f"<DeadLetterQueue {self._dlq!r}>"
 
     @property
     def queue(self) -> str:
