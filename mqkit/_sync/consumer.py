@@ -75,7 +75,7 @@ ReplyStep = Callable[[Incoming, Any, Context, "GiveUp | None"], None]
 
 _ACK, _REQUEUE, _REJECT = ACK, REQUEUE, REJECT
 _ACKED = Ack()
-_Delivery = tuple[int, Any, BasicProperties, bytes]  # (generation, method, props, body)
+_Delivery = tuple[Acks, Any, BasicProperties, bytes]  # (session, method, props, body)
 
 
 class Consumer(Generic[T]):
@@ -122,9 +122,8 @@ class Consumer(Generic[T]):
         self._started = False
         self._stopping = False
         # IO-thread state
-        self._acks = Acks(self._link.submit)
-        self._consumer_tag: str | None = None
-        self._attached = False
+        self._session: Acks | None = None  # the current channel's deliveries
+        self._attempt = 0  # of attaching: a newer attach, or a loss, supersedes an older one
         self._reattacher: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -153,7 +152,8 @@ class Consumer(Generic[T]):
     def attached(self) -> bool:
         """Whether the broker is delivering to this consumer right now (``False`` while the
         client reconnects; a readiness probe wants it ``True``, see ``health()``)."""
-        return self._attached
+        session = self._session
+        return session is not None and session.alive
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -247,33 +247,42 @@ class Consumer(Generic[T]):
     def _consume(self, connection: SelectConnection, future: Future[None], *, again: bool) -> None:
         """IO thread: a new channel, basic.qos, basic.consume; ``future`` settles on
         consume-ok."""
-        old = self._acks.channel
+        old = self._session
         self._reset()
-        if old is not None and old.is_open:
-            old.close()  # one channel per consumer: a superseded one would hold messages
-        generation = self._acks.generation
+        if old is not None and old.owner.is_open:
+            old.owner.close()  # one channel per consumer: a superseded one would hold messages
+        attempt = self._attempt
         plan = self._plan
 
-        def on_open(channel: Channel) -> None:
-            if generation != self._acks.generation:  # another attach (or a loss) came in between
-                channel.close()
-                settle(future, exc=LinkDown("superseded"))
-                return
-            self._acks.channel = channel
-            channel.add_on_cancel_callback(self._on_cancelled)
-            channel.basic_qos(prefetch_count=plan.prefetch, callback=lambda _f: consume(channel))
+        def current(session: Acks | None = None) -> bool:
+            if attempt == self._attempt:
+                return True
+            if session is not None and session.owner.is_open:
+                session.owner.close()  # superseded before it consumed: it must not
+            settle(future, exc=LinkDown("superseded"))  # by another attach, or a loss
+            return False
 
-        def consume(channel: Channel) -> None:
-            if channel is self._acks.channel:
-                self._consumer_tag = channel.basic_consume(
-                    plan.queue, self._on_delivery, callback=lambda _f: attached(channel)
+        def on_open(channel: Channel) -> None:
+            session = Acks(channel, self._link.submit)
+            if not current(session):
+                return
+            channel.add_on_cancel_callback(partial(self._on_cancelled, session))
+            channel.basic_qos(prefetch_count=plan.prefetch, callback=lambda _f: consume(session))
+
+        def consume(session: Acks) -> None:
+            if current(session):
+                session.owner.basic_consume(
+                    plan.queue,
+                    partial(self._on_delivery, session),
+                    consumer_tag=session.tag,
+                    callback=lambda _f: attached(session),
                 )
 
-        def attached(channel: Channel) -> None:
-            if channel is self._acks.channel:
-                self._attached = True
+        def attached(session: Acks) -> None:
+            if current(session):
+                self._session = session
                 self._pipeline.emit(ConsumerAttached(plan.queue, again, service=plan.service))
-            settle(future)
+                settle(future)
 
         def on_close(channel: Channel, reason: BaseException) -> None:
             settle(future, exc=reason)
@@ -282,13 +291,14 @@ class Consumer(Generic[T]):
         open_channel(connection, on_open, on_close)
 
     def _reset(self) -> None:
-        self._acks.reset()  # deliveries of the old channel are stale from now on
-        self._consumer_tag = None
-        self._attached = False
+        self._attempt += 1  # an attach under way is superseded
+        session, self._session = self._session, None
+        if session is not None:
+            session.alive = False  # deliveries of the old channel are stale from now on
 
     def _lose(self, reason: str) -> None:
         """IO thread: the channel is gone or useless; report it once, if it was attached."""
-        lost = self._attached and not self._stopping and not self._link.closed
+        lost = self.attached and not self._stopping and not self._link.closed
         self._reset()
         if lost:
             self._detached(reason)
@@ -298,7 +308,8 @@ class Consumer(Generic[T]):
         self._pipeline.emit(ConsumerDetached(plan.queue, reason, service=plan.service))
 
     def _on_closed(self, channel: Channel, exc: BaseException) -> None:
-        if channel is not self._acks.channel:
+        session = self._session
+        if session is None or channel is not session.owner:
             return
         self._lose(describe(exc))
         if self._stopping or self._link.closed:
@@ -307,13 +318,14 @@ class Consumer(Generic[T]):
             self._schedule_reattach()
         # otherwise the connection is gone and the link restores us
 
-    def _on_cancelled(self, _frame: Any) -> None:
+    def _on_cancelled(self, session: Acks, _frame: Any) -> None:
         # The broker cancelled us (the queue was deleted, or a quorum leader moved): the
         # channel is fine but useless, so drop it and attach afresh (re-declaring the queue).
-        channel = self._acks.channel
+        if session is not self._session or not session.alive:
+            return
         self._lose("the broker cancelled it; was the queue deleted?")
-        if channel is not None and channel.is_open:
-            channel.close()
+        if session.owner.is_open:
+            session.owner.close()
         if not self._stopping:
             self._schedule_reattach()
 
@@ -342,11 +354,13 @@ class Consumer(Generic[T]):
     # -- deliveries --------------------------------------------------------------------------
 
     def _on_delivery(
-        self, _channel: Channel, method: Any, props: BasicProperties, body: bytes
+        self, session: Acks, _channel: Channel, method: Any, props: BasicProperties, body: bytes
     ) -> None:
         # Called by pika (IO thread) once per delivery: keep it tiny, the workers do the work.
-        self._acks.delivered(method.delivery_tag)
-        self._ready.put((self._acks.generation, method, props, body))
+        if not session.alive:
+            return
+        session.window.delivered(method.delivery_tag)
+        self._ready.put((session, method, props, body))
 
     def _work(self) -> None:
         get = self._ready.get
@@ -354,11 +368,11 @@ class Consumer(Generic[T]):
             item = get()
             if item is None:
                 return
-            generation, method, props, body = item
-            if generation != self._acks.generation:
+            session, method, props, body = item
+            if not session.alive:
                 continue  # its channel is gone; the broker redelivers it
             try:
-                self._handle(generation, method, props, body)
+                self._handle(session, method, props, body)
             except Exception:  # a bug here must kill neither the worker nor the queue
                 # Requeued, it would come straight back and fail the same way (a hot loop):
                 # the broker dead-letters it instead (the work queue's DLX is its DLQ).
@@ -367,9 +381,9 @@ class Consumer(Generic[T]):
                     "dead-letter queue gets it, with reason 'rejected')",
                     self._plan.queue,
                 )
-                self._finish(generation, method.delivery_tag, _REJECT)
+                self._finish(session, method.delivery_tag, _REJECT)
 
-    def _handle(self, generation: int, method: Any, props: BasicProperties, body: bytes) -> None:
+    def _handle(self, session: Acks, method: Any, props: BasicProperties, body: bytes) -> None:
         incoming = incoming_of(method, props, body)
         tag = incoming.delivery_tag
         plan = self._plan
@@ -383,7 +397,7 @@ class Consumer(Generic[T]):
         if self._reply is not None:
             with scope:
                 self._reply(incoming, value, ctx, failure)
-            self._finish(generation, tag, _ACK)
+            self._finish(session, tag, _ACK)
             delivery = delivery_of(ctx, service=plan.service)
             self._pipeline.emit(outcome_event(delivery, _ACKED, dlq=plan.dlq))
             return
@@ -417,7 +431,7 @@ class Consumer(Generic[T]):
                     error,
                     plan.queue,
                 )
-                self._finish(generation, tag, _REQUEUE)
+                self._finish(session, tag, _REQUEUE)
                 return
             except Exception:  # the copy cannot be encoded: it would fail on every retry
                 log.exception(
@@ -426,7 +440,7 @@ class Consumer(Generic[T]):
                     ctx.message_id,
                     copy.routing_key,
                 )
-                self._finish(generation, tag, _REJECT)
+                self._finish(session, tag, _REJECT)
                 return
         event = outcome_event(
             delivery_of(ctx, service=plan.service),
@@ -435,7 +449,7 @@ class Consumer(Generic[T]):
             error=exc,
             seconds=seconds,
         )
-        self._finish(generation, tag, _ACK)
+        self._finish(session, tag, _ACK)
         self._pipeline.emit(event)
 
     def _call(self, value: Any, ctx: Context) -> BaseException | None:
@@ -461,8 +475,8 @@ class Consumer(Generic[T]):
             return exc
         return None
 
-    def _finish(self, generation: int, tag: int, how: Settle) -> None:
-        self._acks.finish(generation, tag, how)
+    def _finish(self, session: Acks, tag: int, how: Settle) -> None:
+        session.finish(tag, how)
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -492,7 +506,7 @@ class Consumer(Generic[T]):
         except MqkitError as exc:
             log.debug("closing the channel of the consumer of %r failed: %s", queue, exc)
         self._link.unregister(self)
-        self._attached = False
+        self._reset()
         if self._plan.temporary:
             self._declarer.forget(self._plan.temporary)
         self._stopped.set()
@@ -516,8 +530,8 @@ class Consumer(Generic[T]):
 
     def _cancel(self, _connection: SelectConnection, future: Future[None]) -> None:
         """IO thread: basic.cancel, then return what was prefetched and not started."""
-        channel, tag = self._acks.channel, self._consumer_tag
-        if channel is None or not channel.is_open or tag is None:
+        session = self._session
+        if session is None or not session.owner.is_open:
             self._requeue_unstarted(nack=False)
             settle(future)
             return
@@ -526,25 +540,25 @@ class Consumer(Generic[T]):
             self._requeue_unstarted(nack=True)
             settle(future)
 
-        channel.basic_cancel(tag, callback=cancelled)
+        session.owner.basic_cancel(session.tag, callback=cancelled)
 
     def _requeue_unstarted(self, *, nack: bool) -> None:
         """IO thread: take the deliveries no worker started out of line; ``nack``: return
         them to the queue now (otherwise their channel is gone, and the broker does)."""
-        generation = self._acks.generation
         while True:
             try:
                 item = self._ready.get_nowait()
             except Empty:
                 return
-            if nack and item is not None and item[0] == generation:
-                self._acks.nack(item[1].delivery_tag, requeue=True)
+            if nack and item is not None and item[0] is self._session:
+                item[0].nack(item[1].delivery_tag, requeue=True)
 
     def _close_channel(self, _connection: SelectConnection, future: Future[None]) -> None:
         """IO thread: send the last acks, then close the channel."""
-        self._acks.flush()
-        channel = self._acks.channel
+        session = self._session
+        if session is not None:
+            session.flush(everything=True)
         self._reset()
-        if channel is not None and channel.is_open:
-            channel.close()
+        if session is not None and session.owner.is_open:
+            session.owner.close()
         settle(future)

@@ -548,29 +548,31 @@ class FakeChannel:
 def test_acks_batch_contiguous_tags_and_never_cover_running_ones() -> None:
     from mqkit._sync.acks import ACK, REQUEUE, Acks
 
-    acks = Acks(lambda fn: None)  # flushed by hand below
     channel = FakeChannel()
-    acks.reset()
-    acks.channel = channel  # type: ignore[assignment]
-    generation = acks.generation
+    acks = Acks(channel, lambda fn: None)  # type: ignore[arg-type]  # flushed by hand below
     for tag in range(1, 8):
-        acks.delivered(tag)
+        acks.window.delivered(tag)
     for tag in (2, 1, 3):
-        acks.finish(generation, tag, ACK)
-    acks.flush()
+        acks.finish(tag, ACK)
+    acks.flush(everything=True)
     assert channel.sent == [("ack", 3, True)]  # 1..3 in one frame
-    acks.finish(generation, 5, ACK)
-    acks.flush()
+    acks.finish(5, ACK)
+    acks.flush(everything=True)
     assert channel.sent[-1] == ("ack", 5, False)  # 4 still running: 5 alone
-    acks.finish(generation, 6, REQUEUE)
-    acks.finish(generation, 4, ACK)
-    acks.flush()
+    acks.finish(6, REQUEUE)
+    acks.finish(4, ACK)
+    acks.flush(everything=True)
     assert channel.sent[-2:] == [("nack", 6, False), ("ack", 4, True)]  # 5 and 6 settled
-    acks.finish(generation - 1, 7, ACK)  # a delivery of an older channel: dropped
-    acks.finish(generation, 7, ACK)
-    acks.flush()
+    older = Acks(channel, lambda fn: None)  # type: ignore[arg-type]
+    older.window.delivered(7)
+    older.alive = False  # a delivery of an older channel: dropped
+    older.finish(7, ACK)
+    older.flush(everything=True)
+    assert len(channel.sent) == 4
+    acks.finish(7, ACK)
+    acks.flush(everything=True)
     assert channel.sent[-1] == ("ack", 7, True)
-    acks.flush()
+    acks.flush(everything=True)
     assert len(channel.sent) == 5
 
 
