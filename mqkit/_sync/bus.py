@@ -9,7 +9,6 @@ retries are in-process only and its give-ups go to a durable DLQ the service's i
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -22,7 +21,7 @@ from mqkit.publishing import PublishTarget
 from mqkit.retry import RetryPolicy
 from mqkit.topology import Exchange
 
-from .consumer import Consumer
+from .consumer import Consumer, stop_all
 
 if TYPE_CHECKING:
     from .connection import Link
@@ -258,26 +257,10 @@ class EventBus:
         with self._lock:
             self._started = False
             subscriptions = list(self._consumers)
-        errors: list[BaseException] = []
-
-        def stop(consumer: Consumer[Any]) -> None:
-            try:
-                consumer.stop(timeout)
-            except BaseException as exc:
-                errors.append(exc)
-
-        stoppers = [
-            threading.Thread(target=stop, args=(consumer,), name="mqkit-bus-stop", daemon=True)
-            for consumer in subscriptions
-        ]
-        for stopper in stoppers:
-            stopper.start()
-        deadline = time.monotonic() + timeout + 2.0  # a consumer's stop is bounded: a backstop
-        for stopper in stoppers:
-            stopper.join(max(0.0, deadline - time.monotonic()))
-        self._stopped.set()
-        if errors:
-            raise errors[0]
+        try:
+            stop_all(subscriptions, timeout)
+        finally:
+            self._stopped.set()
 
     def run(self) -> None:
         """Start, then block until :meth:`stop` (Ctrl-C stops gracefully)."""

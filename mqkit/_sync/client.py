@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -27,7 +26,7 @@ from mqkit.topology import Entity, Exchange, Queue, check_entities
 
 from .bus import EventBus
 from .connection import Link
-from .consumer import Consumer
+from .consumer import Consumer, stop_all
 from .dead_letters import DeadLetterQueue
 from .declarer import Declarer
 from .producer import Producer
@@ -45,8 +44,6 @@ T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
 
 Made = Literal["consumer", "responder", "bus"]
-
-_STOP_SLACK = 2.0  # a consumer's stop(timeout) may take this much longer (broker round trips)
 
 
 class Client:
@@ -405,35 +402,8 @@ class Client:
         timeout: float,
         again: threading.Event | None = None,
     ) -> bool:
-        """Stop ``items`` all at once (each within ``timeout`` seconds); ``False`` as soon as
-        ``again`` is set (the stops carry on in the background). Re-raises the first error a
-        stop raised."""
-        errors: list[BaseException] = []
-
-        def stop(item: Consumer[Any] | EventBus) -> None:
-            try:
-                item.stop(timeout)
-            except BaseException as exc:
-                errors.append(exc)
-
-        stoppers = [
-            threading.Thread(target=stop, args=(item,), name="mqkit-stop", daemon=True)
-            for item in reversed(items)
-        ]
-        for stopper in stoppers:
-            stopper.start()
-        deadline = time.monotonic() + timeout + _STOP_SLACK  # a backstop: each stop is bounded
-        for stopper in stoppers:
-            # Short joins: a second signal is handled (on this thread) between them.
-            while stopper.is_alive() and time.monotonic() < deadline:
-                if again is not None and again.is_set():
-                    return False
-                stopper.join(min(0.1, max(0.0, deadline - time.monotonic())))
-        if again is not None and again.is_set():
-            return False
-        if errors:
-            raise errors[0]
-        return True
+        """Stop ``items``, the last made first, all at once (see :func:`stop_all`)."""
+        return stop_all(items[::-1], timeout, again)
 
     # -- health ----------------------------------------------------------------------------------
 

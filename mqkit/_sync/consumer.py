@@ -23,11 +23,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import partial
 from queue import Empty, SimpleQueue
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import pika.exceptions as pex
 import tenacity
@@ -62,11 +62,12 @@ from .declarer import Declarer
 from .io_thread import settle
 from .publisher import Publisher
 
-__all__ = ["Consumer", "ReplyStep"]
+__all__ = ["Consumer", "ReplyStep", "stop_all"]
 
 log = logging.getLogger("mqkit.consumer")
 
 _STOP_SLACK = 0.5  # s: the least a stop gives the cancel and the close each, once time is up
+_STOP_BACKSTOP = 2.0  # s: how much longer than its timeout stop(timeout) may take at most
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -562,3 +563,41 @@ class Consumer(Generic[T]):
         if session is not None and session.owner.is_open:
             session.owner.close()
         settle(future)
+
+
+class _Stoppable(Protocol):
+    def stop(self, timeout: float = ...) -> None: ...
+
+
+def stop_all(
+    items: Sequence[_Stoppable], timeout: float, again: threading.Event | None = None
+) -> bool:
+    """Stop ``items`` all at once, each on a thread of its own within ``timeout`` seconds (so
+    they stop within ``timeout``, not once per item); ``False`` as soon as ``again`` is set
+    (the stops carry on in the background). Re-raises the first error a stop raised."""
+    errors: list[BaseException] = []
+
+    def stop(item: _Stoppable) -> None:
+        try:
+            item.stop(timeout)
+        except BaseException as exc:
+            errors.append(exc)
+
+    stoppers = [
+        threading.Thread(target=stop, args=(item,), name="mqkit-stop", daemon=True)
+        for item in items
+    ]
+    for stopper in stoppers:
+        stopper.start()
+    deadline = time.monotonic() + timeout + _STOP_BACKSTOP  # each stop is bounded: a backstop
+    for stopper in stoppers:
+        # Short joins: a second signal is handled (on this thread) between them.
+        while stopper.is_alive() and time.monotonic() < deadline:
+            if again is not None and again.is_set():
+                return False
+            stopper.join(min(0.1, max(0.0, deadline - time.monotonic())))
+    if again is not None and again.is_set():
+        return False
+    if errors:
+        raise errors[0]
+    return True
