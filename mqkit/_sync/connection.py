@@ -59,7 +59,15 @@ from mqkit.urls import connectable
 from .io_thread import IOThread, settle
 from .lenient import LenientSelectConnection
 
-__all__ = ["Link", "LinkDown", "Restorable", "connect_error", "describe", "translate"]
+__all__ = [
+    "Link",
+    "LinkDown",
+    "Restorable",
+    "connect_error",
+    "describe",
+    "reply_of",
+    "translate",
+]
 
 log = logging.getLogger("mqkit.connection")
 
@@ -591,6 +599,14 @@ def describe(exc: BaseException | None) -> str:
     return mask_url(match.group(1) if match else text)
 
 
+def reply_of(exc: BaseException) -> tuple[int | None, str]:
+    """The reply code and text of a channel the broker closed (``None`` and a description
+    for any other error, a connection the broker closed included)."""
+    if isinstance(exc, pex.ChannelClosedByBroker):
+        return exc.reply_code, mask_url(exc.reply_text)
+    return None, describe(exc)
+
+
 def translate(exc: BaseException, *, what: str, missing: str | None = None) -> MqkitError:
     """The mqkit error for a pika exception raised while doing ``what`` (e.g. "declare queue
     'orders'"). The one place where pika's errors are turned into mqkit's; the words come
@@ -598,7 +614,8 @@ def translate(exc: BaseException, *, what: str, missing: str | None = None) -> M
     if isinstance(exc, MqkitError) and not isinstance(exc, LinkDown):
         return exc
     if isinstance(exc, pex.ChannelClosedByBroker):
-        return explain.broker_refused(exc.reply_code, exc.reply_text, what=what, missing=missing)
+        code, text = reply_of(exc)
+        return explain.broker_refused(code, text, what=what, missing=missing)
     if isinstance(exc, pex.ProbableAuthenticationError):
         return ConnectionFailed(f"{what}: wrong username or password")
     if isinstance(exc, LinkDown | pex.AMQPConnectionError | pex.ChannelWrongStateError):

@@ -60,7 +60,7 @@ from mqkit.messages import Envelope
 from mqkit.publishing import SEND_CHUNK
 
 from .channel import open_channel
-from .connection import Link, translate
+from .connection import Link, describe, reply_of, translate
 from .io_thread import Loop, Reads, settle, wake
 from .transport import CORKED, cork, streamline
 
@@ -341,11 +341,12 @@ class Publisher:
         if self._link.closed:
             self._ledger.closed()
             return
-        if not isinstance(reason, pex.ChannelClosedByBroker):
-            self._ledger.requeue()  # the connection is gone: the link restores us
-            return
-        self._ledger.closed_by_broker(reason.reply_code, reason.reply_text)
-        self.reopen()
+        code, text = reply_of(reason)
+        if code is None:  # not the broker's doing (the connection is gone: the link restores us)
+            self._ledger.requeue(describe(reason))
+        else:
+            self._ledger.closed_by_broker(code, text)
+            self.reopen()
 
     def reopen(self) -> None:
         """IO thread: open the confirm channel unless it is open or opening."""
@@ -418,7 +419,7 @@ class Publisher:
         if self._link.closed:
             self._ledger.closed()
         else:
-            self._ledger.requeue()
+            self._ledger.requeue(describe(reason))
 
     def _restore(self) -> None:
         """Open the confirm channel on the new connection, then send what is waiting."""
