@@ -331,18 +331,15 @@ class Client:
         self._link.ensure_open()
         with self._lock:
             made = [item for _, item in self._made]
-        again = threading.Event()  # a second signal, while draining
         signums: list[int] = []
         previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
 
             def on_signal(signum: int, _frame: FrameType | None) -> None:
+                # Only a list append: Python runs a signal handler on the main thread between
+                # two bytecodes, maybe while that thread holds a lock (inside Event.wait, or
+                # logging): taking one here (Event.set, a log line) could deadlock.
                 signums.append(signum)
-                if self._stop.is_set():
-                    again.set()
-                else:
-                    running.signalled(signum)
-                    self._stop.set()
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, on_signal)
@@ -356,12 +353,15 @@ class Client:
                     item.start()
                 running.started(len(made))
                 # Short waits: Python runs signal handlers on the main thread between them.
-                while not self._stop.wait(0.2):
+                while not signums and not self._stop.wait(0.2):
                     pass
             finally:
-                self._stop.set()  # from here on, a signal is the second one
+                first = len(signums)  # from here on, a signal is the second one
+                self._stop.set()
+                if signums:
+                    running.signalled(signums[0])
                 running.stopping(len(made), timeout, signals=bool(previous))
-                drained = self._stop_all(made, timeout, again)
+                drained = self._stop_all(made, timeout, lambda: len(signums) > first)
                 if drained:  # after the consumers: what their handlers wrote goes out too
                     self._stop_relays(timeout)
         finally:
@@ -400,7 +400,7 @@ class Client:
         self,
         items: list[Consumer[Any] | EventBus],
         timeout: float,
-        again: threading.Event | None = None,
+        again: Callable[[], bool] | None = None,
     ) -> bool:
         """Stop ``items``, the last made first, all at once (see :func:`stop_all`)."""
         return stop_all(items[::-1], timeout, again)

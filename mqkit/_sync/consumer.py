@@ -570,11 +570,12 @@ class _Stoppable(Protocol):
 
 
 def stop_all(
-    items: Sequence[_Stoppable], timeout: float, again: threading.Event | None = None
+    items: Sequence[_Stoppable], timeout: float, again: Callable[[], bool] | None = None
 ) -> bool:
     """Stop ``items`` all at once, each on a thread of its own within ``timeout`` seconds (so
-    they stop within ``timeout``, not once per item); ``False`` as soon as ``again`` is set
-    (the stops carry on in the background). Re-raises the first error a stop raised."""
+    they stop within ``timeout``, not once per item); ``False`` as soon as ``again()`` says
+    so (a second signal: the stops carry on in the background). Re-raises the first error a
+    stop raised."""
     errors: list[BaseException] = []
 
     def stop(item: _Stoppable) -> None:
@@ -593,10 +594,10 @@ def stop_all(
     for stopper in stoppers:
         # Short joins: a second signal is handled (on this thread) between them.
         while stopper.is_alive() and time.monotonic() < deadline:
-            if again is not None and again.is_set():
+            if again is not None and again():
                 return False
             stopper.join(min(0.1, max(0.0, deadline - time.monotonic())))
-    if again is not None and again.is_set():
+    if again is not None and again():
         return False
     if errors:
         raise errors[0]

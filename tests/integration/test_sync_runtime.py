@@ -656,6 +656,38 @@ def test_client_run_stops_on_sigterm(client_for, names) -> None:
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
+class SignalInsideWait(threading.Event):
+    """An Event whose first wait() takes a SIGTERM while it holds its own lock: the moment
+    at which a signal handler that takes that lock (``Event.set()``) deadlocks."""
+
+    fired = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.fired:
+            self.fired = True
+            with self._cond:  # type: ignore[attr-defined]
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # bytecodes: Python runs the handler among them
+                    pass
+        return super().wait(timeout)
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_inside_runs_wait_still_stops_it(client_for, names) -> None:
+    # Python runs a signal handler on the main thread between two bytecodes, maybe while
+    # that thread holds a lock. run()'s handler once called Event.set() on the Event its
+    # loop waits on: a SIGTERM that came while the loop held that Event's lock hung the
+    # process for good (seen as a program that did not exit on SIGTERM, under load).
+    with client_for() as client:
+        client.consumer(names.queue(), Order, Recorder())
+        client._stop = SignalInsideWait()
+        started = time.monotonic()
+        client.run(drain_timeout=5)
+        assert client._stop.fired
+        assert time.monotonic() - started < 10
+        assert client.health().consumers == 0
+
+
 # ---------------------------------------------------------------------------- event bus
 
 
