@@ -341,6 +341,22 @@ class Ledger:
         self.waiting.extendleft(reversed(survivors))
         self.release_held()
 
+    def renew(self, current: bool) -> bool:
+        """A channel that nacked is due to be replaced; ``current``: it is still the one in
+        use. ``True``: replace it now (what was in flight on it, and the nacked messages held
+        for a retry, go first on the new one); ``False``: it was lost or replaced meanwhile,
+        and what it held was put back in line then (the held messages are released)."""
+        if not current:
+            self.release_held()
+            return False
+        self.renewal.renewed()
+        log.warning(
+            "the broker nacked a publish; replacing the publishing channel (a quorum "
+            "queue may have elected a new leader)"
+        )
+        self.requeue()
+        return True
+
     def release_held(self) -> None:
         """Put the nacked messages held for a retry back at the head of the line."""
         held, self.held = self.held, []

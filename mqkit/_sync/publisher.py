@@ -40,7 +40,6 @@ blocks it, publishes get no confirm and raise :class:`~mqkit.PublishTimeout` aft
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,8 +64,6 @@ from .io_thread import Loop, Reads, settle, wake
 from .transport import CORKED, cork, streamline
 
 __all__ = ["Batch", "Publisher", "properties"]
-
-log = logging.getLogger("mqkit.publisher")
 
 
 def properties(envelope: Envelope) -> BasicProperties:
@@ -317,19 +314,10 @@ class Publisher:
         """IO thread: close the channel that nacked and open another; what was in flight on
         it, and the nacked messages held for a retry, go first on the new one."""
         old, self._renewing = self._renewing, None
-        if old is None or old is not self._channel:
-            # Lost (with the link, or closed by the broker) meanwhile: it was replaced
-            # anyway, and what it held was put back in line then.
-            self._ledger.release_held()
+        if not self._ledger.renew(old is not None and old is self._channel) or old is None:
             self._pump()
             return
-        self._ledger.renewal.renewed()
-        log.warning(
-            "the broker nacked a publish; replacing the publishing channel (a quorum "
-            "queue may have elected a new leader)"
-        )
         self._channel = None
-        self._ledger.requeue()
         with contextlib.suppress(pex.ChannelWrongStateError):  # closing already
             old.close()
         self.reopen()
