@@ -1743,9 +1743,8 @@ class MemoryBroker:
             consumer.unacked += 1
             channel.unacked[tag] = (queue, message, consumer)
             queue.in_flight += 1
-        extra = {"x-delivery-count": message.delivery_count} if message.delivery_count else {}
-        channel.connection.send_content(
-            channel.number,
+        self._send_message(
+            channel,
             spec.Basic.Deliver(
                 consumer_tag=consumer.tag,
                 delivery_tag=tag,
@@ -1754,8 +1753,14 @@ class MemoryBroker:
                 routing_key=message.routing_key,
             ),
             message,
-            extra,
         )
+
+    @staticmethod
+    def _send_message(channel: _Channel, method: Any, message: MemoryMessage) -> None:
+        """``method`` (a basic.deliver or basic.get-ok) and ``message``, with the delivery
+        count a quorum queue adds once the message was returned."""
+        extra = {"x-delivery-count": message.delivery_count} if message.delivery_count else {}
+        channel.connection.send_content(channel.number, method, message, extra)
 
     def _get(self, channel: _Channel, method: spec.Basic.Get) -> None:
         queue = self._accessible_queue(channel, method.queue, method)
@@ -1768,9 +1773,8 @@ class MemoryBroker:
         if not method.no_ack:
             channel.unacked[tag] = (queue, message, None)
             queue.in_flight += 1
-        extra = {"x-delivery-count": message.delivery_count} if message.delivery_count else {}
-        channel.connection.send_content(
-            channel.number,
+        self._send_message(
+            channel,
             spec.Basic.GetOk(
                 delivery_tag=tag,
                 redelivered=message.redelivered,
@@ -1779,7 +1783,6 @@ class MemoryBroker:
                 message_count=len(queue.messages),
             ),
             message,
-            extra,
         )
         self._expire(queue)
 
