@@ -35,7 +35,7 @@ from sqlalchemy import Column, Engine, MetaData, Numeric, String, Table, create_
 import mqkit
 from examples import exit_on_failure, middleware, queue_name, record_topology, say, setup_logging
 from examples.models import CURRENCY, ChargeCard, OrderPaid, PaymentFailed, mask_card
-from mqkit.outbox import Inbox, Outbox, OutboxRelay
+from mqkit.outbox import Inbox, Outbox
 
 __all__ = [
     "DECLINING_CARD",
@@ -211,7 +211,7 @@ def serve(client: mqkit.Client, engine: Engine | None = None) -> None:
     service = Billing(client.event_bus(service=queue_name(SERVICE)), ledger=ledger)
     handler = ledger.inbox.handler(service.on_charge)
     consumer = client.consumer(queue_name(QUEUE), ChargeCard, handler, retry=RETRY)
-    relay = OutboxRelay(client, ledger.outbox)  # publishes OrderPaid once a charge commits
+    relay = client.outbox_relay(ledger.outbox)  # publishes OrderPaid once a charge commits
     relay.start()
     consumer.start()
     say(SERVICE, f"ready: charging cards from {queue_name(QUEUE)!r}")

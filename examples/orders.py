@@ -46,7 +46,7 @@ from examples.models import (
     mask_card,
 )
 from examples.pricing import QUEUE as PRICING_QUEUE
-from mqkit.outbox import Outbox, OutboxRelay
+from mqkit.outbox import Outbox
 
 __all__ = [
     "ORDERS",
@@ -128,9 +128,9 @@ class Checkout:
         ORDERS.metadata.create_all(self.engine)
         self.outbox = Outbox(self.engine)
         # Started by hand: this process publishes right after each commit and then exits.
-        # A long-running service would start client.outbox_relay(outbox) (or OutboxRelay)
+        # A long-running service would start this relay (or let client.run() start it)
         # and let it publish in the background, woken by each commit.
-        self.relay = OutboxRelay(client, self.outbox)
+        self.relay = client.outbox_relay(self.outbox)
         left = self.relay.publish_pending()  # what a run killed after its commit left
         if left:
             say(SERVICE, f"published {left} message(s) a previous run left in the outbox")

@@ -18,7 +18,7 @@ them without code of their own; the shells only enter :func:`handling` around ea
         result = run_the_handler(message, ctx)   # publishes inside inherit the correlation
     copy = follow_up(...)
     if copy is not None:
-        scope.stamp(copy.envelope)     # what middleware asked a retry copy to carry
+        scope.stamp(copy.envelope.headers)  # what middleware asked a retry copy to carry
 
 A thread the handler starts itself does not inherit the context (``contextvars`` never flows
 into a new ``threading.Thread``); run it with ``contextvars.copy_context().run(...)``.
@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mqkit.context import Context
-    from mqkit.messages import Envelope
 
 __all__ = ["CAUSATION_ID", "Handling", "current", "handling", "inherit"]
 
@@ -67,11 +66,12 @@ class Handling:
     def __exit__(self, *exc: object) -> None:
         _current.reset(self._tokens.pop())
 
-    def stamp(self, copy: Envelope) -> None:
-        """Add :attr:`copy_headers` to a retry or dead-letter copy of the delivery (in place:
-        the copy is the shell's own, made by :func:`mqkit.delivery.follow_up`)."""
+    def stamp(self, headers: dict[str, Any]) -> None:
+        """Add :attr:`copy_headers` to the headers of a retry or dead-letter copy of the
+        delivery (in place: the copy is the shell's own, made by
+        :func:`mqkit.delivery.follow_up`)."""
         if self.copy_headers:
-            copy.headers.update(self.copy_headers)
+            headers.update(self.copy_headers)
 
 
 _current: ContextVar[Handling | None] = ContextVar("mqkit_handling", default=None)

@@ -65,6 +65,7 @@ __all__ = [
     "outbox_not_a_connection",
     "outbox_not_a_model",
     "outbox_not_an_engine",
+    "outbox_relay_direct",
     "outbox_relay_runtime",
     "outbox_two_targets",
     "plain_to_tls",
@@ -606,6 +607,15 @@ def outbox_relay_runtime(client: str, engine: str) -> ConfigError:
         f"{'AsyncEngine' if client == 'AsyncClient' else 'blocking Engine'}, but this one is "
         f"on a {engine}; use {other}.outbox_relay(outbox), or make the Outbox on "
         f"{'create_async_engine(url)' if client == 'AsyncClient' else 'create_engine(url)'}"
+    )
+
+
+def outbox_relay_direct(client: str) -> TypeError:
+    """An outbox relay made without its client's publisher (``OutboxRelay(client, outbox)``)."""
+    return TypeError(
+        f"an outbox relay is made by its {client}: use client.outbox_relay(outbox) "
+        "(it publishes through the client's confirmed publisher, and the client's run() and "
+        "close() start and stop it)"
     )
 
 

@@ -40,7 +40,29 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["AsyncRestorable", "Restorable", "connection_name", "link_name"]
+from mqkit.urls import memory_name
+
+__all__ = [
+    "RPC_TIMEOUT",
+    "AsyncRestorable",
+    "Restorable",
+    "connectable",
+    "connection_name",
+    "link_name",
+]
+
+RPC_TIMEOUT = 30.0  # seconds the broker has to answer one channel operation
+
+
+def connectable(url: str) -> str:
+    """The AMQP URL a shell opens for ``url``: ``url`` itself, or for ``memory://NAME`` the
+    loopback URL of that in-process broker (:mod:`mqkit.testing.memory`, started on first
+    use, and imported only then)."""
+    if memory_name(url) is None:
+        return url
+    from mqkit.testing.memory import amqp_url
+
+    return amqp_url(url)
 
 
 def connection_name(service: str, purpose: str = "") -> str:

@@ -23,7 +23,6 @@ __all__ = [
     "ENCODE_ADVICE",
     "MEMORY_SCHEME",
     "check_url",
-    "connectable",
     "mask_raw_url",
     "mask_url",
     "memory_name",
@@ -129,16 +128,6 @@ def memory_name(url: str) -> str | None:
             "(NAME of letters, digits, '_', '.', '-')"
         )
     return name
-
-
-def connectable(url: str) -> str:
-    """The AMQP URL a shell opens for ``url``: ``url`` itself, or for ``memory://NAME`` the
-    loopback URL of that in-process broker (started on first use)."""
-    if memory_name(url) is None:
-        return url
-    from mqkit.testing.memory import amqp_url  # only a memory URL needs the memory broker
-
-    return amqp_url(url)
 
 
 def check_url(url: str) -> str:

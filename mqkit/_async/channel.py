@@ -25,11 +25,19 @@ from mqkit.messages import Incoming, to_datetime
 from . import lenient
 from .connection import AMQP_ERRORS, RPC_ERRORS, RPC_TIMEOUT, Link, describe, translate
 
-__all__ = ["ChannelHandle", "close_channel", "incoming_of", "open_channel", "open_underlay"]
+__all__ = [
+    "Channel",
+    "ChannelHandle",
+    "close_channel",
+    "incoming_of",
+    "open_channel",
+    "open_underlay",
+]
 
 log = logging.getLogger("mqkit.connection")
 
 T = TypeVar("T")
+Channel = aiormq.abc.AbstractChannel  # the channel the shell drives (aiormq's)
 
 
 def incoming_of(message: aiormq.abc.DeliveredMessage) -> Incoming:
@@ -94,14 +102,14 @@ async def open_underlay(
     confirms: bool = False,
     timeout: float | None = None,
     wait_ready: bool = True,
-) -> aiormq.abc.AbstractChannel:
+) -> Channel:
     """A new aiormq channel (the protocol object under an aio-pika channel): see
     :func:`open_channel`."""
     channel = await open_channel(link, confirms=confirms, timeout=timeout, wait_ready=wait_ready)
     return await channel.get_underlay_channel()
 
 
-async def close_channel(channel: aio_pika.abc.AbstractChannel | aiormq.abc.AbstractChannel) -> None:
+async def close_channel(channel: aio_pika.abc.AbstractChannel | Channel) -> None:
     """Close ``channel`` (unacked messages go back to their queue); never raises."""
     try:
         if not channel.is_closed:
@@ -121,12 +129,12 @@ class ChannelHandle:
         self._link = link
         self._reopen = reopen
         self._lock = asyncio.Lock()
-        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._channel: Channel | None = None
         self._used = False
 
     async def run(
         self,
-        op: Callable[[aiormq.abc.AbstractChannel], Awaitable[T]],
+        op: Callable[[Channel], Awaitable[T]],
         *,
         what: str,
         wait_ready: bool = True,
@@ -153,7 +161,7 @@ class ChannelHandle:
         """``basic.get`` without auto-ack: a message (held until acked or the channel closes)
         or ``None`` when the queue is empty."""
 
-        async def op(channel: aiormq.abc.AbstractChannel) -> aiormq.abc.DeliveredMessage | None:
+        async def op(channel: Channel) -> aiormq.abc.DeliveredMessage | None:
             got = await channel.basic_get(queue, no_ack=False, timeout=RPC_TIMEOUT)
             return None if isinstance(got.delivery, spec.Basic.GetEmpty) else got
 
@@ -162,7 +170,7 @@ class ChannelHandle:
     async def ack(self, delivery_tag: int, *, what: str) -> None:
         """Acknowledge a message got on this channel."""
 
-        async def op(channel: aiormq.abc.AbstractChannel) -> None:
+        async def op(channel: Channel) -> None:
             await channel.basic_ack(delivery_tag)
 
         await self.run(op, what=what)
@@ -174,7 +182,7 @@ class ChannelHandle:
             if channel is not None and not self._link.closed:
                 await close_channel(channel)
 
-    async def _open(self, what: str) -> aiormq.abc.AbstractChannel:
+    async def _open(self, what: str) -> Channel:
         channel = self._channel
         if channel is not None and not channel.is_closed:
             return channel

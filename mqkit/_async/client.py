@@ -417,7 +417,7 @@ class AsyncClient:
         it."""
         from mqkit.outbox import AsyncOutboxRelay  # SQLAlchemy is an extra
 
-        relay = AsyncOutboxRelay(self, outbox)
+        relay = AsyncOutboxRelay(self, outbox, self._publisher.publish_many)
         self._relays.append(relay)
         return relay
 

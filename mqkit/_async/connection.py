@@ -47,8 +47,7 @@ from mqkit.lifecycle import (
     PublishingUnblocked,
 )
 from mqkit.settings import Settings, mask_url
-from mqkit.shell import AsyncRestorable, connection_name, link_name
-from mqkit.urls import connectable
+from mqkit.shell import RPC_TIMEOUT, AsyncRestorable, connectable, connection_name, link_name
 
 from . import lenient
 
@@ -70,7 +69,6 @@ __all__ = [
 
 log = logging.getLogger("mqkit.connection")
 
-RPC_TIMEOUT = 30.0  # seconds the broker has to answer one channel operation
 
 # Errors that mean "the link (connection or channel) went away", not "the broker said no".
 LINK_ERRORS: tuple[type[BaseException], ...] = (

@@ -451,7 +451,7 @@ class AsyncConsumer(Generic[T]):
             outcome = failure
         copy = follow_up(incoming, outcome, queue=plan.queue, service=plan.service, dlq=plan.dlq)
         if copy is not None:
-            scope.stamp(copy.envelope)  # what middleware asked the copy to carry
+            scope.stamp(copy.envelope.headers)  # what middleware asked the copy to carry
             try:
                 await self._publisher.publish(
                     copy.envelope,

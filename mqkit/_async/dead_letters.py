@@ -9,14 +9,12 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import IO, TYPE_CHECKING, Any
 
-import aiormq.abc
-
 from mqkit import explain
 from mqkit.dead_letters import RETURN_WAIT, DeadLetter, Replay, scan_bound
 from mqkit.errors import MqkitError
 from mqkit.topology import dlq_name
 
-from .channel import ChannelHandle, incoming_of
+from .channel import Channel, ChannelHandle, incoming_of
 from .connection import RPC_TIMEOUT
 
 if TYPE_CHECKING:
@@ -68,7 +66,7 @@ class AsyncDeadLetterQueue:
     async def count(self) -> int:
         """Dead letters waiting (the DLQ's ready messages)."""
 
-        async def op(channel: aiormq.abc.AbstractChannel) -> int:
+        async def op(channel: Channel) -> int:
             ok = await channel.queue_declare(self._dlq, passive=True, timeout=RPC_TIMEOUT)
             return int(ok.message_count or 0)
 
@@ -90,7 +88,7 @@ class AsyncDeadLetterQueue:
     async def purge(self) -> int:
         """Delete every dead letter; return how many there were."""
 
-        async def op(channel: aiormq.abc.AbstractChannel) -> int:
+        async def op(channel: Channel) -> int:
             ok = await channel.queue_purge(self._dlq, timeout=RPC_TIMEOUT)
             return int(ok.message_count or 0)
 
@@ -153,9 +151,7 @@ class AsyncDeadLetterQueue:
         await self._returned(replay.left)
         return replay.result()
 
-    async def _run(
-        self, op: Callable[[aiormq.abc.AbstractChannel], Awaitable[int]], action: str
-    ) -> int:
+    async def _run(self, op: Callable[[Channel], Awaitable[int]], action: str) -> int:
         """Run ``op`` on the client's control channel."""
         what = explain.on_dead_letters(action, self._dlq)
         self._link.require_open(what)

@@ -12,14 +12,12 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-import aiormq.abc
-
 from mqkit import explain
 from mqkit.declaring import DeclareMode, checks_only, missing_advice, use_existing
 from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
 
-from .channel import ChannelHandle
+from .channel import Channel, ChannelHandle
 from .connection import RPC_TIMEOUT, Link
 
 __all__ = ["Declarer"]
@@ -103,7 +101,7 @@ class Declarer:
     ) -> None:
         default_type = self._settings.queue_type
 
-        async def op(channel: aiormq.abc.AbstractChannel) -> None:
+        async def op(channel: Channel) -> None:
             if isinstance(entity, Queue):
                 if passive:
                     await channel.queue_declare(entity.name, passive=True, timeout=RPC_TIMEOUT)

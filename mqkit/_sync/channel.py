@@ -1,35 +1,49 @@
 """Opening channels on the link, a channel for request/response work (declares, gets,
 purges), and deliveries as the core sees them.
 
-:class:`ChannelHandle` serialises its callers: one operation at a time is handed to the IO
-thread, which opens the channel when needed. If the broker closes the channel (a declare that
-conflicts, a missing queue), the operation fails with the translated error and the next one
-gets a fresh channel, so a conflict never poisons the client.
+:class:`Channel` lets any thread but the IO thread drive a pika channel the way the asyncio
+shell drives an aiormq channel: the same method names and arguments, each call handed to the
+IO thread and waited for. So the parts that open a channel and talk to the broker on it
+(declaring, consuming, RPC replies, dead letters) are written the same on both runtimes.
+
+:class:`ChannelHandle` serialises its callers: one operation at a time runs on its channel,
+which is opened when needed. If the broker closes the channel (a declare that conflicts, a
+missing queue), the operation fails with the translated error and the next one gets a fresh
+channel, so a conflict never poisons the client.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-import pika.exceptions as pex
+import pika.channel
 from pika.adapters.select_connection import SelectConnection
-from pika.channel import Channel
-from pika.spec import Basic, BasicProperties
+from pika.spec import BasicProperties
 
-from mqkit.errors import MqkitError
+from mqkit import explain
 from mqkit.messages import Incoming, to_datetime
 
-from .connection import Link, LinkDown, translate
-from .io_thread import settle
+from .connection import RPC_ERRORS, RPC_TIMEOUT, Link, describe, translate
+from .transport import Channel, Got, settle, unwrapped
 
-__all__ = ["ChannelHandle", "Got", "incoming_of", "open_channel"]
+__all__ = [
+    "Channel",
+    "ChannelHandle",
+    "Got",
+    "close_channel",
+    "incoming_of",
+    "open_channel",
+    "open_on_io_thread",
+]
+
+log = logging.getLogger("mqkit.connection")
 
 T = TypeVar("T")
-Got = tuple[Any, BasicProperties, bytes]  # (Basic.GetOk or Basic.Deliver, properties, body)
 
 
 def incoming_of(method: Any, props: BasicProperties, body: bytes) -> Incoming:
@@ -53,38 +67,57 @@ def incoming_of(method: Any, props: BasicProperties, body: bytes) -> Incoming:
     )
 
 
-def open_channel(
+def open_channel(link: Link, *, timeout: float | None = None, wait_ready: bool = True) -> Channel:
+    """A new channel, within ``timeout`` seconds in all (default: up to ``connect_timeout``
+    for the link, then RPC_TIMEOUT for the broker to open it).
+
+    ``wait_ready=False`` opens it on the current connection before the link counts as
+    connected again (a part restoring itself after a reconnect).
+    """
+    link.ensure_open()
+    wait = link.settings.connect_timeout if timeout is None else timeout
+    deadline = time.monotonic() + wait
+    if wait_ready and not link.wait_ready(wait):
+        raise link.down_error("open a channel", wait)
+    left = RPC_TIMEOUT if timeout is None else max(0.001, deadline - time.monotonic())
+    left = min(left, RPC_TIMEOUT)
+
+    def start(connection: SelectConnection, future: Future[Channel]) -> None:
+        def opened(underlay: pika.channel.Channel) -> None:
+            settle(future, Channel(link.submit, underlay))
+
+        connection.channel(on_open_callback=opened)
+
+    return link.call(start, left, what="open a channel", wait_ready=False)
+
+
+def close_channel(channel: Channel) -> None:
+    """Close ``channel`` (unacked messages go back to their queue); never raises."""
+    try:
+        if not channel.is_closed:
+            channel.close(timeout=5)
+    except Exception as exc:  # it may already be gone with the connection
+        log.debug("closing a channel failed: %s", describe(exc))
+
+
+def open_on_io_thread(
     connection: SelectConnection,
-    on_open: Callable[[Channel], None],
-    on_close: Callable[[Channel, BaseException], None],
+    on_open: Callable[[pika.channel.Channel], None],
+    on_close: Callable[[pika.channel.Channel, BaseException], None],
 ) -> None:
     """IO thread: open a channel; ``on_close(channel, reason)`` runs once it closes (a
     channel lost while opening goes with its connection: its parts hear ``_link_lost``)."""
 
-    def opened(channel: Channel) -> None:
-        _unwrapped(channel)
+    def opened(channel: pika.channel.Channel) -> None:
+        unwrapped(channel)
         channel.add_on_close_callback(on_close)
         on_open(channel)
 
     connection.channel(on_open_callback=opened)
 
 
-# What opentelemetry-instrumentation-pika (and the like) put on a channel instance, over
-# pika's own methods: mqkit's channels use pika's, so such instrumentation sees none of their
-# traffic. Its spans would duplicate mqkit.observability.TracingMiddleware's, and made on the
-# IO thread, outside the caller's trace, they would start new traces and overwrite the
-# traceparent header mqkit's tracing writes (tests/integration/test_observability.py).
-_INSTANCE_WRAPPED = ("basic_publish", "basic_consume")
-
-
-def _unwrapped(channel: Channel) -> None:
-    """Drop per-instance wrappers of pika's methods from ``channel`` (pika sets none)."""
-    for name in _INSTANCE_WRAPPED:
-        vars(channel).pop(name, None)
-
-
 class ChannelHandle:
-    """One channel, used by one thread at a time; every call waits with a timeout.
+    """One channel, used by one thread at a time; every call has a timeout.
 
     ``reopen=False`` is for work that holds unacked messages (a DLQ scan): if the channel is
     lost midway, later calls fail instead of acking a delivery tag of another channel.
@@ -94,112 +127,62 @@ class ChannelHandle:
         self._link = link
         self._reopen = reopen
         self._lock = threading.Lock()
-        self._channel: Channel | None = None  # IO thread
+        self._channel: Channel | None = None
         self._used = False
-        self._current: Future[Any] | None = None
-        self._get: Future[Got | None] | None = None
 
     def run(
         self,
-        op: Callable[[Channel, Future[T]], None],
+        op: Callable[[Channel], T],
         *,
         what: str,
-        timeout: float | None = None,
         wait_ready: bool = True,
         missing: str | None = None,
     ) -> T:
-        """Run ``op(channel, future)`` on the IO thread; return what it settles ``future``
-        with. pika errors come back translated (a conflicting declare: TopologyError;
-        ``missing``: the advice when the broker says NOT_FOUND)."""
-        settings = self._link.settings
-        limit = timeout or max(settings.connect_timeout, settings.confirm_timeout)
+        """Run ``op(channel)`` and return what it returns. pika errors come back
+        translated (a conflicting declare: TopologyError; ``missing``: the advice when the
+        broker says NOT_FOUND); the channel they closed is replaced on the next call."""
+        if wait_ready:  # not under the lock: a restore after a reconnect needs it
+            timeout = self._link.settings.connect_timeout
+            if not self._link.wait_ready(timeout):
+                raise self._link.down_error(what, timeout)
         with self._lock:
+            channel = self._open(what)
             try:
-                return self._link.call(
-                    lambda connection, future: self._start(connection, op, future),
-                    limit,
-                    what=what,
-                    wait_ready=wait_ready,
-                )
-            except (pex.AMQPError, LinkDown) as exc:
+                return op(channel)
+            except RPC_ERRORS as exc:
+                self._channel = None  # a channel error closed it; the next call opens another
                 raise translate(exc, what=what, missing=missing) from exc
 
     def get(self, queue: str, *, what: str, missing: str | None = None) -> Got | None:
         """``basic.get`` without auto-ack: a message (held until acked or the channel closes)
         or ``None`` when the queue is empty."""
 
-        def op(channel: Channel, future: Future[Got | None]) -> None:
-            self._get = future
-
-            def got(_ch: Channel, method: Basic.GetOk, props: BasicProperties, body: bytes) -> None:
-                self._get = None
-                settle(future, (method, props, body))
-
-            channel.basic_get(queue, got, auto_ack=False)
+        def op(channel: Channel) -> Got | None:
+            return channel.basic_get(queue, no_ack=False, timeout=RPC_TIMEOUT)
 
         return self.run(op, what=what, missing=missing)
 
     def ack(self, delivery_tag: int, *, what: str) -> None:
         """Acknowledge a message got on this channel."""
 
-        def op(channel: Channel, future: Future[None]) -> None:
+        def op(channel: Channel) -> None:
             channel.basic_ack(delivery_tag)
-            settle(future)
 
         self.run(op, what=what)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Close the channel and wait for the broker (unacked messages go back to their
-        queue); never raises."""
-        if self._link.closed:
-            return
+    def close(self) -> None:
+        """Close the channel (unacked messages go back to their queue); never raises."""
+        with self._lock:
+            channel, self._channel = self._channel, None
+            if channel is not None and not self._link.closed:
+                close_channel(channel)
 
-        def op(_connection: SelectConnection, future: Future[None]) -> None:
-            channel = self._channel
-            if channel is None or not channel.is_open:
-                settle(future)
-                return
-            self._current = future  # settled by _on_close once the broker said close-ok
-            channel.close()
-
-        with self._lock, contextlib.suppress(MqkitError, pex.AMQPError):
-            self._link.call(op, timeout, what="close a channel", wait_ready=False)
-
-    # -- IO thread -------------------------------------------------------------------------
-
-    def _start(
-        self,
-        connection: SelectConnection,
-        op: Callable[[Channel, Future[T]], None],
-        future: Future[T],
-    ) -> None:
-        self._current = future
+    def _open(self, what: str) -> Channel:
         channel = self._channel
-        if channel is not None and channel.is_open:
-            op(channel, future)
-            return
+        if channel is not None and not channel.is_closed:
+            return channel
         if self._used and not self._reopen:
-            settle(future, exc=LinkDown("the channel was closed midway"))
-            return
+            raise explain.link_lost(what, "the channel was closed midway")
+        self._channel = open_channel(self._link, wait_ready=False)
         self._used = True
-
-        def on_open(channel: Channel) -> None:
-            self._channel = channel
-            channel.add_callback(self._on_get_empty, [Basic.GetEmpty], one_shot=False)
-            try:
-                op(channel, future)
-            except Exception as exc:
-                settle(future, exc=exc)
-
-        open_channel(connection, on_open, self._on_close)
-
-    def _on_get_empty(self, _frame: Any) -> None:
-        future, self._get = self._get, None
-        if future is not None:
-            settle(future, None)
-
-    def _on_close(self, channel: Channel, reason: BaseException) -> None:
-        if channel is self._channel or self._channel is None:
-            self._channel = None
-        if self._current is not None:
-            settle(self._current, exc=reason)
+        return self._channel

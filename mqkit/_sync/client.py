@@ -391,7 +391,7 @@ class Client:
         too; or call its ``start()``/``stop()``. :meth:`close` stops it."""
         from mqkit.outbox import OutboxRelay  # SQLAlchemy is an extra
 
-        relay = OutboxRelay(self, outbox)
+        relay = OutboxRelay(self, outbox, self._publisher.publish_many)
         with self._lock:
             self._relays.append(relay)
         return relay

@@ -53,13 +53,14 @@ from mqkit.lifecycle import (
     PublishingUnblocked,
 )
 from mqkit.settings import Settings, mask_url
-from mqkit.shell import Restorable, connection_name, link_name
-from mqkit.urls import connectable
+from mqkit.shell import RPC_TIMEOUT, Restorable, connectable, connection_name, link_name
 
-from .io_thread import IOThread, settle
 from .lenient import LenientSelectConnection
+from .transport import IOThread, LinkDown, settle
 
 __all__ = [
+    "RPC_ERRORS",
+    "RPC_TIMEOUT",
     "Link",
     "LinkDown",
     "Restorable",
@@ -74,8 +75,8 @@ log = logging.getLogger("mqkit.connection")
 T = TypeVar("T")
 
 
-class LinkDown(MqkitError):
-    """Internal: the connection went away while an operation was waiting for it."""
+# What a channel operation may raise (see :class:`mqkit._sync.channel.Channel`); translate.
+RPC_ERRORS: tuple[type[BaseException], ...] = (pex.AMQPError, LinkDown, TimeoutError)
 
 
 class _Unreachable(Exception):
@@ -620,6 +621,8 @@ def translate(exc: BaseException, *, what: str, missing: str | None = None) -> M
         return ConnectionFailed(f"{what}: wrong username or password")
     if isinstance(exc, LinkDown | pex.AMQPConnectionError | pex.ChannelWrongStateError):
         return explain.link_lost(what, describe(exc))
+    if isinstance(exc, TimeoutError):
+        return explain.no_answer(what)
     return ConnectionFailed(f"{what}: {describe(exc)}")
 
 

@@ -56,11 +56,11 @@ from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import Ack, GiveUp, Outcome, decide
 
 from .acks import Acks
-from .channel import incoming_of, open_channel
-from .connection import Link, LinkDown, describe, translate
+from .channel import close_channel, incoming_of, open_channel
+from .connection import RPC_ERRORS, RPC_TIMEOUT, Link, LinkDown, describe, translate
 from .declarer import Declarer
-from .io_thread import settle
 from .publisher import Publisher
+from .transport import settle
 
 __all__ = ["Consumer", "ReplyStep", "stop_all"]
 
@@ -124,7 +124,8 @@ class Consumer(Generic[T]):
         self._stopping = False
         # IO-thread state
         self._session: Acks | None = None  # the current channel's deliveries
-        self._attempt = 0  # of attaching: a newer attach, or a loss, supersedes an older one
+        self._lock = threading.Lock()
+        self._attach_lock = threading.Lock()
         self._reattacher: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -234,65 +235,42 @@ class Consumer(Generic[T]):
     # -- attach / detach -------------------------------------------------------------------
 
     def _attach(self, *, again: bool, wait_ready: bool) -> None:
-        what = f"consume from queue {self._plan.queue!r}"
-        try:
-            self._link.call(
-                partial(self._consume, again=again),
-                max(self._link.settings.connect_timeout, 5.0),
-                what=what,
-                wait_ready=wait_ready,
-            )
-        except pex.AMQPError as exc:
-            raise translate(exc, what=what) from exc
-
-    def _consume(self, connection: SelectConnection, future: Future[None], *, again: bool) -> None:
-        """IO thread: a new channel, basic.qos, basic.consume; ``future`` settles on
-        consume-ok."""
-        old = self._session
-        self._reset()
-        if old is not None and old.owner.is_open:
-            old.owner.close()  # one channel per consumer: a superseded one would hold messages
-        attempt = self._attempt
-        plan = self._plan
-
-        def current(session: Acks | None = None) -> bool:
-            if attempt == self._attempt:
-                return True
-            if session is not None and session.owner.is_open:
-                session.owner.close()  # superseded before it consumed: it must not
-            settle(future, exc=LinkDown("superseded"))  # by another attach, or a loss
-            return False
-
-        def on_open(channel: Channel) -> None:
-            session = Acks(channel, self._link.submit)
-            if not current(session):
+        with self._attach_lock:
+            if self._stopping or self.attached:
                 return
-            channel.add_on_cancel_callback(partial(self._on_cancelled, session))
-            channel.basic_qos(prefetch_count=plan.prefetch, callback=lambda _f: consume(session))
-
-        def consume(session: Acks) -> None:
-            if current(session):
-                session.owner.basic_consume(
+            what = f"consume from queue {self._plan.queue!r}"
+            plan = self._plan
+            channel = open_channel(self._link, wait_ready=wait_ready)
+            session: Acks | None = None
+            try:
+                channel.basic_qos(prefetch_count=plan.prefetch, timeout=RPC_TIMEOUT)
+                session = Acks(channel.underlay, self._link.submit)
+                channel.close_callbacks.add(partial(self._on_closed, session))
+                channel.on_consumer_cancel_callbacks.add(partial(self._on_cancelled, session))
+                channel.basic_consume(
                     plan.queue,
                     partial(self._on_delivery, session),
                     consumer_tag=session.tag,
-                    callback=lambda _f: attached(session),
+                    timeout=RPC_TIMEOUT,
                 )
-
-        def attached(session: Acks) -> None:
-            if current(session):
-                self._session = session
-                self._pipeline.emit(ConsumerAttached(plan.queue, again, service=plan.service))
-                settle(future)
-
-        def on_close(channel: Channel, reason: BaseException) -> None:
-            settle(future, exc=reason)
-            self._on_closed(channel, reason)
-
-        open_channel(connection, on_open, on_close)
+            except RPC_ERRORS as exc:
+                if session is not None:
+                    session.alive = False
+                close_channel(channel)
+                raise translate(exc, what=what) from exc
+            with self._lock:  # stop() reads the session under it once it is stopping
+                current = not self._stopping and not channel.is_closed
+                if current:
+                    self._session = session
+            if not current:  # stopped, or the channel closed, while it attached
+                session.alive = False
+                close_channel(channel)
+                if self._stopping:
+                    return
+                raise translate(channel.close_reason or LinkDown("closed"), what=what)
+            self._pipeline.emit(ConsumerAttached(plan.queue, again, service=plan.service))
 
     def _reset(self) -> None:
-        self._attempt += 1  # an attach under way is superseded
         session, self._session = self._session, None
         if session is not None:
             session.alive = False  # deliveries of the old channel are stale from now on
@@ -308,9 +286,8 @@ class Consumer(Generic[T]):
         plan = self._plan
         self._pipeline.emit(ConsumerDetached(plan.queue, reason, service=plan.service))
 
-    def _on_closed(self, channel: Channel, exc: BaseException) -> None:
-        session = self._session
-        if session is None or channel is not session.owner:
+    def _on_closed(self, session: Acks, _sender: Any, exc: BaseException | None) -> None:
+        if session is not self._session:
             return
         self._lose(describe(exc))
         if self._stopping or self._link.closed:
@@ -416,7 +393,7 @@ class Consumer(Generic[T]):
             outcome = failure
         copy = follow_up(incoming, outcome, queue=plan.queue, service=plan.service, dlq=plan.dlq)
         if copy is not None:
-            scope.stamp(copy.envelope)  # what middleware asked the copy to carry
+            scope.stamp(copy.envelope.headers)  # what middleware asked the copy to carry
             try:
                 self._publisher.publish(
                     copy.envelope,
@@ -489,7 +466,8 @@ class Consumer(Generic[T]):
         def left() -> float:  # each broker round trip gets at least _STOP_SLACK s
             return max(_STOP_SLACK, deadline - time.monotonic())
 
-        self._stopping = True
+        with self._lock:  # an attach under way sees it, or has set its session by now
+            self._stopping = True
         try:
             self._link.call(
                 self._cancel,

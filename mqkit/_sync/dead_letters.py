@@ -6,18 +6,15 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import IO, TYPE_CHECKING, Any
-
-from pika.channel import Channel
 
 from mqkit import explain
 from mqkit.dead_letters import RETURN_WAIT, DeadLetter, Replay, scan_bound
 from mqkit.errors import MqkitError
 from mqkit.topology import dlq_name
 
-from .channel import ChannelHandle, incoming_of
-from .io_thread import settle
+from .channel import Channel, ChannelHandle, incoming_of
+from .connection import RPC_TIMEOUT
 
 if TYPE_CHECKING:
     from .connection import Link
@@ -60,12 +57,9 @@ class DeadLetterQueue:
     def count(self) -> int:
         """Dead letters waiting (the DLQ's ready messages)."""
 
-        def op(channel: Channel, future: Future[int]) -> None:
-            channel.queue_declare(
-                self._dlq,
-                passive=True,
-                callback=lambda frame: settle(future, frame.method.message_count),
-            )
+        def op(channel: Channel) -> int:
+            ok = channel.queue_declare(self._dlq, passive=True, timeout=RPC_TIMEOUT)
+            return int(ok.message_count or 0)
 
         return self._run(op, "count")
 
@@ -85,10 +79,9 @@ class DeadLetterQueue:
     def purge(self) -> int:
         """Delete every dead letter; return how many there were."""
 
-        def op(channel: Channel, future: Future[int]) -> None:
-            channel.queue_purge(
-                self._dlq, callback=lambda frame: settle(future, frame.method.message_count)
-            )
+        def op(channel: Channel) -> int:
+            ok = channel.queue_purge(self._dlq, timeout=RPC_TIMEOUT)
+            return int(ok.message_count or 0)
 
         return self._run(op, "purge")
 
@@ -149,7 +142,7 @@ class DeadLetterQueue:
         self._returned(replay.left)
         return replay.result()
 
-    def _run(self, op: Callable[[Channel, Future[int]], None], action: str) -> int:
+    def _run(self, op: Callable[[Channel], int], action: str) -> int:
         """Run ``op`` on the client's control channel."""
         self._link.ensure_open()
         what = explain.on_dead_letters(action, self._dlq)

@@ -11,19 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future
-
-from pika.channel import Channel
-from pika.exchange_type import ExchangeType
 
 from mqkit import explain
 from mqkit.declaring import DeclareMode, checks_only, missing_advice, use_existing
 from mqkit.errors import ConnectionFailed, MqkitError, TopologyError
 from mqkit.topology import Binding, Entity, Exchange, Queue, queue_arguments
 
-from .channel import ChannelHandle
-from .connection import Link
-from .io_thread import settle
+from .channel import Channel, ChannelHandle
+from .connection import RPC_TIMEOUT, Link
 
 __all__ = ["Declarer"]
 
@@ -101,13 +96,10 @@ class Declarer:
     ) -> None:
         default_type = self._settings.queue_type
 
-        def op(channel: Channel, future: Future[None]) -> None:
-            def done(_frame: object) -> None:
-                settle(future)
-
+        def op(channel: Channel) -> None:
             if isinstance(entity, Queue):
                 if passive:
-                    channel.queue_declare(entity.name, passive=True, callback=done)
+                    channel.queue_declare(entity.name, passive=True, timeout=RPC_TIMEOUT)
                     return
                 channel.queue_declare(
                     entity.name,
@@ -115,22 +107,25 @@ class Declarer:
                     exclusive=entity.exclusive,
                     auto_delete=entity.auto_delete,
                     arguments=queue_arguments(entity, default_type),
-                    callback=done,
+                    timeout=RPC_TIMEOUT,
                 )
             elif isinstance(entity, Exchange):
                 if passive:
-                    channel.exchange_declare(entity.name, passive=True, callback=done)
+                    channel.exchange_declare(entity.name, passive=True, timeout=RPC_TIMEOUT)
                     return
                 channel.exchange_declare(
                     entity.name,
-                    exchange_type=ExchangeType(entity.type),
+                    exchange_type=entity.type,
                     durable=entity.durable,
                     auto_delete=entity.auto_delete,
-                    callback=done,
+                    timeout=RPC_TIMEOUT,
                 )
             elif isinstance(entity, Binding):
                 channel.queue_bind(
-                    entity.queue, entity.exchange, routing_key=entity.routing_key, callback=done
+                    entity.queue,
+                    entity.exchange,
+                    routing_key=entity.routing_key,
+                    timeout=RPC_TIMEOUT,
                 )
             else:  # pragma: no cover - guarded by the type
                 raise TypeError(f"cannot declare {entity!r}")

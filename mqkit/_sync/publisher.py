@@ -3,8 +3,8 @@
 Every publish of a client (producers, the event bus, retry and dead-letter copies, RPC
 requests and replies, replays) goes through its :class:`Publisher`. A publishing thread turns
 its messages into pika properties and waits on a :class:`Batch`. A lone message it sends
-itself while the IO thread is idle (:meth:`~mqkit._sync.io_thread.Loop.run_here`), and reads
-its confirm itself too (:class:`~mqkit._sync.io_thread.Reads`): one publish at a time then
+itself while the IO thread is idle (:meth:`~mqkit._sync.transport.Loop.run_here`), and reads
+its confirm itself too (:class:`~mqkit._sync.transport.Reads`): one publish at a time then
 costs one thread wake-up, the confirm's, as with pika's ``BlockingConnection``. Otherwise it
 hands them to the IO thread, in chunks: the IO thread sends one while it builds the next.
 
@@ -58,10 +58,9 @@ from mqkit.lifecycle import Pipeline
 from mqkit.messages import Envelope
 from mqkit.publishing import SEND_CHUNK
 
-from .channel import open_channel
+from .channel import open_on_io_thread
 from .connection import Link, describe, reply_of, translate
-from .io_thread import Loop, Reads, settle, wake
-from .transport import CORKED, cork, streamline
+from .transport import CORKED, Loop, Reads, cork, settle, streamline, wake
 
 __all__ = ["Batch", "Publisher", "properties"]
 
@@ -380,11 +379,11 @@ class Publisher:
                 return
             self._on_channel_closed(channel, reason)
 
-        open_channel(connection, on_open, on_close)
+        open_on_io_thread(connection, on_open, on_close)
 
     def _send_in_place(self, channel: Channel) -> None:
         """IO thread: let publishing threads send on ``channel``'s connection themselves
-        while the IO thread is idle (see :mod:`mqkit._sync.io_thread`)."""
+        while the IO thread is idle (see :mod:`mqkit._sync.transport`)."""
         connection: Any = channel.connection
         streamline(connection, self._on_confirms_read)
         loop = connection.ioloop

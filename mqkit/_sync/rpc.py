@@ -41,7 +41,7 @@ from mqkit.rpc import (
     request_timeout,
 )
 
-from .io_thread import settle
+from .transport import settle
 
 if TYPE_CHECKING:
     from .connection import Link

@@ -13,7 +13,7 @@ outbox = Outbox(engine)
 with engine.begin() as conn:
     conn.execute(insert(orders).values(...))
     outbox.publish(conn, OrderPlaced(...))
-with OutboxRelay(client, outbox):           # client.outbox_relay(outbox)
+with client.outbox_relay(outbox):           # or client.run() starts and stops it
     ...
 
 inbox = Inbox(engine)

@@ -31,6 +31,7 @@ from mqkit.outbox.relaying import (
     FINAL_PASSES,
     Pace,
     PassResult,
+    PublishManyAsync,
     Settlement,
     Timer,
     declarations,
@@ -62,17 +63,22 @@ class AsyncOutboxRelay:
     behaviour.
 
     ```python
-    async with AsyncOutboxRelay(client, outbox):   # or client.outbox_relay(outbox)
+    async with client.outbox_relay(outbox):   # or client.run() starts and stops it
         ...
     ```
     """
 
-    def __init__(self, client: AsyncClient, outbox: Outbox) -> None:
+    def __init__(
+        self, client: AsyncClient, outbox: Outbox, publish: PublishManyAsync | None = None
+    ) -> None:
         if not outbox.is_async:
             raise explain.outbox_relay_runtime("AsyncClient", "blocking Engine")
+        if publish is None:
+            raise explain.outbox_relay_direct("AsyncClient")
         engine = outbox.engine
         assert isinstance(engine, AsyncEngine)
         self._client = client
+        self._publish_many = publish
         self._outbox = outbox
         self._engine: AsyncEngine = engine
         policy = outbox.policy
@@ -305,7 +311,7 @@ class AsyncOutboxRelay:
         self, exchange: str, mandatory: bool, envelopes: list[Envelope], keys: list[str]
     ) -> None:
         jobs = [(envelope, exchange, key) for envelope, key in zip(envelopes, keys, strict=True)]
-        await self._client._publisher.publish_many(jobs, mandatory=mandatory)
+        await self._publish_many(jobs, mandatory=mandatory)
 
     def _count(self, outcome: Settlement) -> None:
         self.sent += len(outcome.sent)

@@ -29,6 +29,7 @@ from mqkit.outbox.relaying import (
     FINAL_PASSES,
     Pace,
     PassResult,
+    PublishMany,
     Settlement,
     Timer,
     declarations,
@@ -58,7 +59,7 @@ class OutboxRelay:
     :class:`mqkit.Client`, on a thread of its own, and marks them sent once confirmed.
 
     ```python
-    with OutboxRelay(client, outbox):       # or client.outbox_relay(outbox), run by client.run()
+    with client.outbox_relay(outbox):       # or client.run() starts and stops it
         ...
     ```
 
@@ -71,10 +72,13 @@ class OutboxRelay:
     trying, further and further apart (up to 30 s), and logs why.
     """
 
-    def __init__(self, client: Client, outbox: Outbox) -> None:
+    def __init__(self, client: Client, outbox: Outbox, publish: PublishMany | None = None) -> None:
         if outbox.is_async:
             raise explain.outbox_relay_runtime("Client", "AsyncEngine")
+        if publish is None:
+            raise explain.outbox_relay_direct("Client")
         self._client = client
+        self._publish_many = publish
         self._outbox = outbox
         self._engine: Engine = outbox.sync_engine
         policy = outbox.policy
@@ -285,7 +289,7 @@ class OutboxRelay:
         self, exchange: str, mandatory: bool, envelopes: list[Envelope], keys: list[str]
     ) -> None:
         jobs = [(envelope, exchange, key) for envelope, key in zip(envelopes, keys, strict=True)]
-        self._client._publisher.publish_many(jobs, mandatory=mandatory)
+        self._publish_many(jobs, mandatory=mandatory)
 
     def _count(self, outcome: Settlement) -> None:
         self.sent += len(outcome.sent)

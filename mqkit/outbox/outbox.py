@@ -7,7 +7,7 @@ with engine.begin() as conn:                  # the service's own transaction
     conn.execute(insert(orders).values(...))
     outbox.publish(conn, OrderPlaced(...))                          # to the event bus
     outbox.publish(conn, ChargeCard(...), queue="billing.charges")  # to a queue
-relay = client.outbox_relay(outbox)           # or OutboxRelay(client, outbox).start()
+relay = client.outbox_relay(outbox)           # started by client.run(), or relay.start()
 ```
 
 A rollback leaves no message; a commit leaves rows a relay (``_sync.py``, ``_async.py``)

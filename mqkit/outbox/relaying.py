@@ -22,9 +22,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Protocol
 
 from mqkit import explain
 from mqkit.errors import ConnectionFailed, PublishError, PublishTimeout, PublishTooLarge
+from mqkit.ledger import Job
 from mqkit.messages import Envelope
 from mqkit.outbox.rows import MAX_ERROR, Pending
 from mqkit.topology import Exchange, Queue
@@ -39,6 +41,8 @@ __all__ = [
     "Group",
     "Pace",
     "PassResult",
+    "PublishMany",
+    "PublishManyAsync",
     "RelayPolicy",
     "Settlement",
     "Timer",
@@ -52,6 +56,19 @@ __all__ = [
     "settle",
     "split",
 ]
+
+
+class PublishMany(Protocol):
+    """How a relay publishes: its client's own publisher (confirmed; ``mandatory`` as the
+    row says), handed over by ``client.outbox_relay(outbox)``."""
+
+    def __call__(self, jobs: Sequence[Job], *, mandatory: bool) -> None: ...
+
+
+class PublishManyAsync(Protocol):
+    """:class:`PublishMany` of an ``AsyncClient``."""
+
+    async def __call__(self, jobs: Sequence[Job], *, mandatory: bool) -> None: ...
 
 
 @dataclass(frozen=True)

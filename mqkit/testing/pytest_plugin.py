@@ -56,8 +56,9 @@ import pytest
 from pydantic import BaseModel
 
 from mqkit.messages import decode
+from mqkit.shell import connectable
 from mqkit.testing.memory import MemoryBroker, memory_broker
-from mqkit.urls import connectable, memory_name
+from mqkit.urls import memory_name
 
 __all__ = [
     "LOCAL_URL",

@@ -28,7 +28,7 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import mqkit
-from mqkit.outbox import AsyncOutboxRelay, Inbox, Outbox, OutboxRelay
+from mqkit.outbox import Inbox, Outbox
 
 
 class Charge(BaseModel):
@@ -92,7 +92,7 @@ def producer_sync(cfg: dict[str, Any]) -> None:
         with engine.begin() as conn:
             write_order(conn, outbox, order, cfg)
     with mqkit.Client(url=cfg["broker"], service="orders") as client:
-        relay = OutboxRelay(client, outbox)
+        relay = client.outbox_relay(outbox)
         relay.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -139,7 +139,7 @@ async def producer_async(cfg: dict[str, Any]) -> None:
         async with engine.begin() as conn:
             await conn.run_sync(lambda c, order=order: write_order(c, outbox, order, cfg))
     async with mqkit.AsyncClient(url=cfg["broker"], service="orders") as client:
-        relay = AsyncOutboxRelay(client, outbox)
+        relay = client.outbox_relay(outbox)
         await relay.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

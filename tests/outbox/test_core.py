@@ -336,9 +336,19 @@ def test_an_outbox_needs_an_engine_and_publish_a_connection(engine: Any) -> None
 def test_relays_and_inboxes_refuse_the_other_runtime(engine: Any, tmp_path: Path) -> None:
     async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'bad.db'}")
     with pytest.raises(ConfigError, match=r"AsyncClient\.outbox_relay"):
-        OutboxRelay(mqkit.Client(url="amqp://localhost:1/"), Outbox(async_engine))
+        mqkit.Client(url="amqp://localhost:1/").outbox_relay(Outbox(async_engine))
     with pytest.raises(ConfigError, match=r" Client\.outbox_relay"):
-        AsyncOutboxRelay(mqkit.AsyncClient(url="amqp://localhost:1/"), Outbox(engine))
+        mqkit.AsyncClient(url="amqp://localhost:1/").outbox_relay(Outbox(engine))
+
+
+def test_a_relay_is_made_by_its_client(engine: Any, tmp_path: Path) -> None:
+    async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'made.db'}")
+    with pytest.raises(TypeError, match=r"by its Client: use client\.outbox_relay\(outbox\)"):
+        OutboxRelay(mqkit.Client(url="amqp://localhost:1/"), Outbox(engine))
+    with pytest.raises(TypeError, match=r"by its AsyncClient: use client\.outbox_relay\(outbox\)"):
+        AsyncOutboxRelay(mqkit.AsyncClient(url="amqp://localhost:1/"), Outbox(async_engine))
+    relay = mqkit.Client(url="amqp://localhost:1/").outbox_relay(Outbox(engine))
+    assert isinstance(relay, OutboxRelay) and not relay.started
 
     async def handle_async(message: Charge, ctx: mqkit.Context) -> None: ...
 

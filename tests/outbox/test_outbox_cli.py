@@ -15,7 +15,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 import mqkit
-from mqkit.outbox import Outbox, OutboxRelay
+from mqkit.outbox import Outbox
 from mqkit.outbox.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ def test_parked_rows_are_listed_retried_and_purged(db, names, raw, broker_url) -
             for n in range(2):
                 outbox.publish(conn, Charge(order_id=str(n)), exchange=nowhere, routing_key="void")
             outbox.publish(conn, Charge(order_id="fine"), queue=queue)
-        relay = OutboxRelay(client, outbox)
+        relay = client.outbox_relay(outbox)
         assert relay.publish_pending() == 1
 
         # list, as JSON through the asyncio driver, and as a table through the blocking one

@@ -1,4 +1,4 @@
-"""The IO thread's fast paths (``mqkit._sync.io_thread``): work run in place while it waits,
+"""The IO thread's fast paths (``mqkit._sync.transport``): work run in place while it waits,
 wakes deferred until it waits, a socket's reads taken by the thread waiting for an answer.
 
 They rely on pika internals: ``pyproject.toml`` pins pika to the versions these tests passed
@@ -22,7 +22,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from pika.adapters.select_connection import EPollPoller, IOLoop, _PollerBase
 
-from mqkit._sync.io_thread import IOThread, Loop, Reads, wake
+from mqkit._sync.transport import IOThread, Loop, Reads, wake
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -57,7 +57,7 @@ def test_the_installed_pika_is_one_pyproject_pins() -> None:
 
 
 def test_the_pika_internals_the_fast_paths_use_are_there() -> None:
-    # If one of these fails, a pika release changed what mqkit._sync.io_thread relies on:
+    # If one of these fails, a pika release changed what mqkit._sync.transport relies on:
     # adapt it (or pin pika) before anything else.
     assert "_get_poller" in vars(IOLoop)
     assert "_create_poller" in vars(EPollPoller)

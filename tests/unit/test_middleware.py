@@ -411,8 +411,8 @@ def test_the_scope_stamps_a_copy_with_what_middleware_asked():
 
     copy = encode(Order(order_id="1"), service="shop", headers={"x-old": "1"})
     scope = handling(CTX)
-    scope.stamp(copy)
+    scope.stamp(copy.headers)
     assert copy.headers == {"x-old": "1"}
     scope.copy_headers["x-first"] = "00-abc"
-    scope.stamp(copy)
+    scope.stamp(copy.headers)
     assert copy.headers == {"x-old": "1", "x-first": "00-abc"}
