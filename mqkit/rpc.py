@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from mqkit.dead_letters import ERROR_MESSAGE, ERROR_TYPE
-from mqkit.errors import RemoteError, RequestTimeout
+from mqkit.errors import ConnectionFailed, RemoteError, RequestTimeout
 from mqkit.messages import Envelope, Incoming, decode, encode
 from mqkit.retry import GiveUp
 
@@ -40,6 +40,7 @@ __all__ = [
     "Reply",
     "answer",
     "read_reply",
+    "reply_lost",
     "request_envelope",
     "request_timeout",
 ]
@@ -88,11 +89,12 @@ class Pending(Generic[F]):
     ```
     """
 
-    __slots__ = ("_by_correlation", "_by_id", "_lock")
+    __slots__ = ("_by_correlation", "_by_id", "_lock", "_sent")
 
     def __init__(self) -> None:
         self._by_id: dict[str, F] = {}
         self._by_correlation: dict[str, list[str]] = {}
+        self._sent: dict[str, object] = {}  # published: the reply channel they were sent for
         self._lock = threading.Lock()
 
     def add(self, request: Envelope, waiter: F) -> None:
@@ -101,9 +103,35 @@ class Pending(Generic[F]):
             key = request.correlation_id or request.message_id
             self._by_correlation.setdefault(key, []).append(request.message_id)
 
+    def sent(self, message_id: str, on: object) -> None:
+        """The request ``message_id`` is published for replies on the channel ``on`` (the
+        one that consumes replies): its reply can only come there."""
+        with self._lock:
+            if message_id in self._by_id:
+                self._sent[message_id] = on
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests are published and wait for their reply."""
+        with self._lock:
+            return len(self._sent)
+
+    def unanswerable(self, on: object = None) -> list[F]:
+        """The waiters of the requests published for replies on the channel ``on`` (``None``:
+        on any channel), for the moment it is gone (closed, replaced, or lost with its
+        connection): their replies went to it and can no longer arrive. Fail them with
+        :func:`reply_lost`."""
+        with self._lock:
+            return [
+                self._by_id[message_id]
+                for message_id, channel in self._sent.items()
+                if on is None or channel is on
+            ]
+
     def discard(self, message_id: str) -> None:
         """Forget the request ``message_id`` (answered, timed out or failed)."""
         with self._lock:
+            self._sent.pop(message_id, None)
             if self._by_id.pop(message_id, None) is None:
                 return
             for key, ids in list(self._by_correlation.items()):
@@ -128,6 +156,15 @@ class Pending(Generic[F]):
                 return waiter
             ids = self._by_correlation.get(correlation_id or "")
             return self._by_id.get(ids[0]) if ids else None
+
+
+def reply_lost(cause: str) -> ConnectionFailed:
+    """A published request whose reply can no longer arrive (see
+    :meth:`Pending.unanswerable`); ``cause`` says why, e.g. "the connection was lost"."""
+    return ConnectionFailed(
+        f"{cause} while waiting for a reply; the request may have been processed (retry it "
+        "if it is idempotent)"
+    )
 
 
 def request_timeout(queue: str, timeout: float) -> RequestTimeout:

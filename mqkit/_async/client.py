@@ -85,6 +85,7 @@ class AsyncClient:
         self._requester = Requester(self._link, self._publisher, middleware=self._middleware)
         self._link.register(self._declarer)
         self._publish_link.register(self._publisher)
+        self._publish_link.register(self._requester)  # replies come on the publishing channel
         self._made: list[tuple[Made, AsyncConsumer[Any] | AsyncEventBus]] = []
         self._relays: list[AsyncOutboxRelay] = []  # outbox relays: started first, stopped last
         self._subscribed: dict[tuple[str, str], set[str]] = {}  # (service, exchange): keys

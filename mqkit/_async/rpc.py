@@ -14,9 +14,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiormq.abc
+import aiormq.exceptions as amqp
 from pydantic import BaseModel
 
 from mqkit.context import Context
@@ -30,10 +32,12 @@ from mqkit.rpc import (
     Reply,
     answer,
     read_reply,
+    reply_lost,
     request_envelope,
     request_timeout,
 )
 
+from .channel import Channel
 from .connection import RPC_ERRORS, RPC_TIMEOUT, cancelling, translate
 from .consumer import as_async
 
@@ -61,10 +65,10 @@ class Requester:
         self._publisher = publisher
         self._middleware = middleware
         self._waiting: Pending[asyncio.Future[aiormq.abc.DeliveredMessage]] = Pending()
-        self._consuming_on: aiormq.abc.AbstractChannel | None = None
+        self._consuming_on: Channel | None = None
         self._lock = asyncio.Lock()
 
-    async def _reply_channel(self, timeout: float) -> aiormq.abc.AbstractChannel:
+    async def _reply_channel(self, timeout: float) -> Channel:
         """The publishing channel, consuming replies; within ``timeout`` (else TimeoutError)."""
         deadline = time.monotonic() + timeout
         channel = await self._publisher.channel(timeout)
@@ -83,9 +87,33 @@ class Requester:
                 except RPC_ERRORS as exc:
                     raise translate(exc, what="consuming RPC replies") from exc
                 self._consuming_on = channel
+                channel.closing.add_done_callback(partial(self._reply_channel_closed, channel))
         finally:
             self._lock.release()
         return channel
+
+    def _reply_channel_closed(self, channel: Channel, closing: asyncio.Future[Any]) -> None:
+        """Replies to requests already sent went to the closed channel: fail them now."""
+        exc = None if closing.cancelled() else closing.exception()
+        connection_gone = exc is None or not isinstance(exc, amqp.AMQPChannelError)
+        cause = "the connection was lost" if connection_gone else "the publishing channel closed"
+        self._fail_sent(cause, channel)
+
+    def _fail_sent(self, cause: str, on: Channel | None = None) -> None:
+        """Fail the requests sent for replies on ``on`` (``None``: on any channel), whose
+        replies can no longer arrive."""
+        for future in self._waiting.unanswerable(on):
+            if not future.done():
+                future.set_exception(reply_lost(cause))
+
+    # -- AsyncRestorable -----------------------------------------------------------------
+
+    def _link_lost(self, reason: BaseException) -> None:
+        """Replies to requests already sent can no longer arrive; fail them now."""
+        self._fail_sent("the connection was lost")
+
+    async def _restore(self) -> None:
+        """Nothing: the next request consumes replies on the new publishing channel."""
 
     async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         properties = message.header.properties
@@ -137,6 +165,7 @@ class Requester:
                     return [request.message_id]
 
                 await self._middleware.publish_prepared_async("", [(envelope, queue)], send)
+                self._waiting.sent(envelope.message_id, channel)
             except (PublishTimeout, asyncio.TimeoutError) as exc:
                 # The link does not answer: to the caller that is a request without a reply.
                 raise request_timeout(queue, timeout) from exc

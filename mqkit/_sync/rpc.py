@@ -27,7 +27,7 @@ from pika.spec import Basic, BasicProperties
 from pydantic import BaseModel
 
 from mqkit.context import Context
-from mqkit.errors import ConnectionFailed, MqkitError
+from mqkit.errors import MqkitError
 from mqkit.messages import Envelope, Incoming
 from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import GiveUp
@@ -37,6 +37,7 @@ from mqkit.rpc import (
     Reply,
     answer,
     read_reply,
+    reply_lost,
     request_envelope,
     request_timeout,
 )
@@ -73,7 +74,6 @@ class Requester:
         self._consumed_on: Channel | None = None  # IO thread: consume-ok received on it
         self._waiter: Future[None] | None = None
         self._waiting: Pending[Future[tuple[BasicProperties, bytes]]] = Pending()
-        self._sent: set[str] = set()  # requests published: their reply dies with the channel
 
     def _ensure_consuming(self) -> None:
         if self._consuming:
@@ -110,7 +110,7 @@ class Requester:
         if self._consume_sent is not None and channel is not self._consume_sent:
             # A new publishing channel (after a nack, or the broker closed the old one):
             # replies to requests sent on the old one went to it and are lost.
-            self._fail_sent("the publishing channel was replaced while waiting for a reply")
+            self._fail_sent("the publishing channel was replaced", self._consume_sent)
         self._consume_sent = channel
 
         def consuming(_frame: object) -> None:
@@ -152,14 +152,13 @@ class Requester:
         self._waiting.add(envelope, future)
         try:
             self._middleware.publish_prepared("", [(envelope, queue)], self._send)
-            self._sent.add(request_id)
+            self._waiting.sent(request_id, self._consume_sent)
             left = max(0.0, timeout - (time.monotonic() - started))
             props, body = future.result(left)
         except FutureTimeout:
             raise request_timeout(queue, timeout) from None
         finally:
             self._waiting.discard(request_id)
-            self._sent.discard(request_id)
         return read_reply(props.headers, body, response_type)
 
     def _send(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
@@ -171,20 +170,13 @@ class Requester:
 
     def _link_lost(self, reason: BaseException) -> None:
         """IO thread: replies to requests already sent can no longer arrive; fail them now."""
-        self._fail_sent("the connection was lost while waiting for a reply")
+        self._fail_sent("the connection was lost")
 
-    def _fail_sent(self, what: str) -> None:
-        """IO thread: fail the requests already sent, whose replies can no longer arrive."""
-        for request_id in list(self._sent):
-            future = self._waiting.get(request_id)
-            if future is not None:
-                settle(
-                    future,
-                    exc=ConnectionFailed(
-                        f"{what}; the request may have been processed (retry it if it is "
-                        "idempotent)"
-                    ),
-                )
+    def _fail_sent(self, cause: str, on: Channel | None = None) -> None:
+        """IO thread: fail the requests sent for replies on ``on`` (``None``: on any
+        channel), whose replies can no longer arrive."""
+        for future in self._waiting.unanswerable(on):
+            settle(future, exc=reply_lost(cause))
 
     def _restore(self) -> None:
         """Nothing: the publishing channel's hook consumes again."""

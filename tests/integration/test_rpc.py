@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
+import pika
 import pytest
 from pydantic import BaseModel
 
 import mqkit
+from mqkit.testing import FaultProxy
 
 
 class Add(BaseModel):
@@ -135,3 +138,39 @@ def test_request_to_a_queue_nobody_declared_is_unroutable(rt, names):
             client.request(queue, Add(a=1, b=2), Sum, timeout=5)
         assert time.monotonic() - started < 3
         assert queue in str(info.value)
+
+
+def test_a_request_whose_link_is_cut_fails_at_once_on_both_runtimes(rt, names):
+    # Direct reply-to sends the reply to the channel the request was published for: once
+    # that channel is gone, the reply cannot arrive, so the caller hears it now rather than
+    # at its timeout, and is told the request may have been processed.
+    queue = names.queue()
+
+    def cut_once_queued() -> None:  # the request waits in the queue: nobody answers it
+        connection = pika.BlockingConnection(pika.URLParameters(rt.broker_url))
+        try:
+            channel = connection.channel()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if channel.queue_declare(queue, passive=True).method.message_count:
+                    proxy.cut()
+                    return
+                time.sleep(0.02)
+        finally:
+            connection.close()
+
+    with (
+        FaultProxy(rt.broker_url) as proxy,
+        rt.client() as server,
+        rt.client(url=proxy.url) as caller,
+    ):
+        server.declare(mqkit.Queue(queue))
+        cutter = threading.Thread(target=cut_once_queued)
+        cutter.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(mqkit.ConnectionFailed, match="may have been processed"):
+                caller.request(queue, Add(a=1, b=2), Sum, timeout=30)
+            assert time.monotonic() - started < 10
+        finally:
+            cutter.join(10)

@@ -835,7 +835,7 @@ def test_rpc_requests_sent_fail_when_the_publishing_channel_is_replaced(client_f
         caller = threading.Thread(target=call)
         caller.start()
         requester, publisher = client._requester, client._publisher
-        eventually(lambda: requester._sent, what="the request to be sent")
+        eventually(lambda: requester._waiting.in_flight, what="the request to be sent")
 
         def renew() -> None:
             publisher._renewing = publisher.channel

@@ -93,3 +93,30 @@ def test_late_and_unknown_replies_match_nothing():
     pending.discard(request.message_id)  # twice: nothing happens
     assert pending.answered({REQUEST_ID: request.message_id}, "conv") is None
     assert pending.answered({REQUEST_ID: "other"}, "other") is None
+
+
+def test_requests_sent_for_a_reply_channel_that_is_gone_are_unanswerable():
+    from mqkit.errors import ConnectionFailed
+    from mqkit.rpc import reply_lost
+
+    pending: Pending[str] = Pending()
+    first, second, unsent = (request_envelope(Quote(sku=s), service="shop") for s in "ABC")
+    old, new = object(), object()
+    pending.add(first, "first")
+    pending.add(second, "second")
+    pending.add(unsent, "unsent")  # added, not published yet: its reply may still come
+    pending.sent(first.message_id, old)
+    pending.sent(second.message_id, new)
+    assert pending.in_flight == 2
+    assert pending.unanswerable(old) == ["first"]
+    assert sorted(pending.unanswerable()) == ["first", "second"]
+    pending.discard(first.message_id)
+    assert pending.unanswerable(old) == [] and pending.in_flight == 1
+    pending.sent("never-added", old)  # answered and discarded before it was marked
+    assert pending.in_flight == 1
+    error = reply_lost("the connection was lost")
+    assert isinstance(error, ConnectionFailed)
+    assert str(error) == (
+        "the connection was lost while waiting for a reply; the request may have been "
+        "processed (retry it if it is idempotent)"
+    )
