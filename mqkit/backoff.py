@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LINK_BACKOFF", "Backoff"]
+__all__ = ["LINK_BACKOFF", "Backoff", "per_try", "stop_at"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +59,22 @@ class Backoff:
 # Connect, reconnect and re-attach: quick at first, capped so a recovered broker is found
 # within a few seconds.
 LINK_BACKOFF = Backoff()
+
+
+def per_try(connect_timeout: float, urls: int, remaining: float | None) -> float:
+    """Seconds one of ``urls`` URLs gets to connect: a share of ``connect_timeout``, so a URL
+    that does not answer leaves time for the next one, never more than the ``remaining``
+    seconds; while reconnecting (``remaining=None``: no deadline), at least 5 s."""
+    if remaining is None:
+        return max(5.0, connect_timeout)
+    return min(remaining, max(2.0, connect_timeout / max(1, urls)))
+
+
+def stop_at(deadline: float) -> Callable[[Any], bool]:
+    """A tenacity ``stop=`` strategy: no further try once ``deadline`` (a
+    ``time.monotonic()`` value) is reached."""
+
+    def stop(_state: Any) -> bool:
+        return time.monotonic() >= deadline - 0.02
+
+    return stop

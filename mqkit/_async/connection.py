@@ -36,7 +36,7 @@ import tenacity
 from aio_pika.connection import make_url
 
 from mqkit import explain, tls
-from mqkit.backoff import LINK_BACKOFF
+from mqkit.backoff import LINK_BACKOFF, per_try, stop_at
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import (
     LinkLost,
@@ -256,7 +256,7 @@ class Link:
 
     async def _connect(self, deadline: float | None) -> None:
         """Connect to the first URL that answers, with back-off; ``deadline=None``: forever."""
-        urls = self.settings.all_urls
+        urls, timeout = self.settings.all_urls, self.settings.connect_timeout
         tried: list[str] = []
         last: list[BaseException] = []
 
@@ -267,7 +267,7 @@ class Link:
                     break
                 tried.append(url)
                 try:
-                    return await self._attempt(url, self._per_try(remaining)), url
+                    return await self._attempt(url, per_try(timeout, len(urls), remaining)), url
                 except Exception as exc:
                     fatal = connect_error(url, exc)  # what no retry can fix
                     if fatal is not None:
@@ -277,7 +277,7 @@ class Link:
             self.last_error = describe(last[-1]) if last else "no URL answered"
             raise _Unreachable()
 
-        stop: Any = tenacity.stop_never if deadline is None else _stop_at(deadline)
+        stop: Any = tenacity.stop_never if deadline is None else stop_at(deadline)
 
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(_Unreachable),
@@ -302,13 +302,6 @@ class Link:
             self.last_error = str(error)
             raise error from last_cause
         self._install(connection, url)
-
-    def _per_try(self, remaining: float | None) -> float:
-        """Seconds one URL gets to connect: a share of what is left of connect_timeout."""
-        timeout = self.settings.connect_timeout
-        if remaining is None:
-            return max(5.0, timeout)
-        return min(remaining, max(2.0, timeout / len(self.settings.all_urls)))
 
     async def _attempt(self, url: str, timeout: float) -> aio_pika.abc.AbstractConnection:
         """Open one connection to ``url``."""
@@ -439,13 +432,6 @@ class Link:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-def _stop_at(deadline: float) -> Callable[[tenacity.RetryCallState], bool]:
-    def stop(_state: tenacity.RetryCallState) -> bool:
-        return time.monotonic() >= deadline - 0.02
-
-    return stop
 
 
 async def _discard(connection: aio_pika.abc.AbstractConnection) -> None:

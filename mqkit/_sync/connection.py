@@ -42,7 +42,7 @@ import tenacity
 from pika.adapters.select_connection import SelectConnection
 
 from mqkit import explain, tls
-from mqkit.backoff import LINK_BACKOFF
+from mqkit.backoff import LINK_BACKOFF, per_try, stop_at
 from mqkit.errors import ConnectionFailed, MqkitError
 from mqkit.lifecycle import (
     LinkLost,
@@ -346,7 +346,8 @@ class Link:
 
     def _connect(self, deadline: float | None) -> None:
         """Connect to the first URL that answers, with back-off; ``deadline=None``: forever."""
-        urls = self.settings.all_urls
+        urls, timeout = self.settings.all_urls, self.settings.connect_timeout
+        tried: list[str] = []
         last: list[BaseException] = []
 
         def one_round() -> None:
@@ -356,20 +357,20 @@ class Link:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
+                tried.append(url)
                 try:
-                    self._attempt(url, 10.0 if remaining is None else min(remaining, 10.0))
-                    return
+                    return self._attempt(url, per_try(timeout, len(urls), remaining))
                 except Exception as exc:
                     fatal = connect_error(url, exc)  # what no retry can fix
                     if fatal is not None:
                         raise fatal from exc
                     last.append(exc)
                     log.debug("connecting to %s failed: %s", mask_url(url), describe(exc))
+            self.last_error = describe(last[-1]) if last else "no URL answered"
             raise _Unreachable()
 
-        stop: Any = tenacity.stop_when_event_set(self._closed)
-        if deadline is not None:
-            stop = stop | tenacity.stop_after_delay(max(0.0, deadline - time.monotonic()))
+        stop: Any = tenacity.stop_never if deadline is None else stop_at(deadline)
+        stop = tenacity.stop_when_event_set(self._closed) | stop  # close() ends the tries too
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Unreachable),
@@ -386,7 +387,9 @@ class Link:
         except _Unreachable:
             last_cause = last[-1] if last else None
             error = explain.unreachable(
-                urls, self.settings.connect_timeout, describe(last_cause) if last_cause else None
+                tried or urls,
+                self.settings.connect_timeout,
+                describe(last_cause) if last_cause else None,
             )
             self.last_error = str(error)
             raise error from last_cause
