@@ -37,6 +37,7 @@ import aiormq.exceptions as amqp
 import tenacity
 from pydantic import BaseModel
 
+from mqkit import explain
 from mqkit.acks import ACK, REJECT, REQUEUE, Settle
 from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
@@ -308,7 +309,15 @@ class AsyncConsumer(Generic[T]):
                     session.alive = False
                 await close_channel(channel)
                 raise translate(exc, what=what) from exc
-            self._session = session
+            current = not self._stopping and not channel.is_closed
+            if current:
+                self._session = session
+            if not current:  # stopped, or the channel closed, while it attached
+                session.alive = False
+                await close_channel(channel)
+                if self._stopping:
+                    return
+                raise explain.link_lost(what, "the channel closed while it attached")
             self._pipeline.emit(ConsumerAttached(plan.queue, again, service=plan.service))
 
     def _reset(self) -> None:

@@ -100,7 +100,7 @@ class AsyncDeadLetterQueue:
         *,
         error_type: str | None = None,
         message_id: str | None = None,
-        progress: Callable[[int], Any] | None = None,
+        progress: Callable[[int], object] | None = None,
         to: str | None = None,
     ) -> int:
         """Send dead letters back to :attr:`queue` (or to ``to``); return how many were

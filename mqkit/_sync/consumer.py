@@ -36,6 +36,7 @@ from pika.channel import Channel
 from pika.spec import BasicProperties
 from pydantic import BaseModel
 
+from mqkit import explain
 from mqkit.acks import ACK, REJECT, REQUEUE, Settle
 from mqkit.backoff import LINK_BACKOFF
 from mqkit.consumers import ConsumerPlan
@@ -57,7 +58,7 @@ from mqkit.retry import Ack, GiveUp, Outcome, decide
 
 from .acks import Acks
 from .channel import close_channel, incoming_of, open_channel
-from .connection import RPC_ERRORS, RPC_TIMEOUT, Link, LinkDown, describe, translate
+from .connection import RPC_ERRORS, RPC_TIMEOUT, Link, describe, translate
 from .declarer import Declarer
 from .publisher import Publisher
 from .transport import settle
@@ -267,7 +268,7 @@ class Consumer(Generic[T]):
                 close_channel(channel)
                 if self._stopping:
                     return
-                raise translate(channel.close_reason or LinkDown("closed"), what=what)
+                raise explain.link_lost(what, "the channel closed while it attached")
             self._pipeline.emit(ConsumerAttached(plan.queue, again, service=plan.service))
 
     def _reset(self) -> None:

@@ -12,8 +12,8 @@ from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.publishing import PublishTarget
 
 if TYPE_CHECKING:
-    from mqkit._sync.connection import Link
-    from mqkit._sync.publisher import Publisher
+    from .connection import Link
+    from .publisher import Publisher
 
 __all__ = ["Producer"]
 

@@ -475,11 +475,6 @@ class Channel:
     def is_closed(self) -> bool:
         return self._reason is not None or not self.underlay.is_open
 
-    @property
-    def close_reason(self) -> BaseException | None:
-        """Why it closed (pika's reason), once it has."""
-        return self._reason
-
     def queue_declare(
         self,
         queue: str,

@@ -29,6 +29,7 @@ from mqkit.outbox.relaying import (
     CLEAN_BATCH,
     CLEAN_ROUNDS,
     FINAL_PASSES,
+    AsyncRelayClient,
     Pace,
     PassResult,
     PublishManyAsync,
@@ -46,7 +47,6 @@ from mqkit.outbox.rows import Pending
 from mqkit.retry import Reject
 
 if TYPE_CHECKING:
-    from mqkit._async.client import AsyncClient
     from mqkit.outbox.inbox import Inbox
 
 __all__ = ["AsyncOutboxRelay", "inbox_handler"]
@@ -69,7 +69,7 @@ class AsyncOutboxRelay:
     """
 
     def __init__(
-        self, client: AsyncClient, outbox: Outbox, publish: PublishManyAsync | None = None
+        self, client: AsyncRelayClient, outbox: Outbox, publish: PublishManyAsync | None = None
     ) -> None:
         if not outbox.is_async:
             raise explain.outbox_relay_runtime("AsyncClient", "blocking Engine")

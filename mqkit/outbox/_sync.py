@@ -30,6 +30,7 @@ from mqkit.outbox.relaying import (
     Pace,
     PassResult,
     PublishMany,
+    RelayClient,
     Settlement,
     Timer,
     declarations,
@@ -44,7 +45,6 @@ from mqkit.outbox.rows import Pending
 from mqkit.retry import Reject
 
 if TYPE_CHECKING:
-    from mqkit._sync.client import Client
     from mqkit.outbox.inbox import Inbox
 
 __all__ = ["OutboxRelay", "inbox_handler"]
@@ -72,7 +72,9 @@ class OutboxRelay:
     trying, further and further apart (up to 30 s), and logs why.
     """
 
-    def __init__(self, client: Client, outbox: Outbox, publish: PublishMany | None = None) -> None:
+    def __init__(
+        self, client: RelayClient, outbox: Outbox, publish: PublishMany | None = None
+    ) -> None:
         if outbox.is_async:
             raise explain.outbox_relay_runtime("Client", "AsyncEngine")
         if publish is None:

@@ -29,7 +29,8 @@ from mqkit.errors import ConnectionFailed, PublishError, PublishTimeout, Publish
 from mqkit.ledger import Job
 from mqkit.messages import Envelope
 from mqkit.outbox.rows import MAX_ERROR, Pending
-from mqkit.topology import Exchange, Queue
+from mqkit.settings import Settings
+from mqkit.topology import Entity, Exchange, Queue
 
 __all__ = [
     "CLEAN_BATCH",
@@ -37,12 +38,14 @@ __all__ = [
     "FINAL_PASSES",
     "MAX_BACKOFF",
     "RECHECKS",
+    "AsyncRelayClient",
     "Failure",
     "Group",
     "Pace",
     "PassResult",
     "PublishMany",
     "PublishManyAsync",
+    "RelayClient",
     "RelayPolicy",
     "Settlement",
     "Timer",
@@ -56,6 +59,29 @@ __all__ = [
     "settle",
     "split",
 ]
+
+
+class RelayClient(Protocol):
+    """What a relay needs of its :class:`mqkit.Client` (the outbox never imports the client
+    modules: they make relays, ``client.outbox_relay(outbox)``)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    def connect(self) -> None: ...
+
+    def declare(self, *entities: Entity) -> None: ...
+
+
+class AsyncRelayClient(Protocol):
+    """:class:`RelayClient` of an :class:`mqkit.AsyncClient`."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    async def connect(self) -> None: ...
+
+    async def declare(self, *entities: Entity) -> None: ...
 
 
 class PublishMany(Protocol):
