@@ -33,7 +33,10 @@ from mqkit.messages import Envelope, Incoming, decode, encode
 from mqkit.retry import GiveUp
 
 __all__ = [
+    "CHANNEL_CLOSED",
+    "CHANNEL_REPLACED",
     "ERROR_REPLY_TYPE",
+    "LINK_LOST",
     "REPLY_TO",
     "REQUEST_ID",
     "Pending",
@@ -49,6 +52,10 @@ R = TypeVar("R", bound=BaseModel)
 F = TypeVar("F")
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+# Why a published request's reply can no longer arrive (reply_lost's cause):
+LINK_LOST = "the connection was lost"
+CHANNEL_REPLACED = "the publishing channel was replaced"  # mqkit closed it to open another
+CHANNEL_CLOSED = "the broker closed the publishing channel"
 ERROR_REPLY_TYPE = "mqkit.error"  # the AMQP ``type`` of an error reply
 REQUEST_ID = "x-mqkit-request-id"  # a reply's header: the message id of its request
 

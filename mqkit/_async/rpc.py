@@ -27,6 +27,9 @@ from mqkit.messages import Envelope, Incoming
 from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import GiveUp
 from mqkit.rpc import (
+    CHANNEL_CLOSED,
+    CHANNEL_REPLACED,
+    LINK_LOST,
     REPLY_TO,
     Pending,
     Reply,
@@ -95,8 +98,12 @@ class Requester:
     def _reply_channel_closed(self, channel: Channel, closing: asyncio.Future[Any]) -> None:
         """Replies to requests already sent went to the closed channel: fail them now."""
         exc = None if closing.cancelled() else closing.exception()
-        connection_gone = exc is None or not isinstance(exc, amqp.AMQPChannelError)
-        cause = "the connection was lost" if connection_gone else "the publishing channel closed"
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            cause = CHANNEL_REPLACED  # mqkit closes its publishing channel to replace it
+        elif isinstance(exc, amqp.AMQPChannelError):
+            cause = CHANNEL_CLOSED
+        else:
+            cause = LINK_LOST
         self._fail_sent(cause, channel)
 
     def _fail_sent(self, cause: str, on: Channel | None = None) -> None:
@@ -110,7 +117,7 @@ class Requester:
 
     def _link_lost(self, reason: BaseException) -> None:
         """Replies to requests already sent can no longer arrive; fail them now."""
-        self._fail_sent("the connection was lost")
+        self._fail_sent(LINK_LOST)
 
     async def _restore(self) -> None:
         """Nothing: the next request consumes replies on the new publishing channel."""

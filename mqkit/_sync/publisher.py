@@ -52,7 +52,7 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from mqkit import ledger
+from mqkit import explain, ledger
 from mqkit.ledger import Entry, Job, Ledger, stall_cause
 from mqkit.lifecycle import Pipeline
 from mqkit.messages import Envelope
@@ -61,6 +61,7 @@ from mqkit.publishing import SEND_CHUNK
 from .channel import open_on_io_thread
 from .connection import Link, describe, reply_of, translate
 from .transport import CORKED, Loop, Reads, cork, settle, streamline, wake
+from .transport import Channel as BlockingChannel
 
 __all__ = ["Batch", "Publisher", "properties"]
 
@@ -121,26 +122,31 @@ class Publisher:
         self._ledger = Ledger(link.settings, pipeline)
         self._channel: Channel | None = None  # IO thread: open and in confirm mode
         self._opening = False
-        self._hooks: list[Callable[[Channel], None]] = []
+        self._facade: BlockingChannel | None = None  # the open channel, for RPC (IO thread)
         self._open_waiters: list[Future[None]] = []
         self._renewing: Channel | None = None  # a channel that nacked, to be replaced
         # Loop.run_here of the IO thread, once a channel is open (None: hand everything over)
         self._run_here: Callable[[Callable[[], bool]], bool] | None = None
         self._reads: Reads | None = None  # of the channel's socket, for a lone publish's wait
 
-    @property
-    def channel(self) -> Channel | None:
-        """IO thread: the confirm channel, when open."""
-        return self._channel
-
-    def add_channel_hook(self, hook: Callable[[Channel], None]) -> None:
-        """IO thread: run ``hook(channel)`` now (if open) and on every new channel, before
-        anything is published on it (direct reply-to consumes on this channel)."""
-        self._hooks.append(hook)
-        if self._channel is not None:
-            hook(self._channel)
-        else:
-            self.reopen()
+    def channel(self, timeout: float | None) -> BlockingChannel:
+        """The publishing channel, opened within ``timeout`` seconds if it is not open: for
+        direct reply-to, which consumes replies on the channel that publishes requests."""
+        current = self._facade
+        if current is not None and not current.is_closed and current.underlay is self._channel:
+            return current
+        try:
+            self._link.call(
+                self._open,
+                self._confirm_timeout if timeout is None else timeout,
+                what="open the publishing channel",
+            )
+        except pex.AMQPError as exc:
+            raise translate(exc, what="open the publishing channel") from exc
+        current = self._facade
+        if current is None or current.is_closed:
+            raise explain.link_lost("open the publishing channel", ledger.REPLACED)
+        return current
 
     # -- publishing threads ------------------------------------------------------------------
 
@@ -151,10 +157,19 @@ class Publisher:
         exchange: str,
         routing_key: str,
         mandatory: bool = True,
+        timeout: float | None = None,
+        channel: BlockingChannel | None = None,
     ) -> None:
-        """Publish one message and wait for its confirm; raises the
-        :class:`~mqkit.PublishError` subclass that says why it was not confirmed."""
-        self._publish([(envelope, exchange, routing_key)], mandatory)
+        """Publish one message and wait for its confirm (within ``timeout``, default
+        ``confirm_timeout``); raises the :class:`~mqkit.PublishError` subclass that says why
+        it was not confirmed. ``channel`` pins the publish to one channel (RPC): it is not
+        sent again on another then."""
+        if channel is not None and (channel is not self._facade or channel.is_closed):
+            what = explain.publishing(envelope.message_id, exchange, routing_key)
+            raise explain.link_lost(what, ledger.REPLACED)
+        budget = self._confirm_timeout if timeout is None else timeout
+        jobs = [(envelope, exchange, routing_key)]
+        self._publish(jobs, mandatory, budget, pinned=channel is not None)
 
     def publish_many(self, jobs: Sequence[Job], *, mandatory: bool = True) -> None:
         """Publish ``(envelope, exchange, routing_key)`` jobs and wait for every confirm; on
@@ -162,23 +177,28 @@ class Publisher:
         not confirmed."""
         if not jobs:
             return
-        self._publish(jobs, mandatory)
+        self._publish(jobs, mandatory, self._confirm_timeout)
 
-    def _publish(self, jobs: Sequence[Job], mandatory: bool) -> None:
+    def _publish(
+        self, jobs: Sequence[Job], mandatory: bool, budget: float, *, pinned: bool = False
+    ) -> None:
         batch = Batch([envelope.message_id for envelope, _, _ in jobs])
         # Messages too large fail in admit(), before the IO thread sees the batch (it settles
         # the others); pika's properties are built here, on this thread.
         chunk: list[Entry] = []
-        for entry in self._ledger.admit(batch, jobs, mandatory=mandatory, properties=properties):
+        admitted = self._ledger.admit(
+            batch, jobs, mandatory=mandatory, properties=properties, pinned=pinned
+        )
+        for entry in admitted:
             chunk.append(entry)
             if len(chunk) >= SEND_CHUNK:  # let the IO thread start sending while we build the rest
                 self._hand_over(chunk)
                 chunk = []
         reads = self._hand_over(chunk, lone=len(jobs) == 1) if chunk else None
         if reads is None:
-            confirmed = batch.wait(self._confirm_timeout)
+            confirmed = batch.wait(budget)
         else:  # a lone message sent in place: read its confirm here, not from the IO thread
-            deadline = time.monotonic() + self._confirm_timeout
+            deadline = time.monotonic() + budget
             reads.wait(lambda: batch.remaining == 0, deadline)
             confirmed = batch.wait(max(0.0, deadline - time.monotonic()))
         if not confirmed:
@@ -189,7 +209,7 @@ class Publisher:
         raise batch.failure(
             exchange,
             routing_key,
-            timeout=None if confirmed else self._confirm_timeout,
+            timeout=None if confirmed else budget,
             cause=stall_cause(self._link.blocked, self._link.last_error),
         )
 
@@ -366,9 +386,8 @@ class Publisher:
             self._send_in_place(channel)
             self._opening = False
             self._channel = channel
+            self._facade = BlockingChannel(self._link.submit, channel)
             self._ledger.opened()
-            for hook in self._hooks:
-                hook(channel)
             self._settle_waiters(None)
             self._pump()
 

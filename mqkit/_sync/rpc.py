@@ -18,20 +18,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pika.adapters.select_connection import SelectConnection
-from pika.channel import Channel
+import pika.exceptions as pex
 from pika.spec import Basic, BasicProperties
 from pydantic import BaseModel
 
 from mqkit.context import Context
-from mqkit.errors import MqkitError
+from mqkit.errors import MqkitError, PublishTimeout
 from mqkit.messages import Envelope, Incoming
 from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import GiveUp
 from mqkit.rpc import (
+    CHANNEL_CLOSED,
+    CHANNEL_REPLACED,
+    LINK_LOST,
     REPLY_TO,
     Pending,
     Reply,
@@ -42,6 +43,8 @@ from mqkit.rpc import (
     request_timeout,
 )
 
+from .channel import Channel, Got
+from .connection import RPC_ERRORS, RPC_TIMEOUT, translate
 from .transport import settle
 
 if TYPE_CHECKING:
@@ -67,65 +70,69 @@ class Requester:
         self._link = link
         self._publisher = publisher
         self._middleware = middleware
+        self._waiting: Pending[Future[Got]] = Pending()
+        self._consuming_on: Channel | None = None
         self._lock = threading.Lock()
-        self._consuming = False
-        self._hooked = False  # IO thread
-        self._consume_sent: Channel | None = None  # IO thread: basic.consume issued on it
-        self._consumed_on: Channel | None = None  # IO thread: consume-ok received on it
-        self._waiter: Future[None] | None = None
-        self._waiting: Pending[Future[tuple[BasicProperties, bytes]]] = Pending()
 
-    def _ensure_consuming(self) -> None:
-        if self._consuming:
-            return
-        with self._lock:
-            if self._consuming:
-                return
+    def _reply_channel(self, timeout: float) -> Channel:
+        """The publishing channel, consuming replies; within ``timeout`` (else TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        channel = self._publisher.channel(timeout)
+        if self._consuming_on is channel and not channel.is_closed:
+            return channel
+        if not self._lock.acquire(timeout=max(0.001, deadline - time.monotonic())):
+            raise TimeoutError("another request is starting the reply consumer")
+        try:
+            left = max(0.001, deadline - time.monotonic())
+            channel = self._publisher.channel(left)
+            if self._consuming_on is not channel:
+                left = min(RPC_TIMEOUT, max(0.001, deadline - time.monotonic()))
+                try:
+                    channel.basic_consume(REPLY_TO, self._on_reply, no_ack=True, timeout=left)
+                except TimeoutError:
+                    raise
+                except RPC_ERRORS as exc:
+                    raise translate(exc, what="consuming RPC replies") from exc
+                self._consuming_on = channel
+                channel.close_callbacks.add(self._reply_channel_closed)
+        finally:
+            self._lock.release()
+        return channel
 
-            def op(_connection: SelectConnection, future: Future[None]) -> None:
-                self._waiter = future
-                publisher = self._publisher
-                if not self._hooked:  # one reply consumer per channel, ever
-                    self._hooked = True
-                    publisher.add_channel_hook(self._consume)
-                    return
-                # An earlier call timed out waiting for consume-ok: settle now if it came
-                # since, consume if this channel never was asked; else consume-ok is on its
-                # way (asking twice would make the broker close the channel).
-                channel = publisher.channel
-                if channel is None:
-                    publisher.reopen()  # the hook consumes once it is open
-                elif channel is self._consumed_on:
-                    settle(future)
-                elif channel is not self._consume_sent:
-                    self._consume(channel)
+    def _reply_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        """IO thread: replies to requests already sent went to the closed channel: fail
+        them now."""
+        if isinstance(reason, pex.ChannelClosedByClient):
+            cause = CHANNEL_REPLACED  # mqkit closes its publishing channel to replace it
+        elif isinstance(reason, pex.ChannelClosedByBroker):
+            cause = CHANNEL_CLOSED
+        else:
+            cause = LINK_LOST
+        self._fail_sent(cause, channel)
 
-            self._link.call(
-                op, self._link.settings.connect_timeout, what="start the RPC reply consumer"
-            )
-            self._consuming = True
+    def _fail_sent(self, cause: str, on: Channel | None = None) -> None:
+        """Fail the requests sent for replies on ``on`` (``None``: on any channel), whose
+        replies can no longer arrive."""
+        for future in self._waiting.unanswerable(on):
+            settle(future, exc=reply_lost(cause))
 
-    def _consume(self, channel: Channel) -> None:
-        """IO thread: consume replies on the publishing channel (each time it opens)."""
-        if self._consume_sent is not None and channel is not self._consume_sent:
-            # A new publishing channel (after a nack, or the broker closed the old one):
-            # replies to requests sent on the old one went to it and are lost.
-            self._fail_sent("the publishing channel was replaced", self._consume_sent)
-        self._consume_sent = channel
+    # -- Restorable --------------------------------------------------------------------------
 
-        def consuming(_frame: object) -> None:
-            self._consumed_on = channel
-            if self._waiter is not None:
-                settle(self._waiter)
+    def _link_lost(self, reason: BaseException) -> None:
+        """IO thread: replies to requests already sent can no longer arrive; fail them now."""
+        self._fail_sent(LINK_LOST)
 
-        channel.basic_consume(REPLY_TO, self._on_reply, auto_ack=True, callback=consuming)
+    def _restore(self) -> None:
+        """Nothing: the next request consumes replies on the new publishing channel."""
 
     def _on_reply(
-        self, _channel: Channel, _method: Basic.Deliver, props: BasicProperties, body: bytes
+        self, _channel: Any, method: Basic.Deliver, properties: BasicProperties, body: bytes
     ) -> None:
-        future = self._waiting.answered(props.headers, props.correlation_id)
-        if future is not None:
-            settle(future, (props, body))
+        future = self._waiting.answered(properties.headers, properties.correlation_id)
+        if future is None or future.done():
+            log.debug("dropping a late or unknown RPC reply (%s)", properties.correlation_id)
+            return
+        settle(future, (method, properties, body))
 
     def request(
         self,
@@ -137,49 +144,48 @@ class Requester:
         headers: Mapping[str, Any] | None = None,
         correlation_id: str | None = None,
     ) -> R:
-        """Publish ``message`` to ``queue`` and wait up to ``timeout`` s for the typed reply."""
-        started = time.monotonic()
+        """Send ``message`` to ``queue`` and wait up to ``timeout`` for the typed reply."""
+        deadline = time.monotonic() + timeout
         envelope = request_envelope(
             message,
             service=self._link.settings.service,
             correlation_id=correlation_id,
             headers=headers,
         )
-        request_id = envelope.message_id
         self._link.ensure_open()
-        self._ensure_consuming()
-        future: Future[tuple[BasicProperties, bytes]] = Future()
+        future: Future[Got] = Future()
         self._waiting.add(envelope, future)
         try:
-            self._middleware.publish_prepared("", [(envelope, queue)], self._send)
-            self._waiting.sent(request_id, self._consume_sent)
-            left = max(0.0, timeout - (time.monotonic() - started))
-            props, body = future.result(left)
-        except FutureTimeout:
-            raise request_timeout(queue, timeout) from None
+            budget = max(
+                0.001, min(deadline - time.monotonic(), self._link.settings.confirm_timeout)
+            )
+            try:
+                channel = self._reply_channel(budget)
+
+                def send(prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
+                    [(request, queue)] = prepared
+                    self._publisher.publish(
+                        request,
+                        exchange="",
+                        routing_key=queue,
+                        mandatory=True,
+                        channel=channel,
+                        timeout=max(0.001, deadline - time.monotonic()),
+                    )
+                    return [request.message_id]
+
+                self._middleware.publish_prepared("", [(envelope, queue)], send)
+                self._waiting.sent(envelope.message_id, channel)
+            except (PublishTimeout, TimeoutError) as exc:
+                # The link does not answer: to the caller that is a request without a reply.
+                raise request_timeout(queue, timeout) from exc
+            try:
+                _, properties, body = future.result(max(0.001, deadline - time.monotonic()))
+            except TimeoutError:
+                raise request_timeout(queue, timeout) from None
         finally:
-            self._waiting.discard(request_id)
-        return read_reply(props.headers, body, response_type)
-
-    def _send(self, prepared: Sequence[tuple[Envelope, str]]) -> list[str]:
-        [(envelope, queue)] = prepared
-        self._publisher.publish(envelope, exchange="", routing_key=queue, mandatory=True)
-        return [envelope.message_id]
-
-    # -- Restorable --------------------------------------------------------------------------
-
-    def _link_lost(self, reason: BaseException) -> None:
-        """IO thread: replies to requests already sent can no longer arrive; fail them now."""
-        self._fail_sent("the connection was lost")
-
-    def _fail_sent(self, cause: str, on: Channel | None = None) -> None:
-        """IO thread: fail the requests sent for replies on ``on`` (``None``: on any
-        channel), whose replies can no longer arrive."""
-        for future in self._waiting.unanswerable(on):
-            settle(future, exc=reply_lost(cause))
-
-    def _restore(self) -> None:
-        """Nothing: the publishing channel's hook consumes again."""
+            self._waiting.discard(envelope.message_id)
+        return read_reply(properties.headers, body, response_type)
 
 
 def reply_step(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pika
 import pytest
 from pydantic import BaseModel
 
@@ -143,21 +142,18 @@ def test_request_to_a_queue_nobody_declared_is_unroutable(rt, names):
 def test_a_request_whose_link_is_cut_fails_at_once_on_both_runtimes(rt, names):
     # Direct reply-to sends the reply to the channel the request was published for: once
     # that channel is gone, the reply cannot arrive, so the caller hears it now rather than
-    # at its timeout, and is told the request may have been processed.
+    # at its timeout, and is told the request may have been processed. (Nobody answers the
+    # queue; the link is cut once the request is published and confirmed.)
     queue = names.queue()
 
-    def cut_once_queued() -> None:  # the request waits in the queue: nobody answers it
-        connection = pika.BlockingConnection(pika.URLParameters(rt.broker_url))
-        try:
-            channel = connection.channel()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if channel.queue_declare(queue, passive=True).method.message_count:
-                    proxy.cut()
-                    return
-                time.sleep(0.02)
-        finally:
-            connection.close()
+    def cut_once_sent() -> None:  # published and confirmed: it waits for its reply
+        requester = getattr(caller, "_target", caller)._requester  # AsyncClient under Blocking
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if requester._waiting.in_flight:
+                proxy.cut()
+                return
+            time.sleep(0.01)
 
     with (
         FaultProxy(rt.broker_url) as proxy,
@@ -165,7 +161,7 @@ def test_a_request_whose_link_is_cut_fails_at_once_on_both_runtimes(rt, names):
         rt.client(url=proxy.url) as caller,
     ):
         server.declare(mqkit.Queue(queue))
-        cutter = threading.Thread(target=cut_once_queued)
+        cutter = threading.Thread(target=cut_once_sent)
         cutter.start()
         started = time.monotonic()
         try:

@@ -795,24 +795,6 @@ def test_rpc_round_trip_timeout_and_remote_error(client_for, names) -> None:
             client.request(names.queue(), order(1), Receipt)
 
 
-def test_rpc_after_a_reply_consumer_start_that_timed_out(client_for, names) -> None:
-    # The state a first request leaves when consume-ok comes after connect_timeout: the
-    # channel hook is in place and the consumer runs, but the requester thinks it is not
-    # consuming. The next request must see that at once instead of waiting for a consume-ok
-    # that already came.
-    queue = names.queue()
-
-    def answer(message: Order, ctx: mqkit.Context) -> Receipt:
-        return Receipt(order_id=message.order_id, ok=True)
-
-    with client_for(connect_timeout=3) as client, client.responder(queue, Order, answer):
-        assert client.request(queue, order(1), Receipt).order_id == "1"
-        client._requester._consuming = False
-        started = time.monotonic()
-        assert client.request(queue, order(2), Receipt).order_id == "2"
-        assert time.monotonic() - started < 2
-
-
 def test_rpc_requests_sent_fail_when_the_publishing_channel_is_replaced(client_for, names) -> None:
     # After a nack the publisher replaces its channel; replies to requests sent on the old
     # one go to the old one, so those requests fail now instead of at their timeout.
@@ -838,7 +820,7 @@ def test_rpc_requests_sent_fail_when_the_publishing_channel_is_replaced(client_f
         eventually(lambda: requester._waiting.in_flight, what="the request to be sent")
 
         def renew() -> None:
-            publisher._renewing = publisher.channel
+            publisher._renewing = publisher._channel
             publisher._renew()
 
         started = time.monotonic()
