@@ -53,6 +53,7 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from mqkit import explain, ledger
+from mqkit.errors import ConnectionFailed, PublishTimeout
 from mqkit.ledger import Entry, Job, Ledger, stall_cause
 from mqkit.lifecycle import Pipeline
 from mqkit.messages import Envelope
@@ -130,19 +131,36 @@ class Publisher:
         self._reads: Reads | None = None  # of the channel's socket, for a lone publish's wait
 
     def channel(self, timeout: float | None) -> BlockingChannel:
-        """The publishing channel, opened within ``timeout`` seconds if it is not open: for
-        direct reply-to, which consumes replies on the channel that publishes requests."""
+        """The publishing channel, opened within ``timeout`` seconds (default
+        ``confirm_timeout``; else PublishTimeout) if it is not open: for direct reply-to,
+        which consumes replies on the channel that publishes requests."""
         current = self._facade
         if current is not None and not current.is_closed and current.underlay is self._channel:
             return current
+        wait = self._confirm_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+
+        def timed_out() -> PublishTimeout:
+            cause = stall_cause(self._link.blocked, self._link.last_error)
+            return explain.confirm_timeout("publish", wait, cause or "not connected")
+
+        if not self._link.wait_ready(wait):
+            if self._link.closed:
+                raise explain.closed("publishing")
+            raise timed_out()
         try:
             self._link.call(
                 self._open,
-                self._confirm_timeout if timeout is None else timeout,
+                max(0.001, deadline - time.monotonic()),
                 what="open the publishing channel",
+                wait_ready=False,
             )
         except pex.AMQPError as exc:
             raise translate(exc, what="open the publishing channel") from exc
+        except ConnectionFailed:
+            if not self._link.closed and deadline - time.monotonic() < 0.01:
+                raise timed_out() from None  # no answer within this caller's time
+            raise
         current = self._facade
         if current is None or current.is_closed:
             raise explain.link_lost("open the publishing channel", ledger.REPLACED)

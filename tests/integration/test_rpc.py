@@ -170,3 +170,23 @@ def test_a_request_whose_link_is_cut_fails_at_once_on_both_runtimes(rt, names):
             assert time.monotonic() - started < 10
         finally:
             cutter.join(10)
+
+
+def test_a_request_on_a_link_that_does_not_answer_keeps_its_deadline(rt, names):
+    # The publishing channel is opened by the first request; on a black-holed link that
+    # must not outlast the caller's timeout, and it is a RequestTimeout on both runtimes.
+    queue = names.queue()
+    with (
+        FaultProxy(rt.broker_url) as proxy,
+        rt.client() as server,
+        rt.client(url=proxy.url, confirm_timeout=1, connect_timeout=5) as caller,
+    ):
+        server.declare(mqkit.Queue(queue))
+        proxy.blackhole()
+        try:
+            started = time.monotonic()
+            with pytest.raises(mqkit.RequestTimeout):
+                caller.request(queue, Add(a=1, b=2), Sum, timeout=1.5)
+            assert time.monotonic() - started < 4
+        finally:
+            proxy.restore()
