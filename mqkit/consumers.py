@@ -7,8 +7,9 @@ same prefetch and declare the same topology. The shells' consumers only do the I
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
@@ -23,7 +24,10 @@ from mqkit.topology import Entity, Exchange, Queue, consumer_topology, dlq_name
 
 __all__ = [
     "RESPONDER_POLICY",
+    "STOP_BACKSTOP",
+    "STOP_SLACK",
     "ConsumerPlan",
+    "StopClock",
     "consumer_options",
     "plan_consumer",
     "plan_responder",
@@ -33,6 +37,43 @@ __all__ = [
 
 # RPC requests are not retried: the caller is waiting, and gets the error instead.
 RESPONDER_POLICY = RetryPolicy(max_attempts=1, delays=())
+
+STOP_SLACK = 0.5  # s: the least a stop gives the cancel and the close each, once time is up
+STOP_BACKSTOP = 2.0  # s: how much longer than its timeout stop(timeout) may take at most
+_CANCEL_LIMIT = 10.0  # s: the most a stop waits for the broker's cancel-ok
+
+
+@dataclass
+class StopClock:
+    """How a consumer's ``stop(timeout)`` spends its time, on both runtimes: the
+    ``basic.cancel``, the wait for running handlers and the close of the channel come out of
+    one deadline, and each broker round trip still gets at least :data:`STOP_SLACK` seconds,
+    so a stop returns within ``timeout`` plus twice that even when the broker does not
+    answer.
+
+    ```python
+    clock = StopClock(5.0)
+    clock.cancel()      # for basic.cancel: what is left, at least STOP_SLACK, at most 10 s
+    clock.left()        # for running handlers: what is left (0 once it is up)
+    clock.round_trip()  # for closing the channel: what is left, at least STOP_SLACK
+    ```
+    """
+
+    timeout: float
+    deadline: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def round_trip(self) -> float:
+        return max(STOP_SLACK, self.left())
+
+    def cancel(self) -> float:
+        return min(self.round_trip(), _CANCEL_LIMIT)
+
 
 _MAX_PREFETCH = 65535  # basic.qos prefetch_count is a 16-bit field
 

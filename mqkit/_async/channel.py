@@ -109,11 +109,14 @@ async def open_underlay(
     return await channel.get_underlay_channel()
 
 
-async def close_channel(channel: aio_pika.abc.AbstractChannel | Channel) -> None:
-    """Close ``channel`` (unacked messages go back to their queue); never raises."""
+async def close_channel(
+    channel: aio_pika.abc.AbstractChannel | Channel, timeout: float = 5.0
+) -> None:
+    """Close ``channel`` (unacked messages go back to their queue), waiting at most
+    ``timeout`` seconds for the broker; never raises."""
     try:
         if not channel.is_closed:
-            await asyncio.wait_for(channel.close(), timeout=5)
+            await asyncio.wait_for(channel.close(), timeout=timeout)
     except Exception as exc:  # it may already be gone with the connection
         log.debug("closing a channel failed: %s", describe(exc))
 

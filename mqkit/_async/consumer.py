@@ -40,7 +40,7 @@ from pydantic import BaseModel
 from mqkit import explain
 from mqkit.acks import ACK, REJECT, REQUEUE, Settle
 from mqkit.backoff import LINK_BACKOFF
-from mqkit.consumers import ConsumerPlan
+from mqkit.consumers import ConsumerPlan, StopClock
 from mqkit.context import Context
 from mqkit.correlation import handling
 from mqkit.delivery import follow_up, format_traceback, prepare
@@ -565,6 +565,7 @@ class AsyncConsumer(Generic[T]):
 
     async def _stop(self, timeout: float) -> None:
         queue = self._plan.queue
+        clock = StopClock(timeout)
         self._stopping = True
         self._link.unregister(self)
         try:
@@ -573,20 +574,20 @@ class AsyncConsumer(Generic[T]):
             session = self._session
             if session is not None and session.alive:
                 try:
-                    await session.underlay.basic_cancel(session.tag, timeout=RPC_TIMEOUT)
+                    await session.underlay.basic_cancel(session.tag, timeout=clock.cancel())
                 except RPC_ERRORS as exc:  # the link is down: the broker requeues
                     log.debug("basic.cancel of the consumer of %r failed: %s", queue, describe(exc))
             for waiter in self._waiters:
                 if not waiter.done():
                     waiter.set_result(None)
             self._waiters.clear()
-            await self._stop_workers(timeout)
+            await self._stop_workers(clock.left())
             self._drop_timer()
             if session is not None:
                 await session.flush(everything=True)
                 await session.requeue_rest()
                 session.alive = False
-                await close_channel(session.owner)
+                await close_channel(session.owner, clock.round_trip())
             self._ready.clear()
         finally:
             if self._plan.temporary:

@@ -91,11 +91,12 @@ def open_channel(link: Link, *, timeout: float | None = None, wait_ready: bool =
     return link.call(start, left, what="open a channel", wait_ready=False)
 
 
-def close_channel(channel: Channel) -> None:
-    """Close ``channel`` (unacked messages go back to their queue); never raises."""
+def close_channel(channel: Channel, timeout: float = 5.0) -> None:
+    """Close ``channel`` (unacked messages go back to their queue), waiting at most
+    ``timeout`` seconds for the broker; never raises."""
     try:
         if not channel.is_closed:
-            channel.close(timeout=5)
+            channel.close(timeout=timeout)
     except Exception as exc:  # it may already be gone with the connection
         log.debug("closing a channel failed: %s", describe(exc))
 

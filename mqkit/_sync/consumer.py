@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from mqkit import explain
 from mqkit.acks import ACK, REJECT, REQUEUE, Settle
 from mqkit.backoff import LINK_BACKOFF
-from mqkit.consumers import ConsumerPlan
+from mqkit.consumers import STOP_BACKSTOP, ConsumerPlan, StopClock
 from mqkit.context import Context
 from mqkit.correlation import handling
 from mqkit.delivery import follow_up, format_traceback, prepare
@@ -67,8 +67,6 @@ __all__ = ["Consumer", "ReplyStep", "stop_all"]
 
 log = logging.getLogger("mqkit.consumer")
 
-_STOP_SLACK = 0.5  # s: the least a stop gives the cancel and the close each, once time is up
-_STOP_BACKSTOP = 2.0  # s: how much longer than its timeout stop(timeout) may take at most
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -187,7 +185,7 @@ class Consumer(Generic[T]):
             self._attach(again=False, wait_ready=True)
         except BaseException:
             self._link.unregister(self)
-            self._stop_workers(time.monotonic() + 1.0)
+            self._stop_workers(1.0)
             raise
         self._started = True
 
@@ -462,26 +460,22 @@ class Consumer(Generic[T]):
     def _stop(self, timeout: float) -> None:
         self._started = False
         queue = self._plan.queue
-        deadline = time.monotonic() + timeout
-
-        def left() -> float:  # each broker round trip gets at least _STOP_SLACK s
-            return max(_STOP_SLACK, deadline - time.monotonic())
-
+        clock = StopClock(timeout)
         with self._lock:  # an attach under way sees it, or has set its session by now
             self._stopping = True
         try:
             self._link.call(
-                self._cancel,
-                min(left(), 10.0),
-                what=f"cancel consuming {queue!r}",
-                wait_ready=False,
+                self._cancel, clock.cancel(), what=f"cancel consuming {queue!r}", wait_ready=False
             )
         except MqkitError as exc:  # the link is down: nothing to cancel, the broker requeues
             log.debug("basic.cancel of the consumer of %r failed: %s", queue, exc)
-        self._stop_workers(deadline)
+        self._stop_workers(clock.left())
         try:
             self._link.call(
-                self._close_channel, left(), what=f"close consumer {queue!r}", wait_ready=False
+                self._close_channel,
+                clock.round_trip(),
+                what=f"close consumer {queue!r}",
+                wait_ready=False,
             )
         except MqkitError as exc:
             log.debug("closing the channel of the consumer of %r failed: %s", queue, exc)
@@ -492,7 +486,8 @@ class Consumer(Generic[T]):
         self._stopped.set()
         self._detached("")
 
-    def _stop_workers(self, deadline: float) -> None:
+    def _stop_workers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         for _ in self._workers:
             self._ready.put(None)
         for worker in self._workers:
@@ -569,7 +564,7 @@ def stop_all(
     ]
     for stopper in stoppers:
         stopper.start()
-    deadline = time.monotonic() + timeout + _STOP_BACKSTOP  # each stop is bounded: a backstop
+    deadline = time.monotonic() + timeout + STOP_BACKSTOP  # each stop is bounded: a backstop
     for stopper in stoppers:
         # Short joins: a second signal is handled (on this thread) between them.
         while stopper.is_alive() and time.monotonic() < deadline:

@@ -492,6 +492,33 @@ async def test_stop_timeout_gives_the_message_back(client_for, names, raw) -> No
     assert raw.count(queue) == 1
 
 
+async def test_stop_keeps_to_its_timeout_when_the_broker_does_not_answer(names, broker_url) -> None:
+    # As on Client: a busy handler and a broker that does not answer the cancel; the cancel,
+    # the wait for the handler and the close share one deadline (plus the documented slack).
+    # The cancel used to wait its full 30 s channel timeout here.
+    queue = names.queue()
+    release = asyncio.Event()
+
+    async def busy(message: Order, ctx: mqkit.Context) -> None:
+        await asyncio.wait_for(release.wait(), 10)
+
+    got = Recorder(busy)
+    with FaultProxy(broker_url) as proxy:
+        async with mqkit.AsyncClient(url=proxy.url, connect_timeout=5) as client:
+            producer = await client.producer(Order, queue=queue)
+            await producer.publish(Order(order_id="1", amount=Decimal(1)))
+            consumer = client.consumer(queue, Order, got)
+            await consumer.start()
+            await got.wait(1)
+            proxy.blackhole()
+            started = time.monotonic()
+            await consumer.stop(timeout=1)
+            took = time.monotonic() - started
+            release.set()
+            proxy.restore()
+    assert took < 1 + 1.0 + 1.5  # timeout, the documented slack, scheduling noise
+
+
 async def test_concurrency_bounds_handlers_running_at_once(client_for, names) -> None:
     queue = names.queue()
     running = 0

@@ -133,3 +133,18 @@ def test_plan_subscriber_claims_its_key_once() -> None:
             concurrency=0,
         )
     assert "consumers.*" not in subscribed  # a rejected subscription claims nothing
+
+
+def test_a_stop_shares_one_deadline_and_still_gives_the_broker_a_moment():
+    import time
+
+    from mqkit.consumers import STOP_SLACK, StopClock
+
+    clock = StopClock(5.0)
+    assert 4.9 < clock.left() <= 5.0 and 4.9 < clock.round_trip() <= 5.0
+    assert 4.9 < clock.cancel() <= 5.0
+    assert StopClock(60.0).cancel() == 10.0  # the cancel never waits long for the broker
+    spent = StopClock(0.0)
+    time.sleep(0.01)
+    assert spent.left() == 0.0  # handlers get nothing once time is up
+    assert spent.round_trip() == STOP_SLACK == spent.cancel()  # the broker still gets a moment
