@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -53,9 +54,18 @@ def label(service: str) -> str:
     return f"{service}-{instance}" if instance else service
 
 
+_SAYING = threading.Lock()
+
+
 def say(service: str, text: str) -> None:
-    """Print one line of the story: ``[service] text``, flushed at once (output is a pipe)."""
-    print(f"[{label(service)}] {text}", flush=True)
+    """Print one line of the story: ``[service] text``, flushed at once (output is a pipe).
+
+    One write under a lock: handlers print from several threads, and ``print`` writes the
+    text and its newline apart, so two lines could run into one."""
+    line = f"[{label(service)}] {text}\n"
+    with _SAYING:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class _OneLine(logging.Formatter):
