@@ -1,6 +1,7 @@
 """The blocking shell's transport: how it drives pika's I/O, the IO thread that runs pika's
-loop and the socket of the publishing connection (the asyncio twin, ``_async/transport.py``,
-drives aiormq's frame writes). Nothing here decides what to send; it moves bytes.
+loop, channels the other threads drive through it (:class:`Channel`) and the socket of the
+publishing connection (the asyncio twin, ``_async/transport.py``, drives aiormq's frame
+writes). Nothing here decides what to send; it moves bytes.
 
 **The IO thread**: a pika ``IOLoop`` on a daemon thread of its own, and handing work to it.
 
