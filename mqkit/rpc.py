@@ -43,6 +43,7 @@ __all__ = [
     "Reply",
     "answer",
     "read_reply",
+    "reply_channel_gone",
     "reply_lost",
     "request_envelope",
     "request_timeout",
@@ -163,6 +164,15 @@ class Pending(Generic[F]):
                 return waiter
             ids = self._by_correlation.get(correlation_id or "")
             return self._by_id.get(ids[0]) if ids else None
+
+
+def reply_channel_gone(*, closed_here: bool, closed_by_broker: bool) -> str:
+    """Why the replies to a closed reply channel can no longer arrive (a cause for
+    :func:`reply_lost`): mqkit closed it to replace it, the broker closed it, or else the
+    connection went with it."""
+    if closed_here:
+        return CHANNEL_REPLACED
+    return CHANNEL_CLOSED if closed_by_broker else LINK_LOST
 
 
 def reply_lost(cause: str) -> ConnectionFailed:

@@ -27,14 +27,13 @@ from mqkit.messages import Envelope, Incoming
 from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import GiveUp
 from mqkit.rpc import (
-    CHANNEL_CLOSED,
-    CHANNEL_REPLACED,
     LINK_LOST,
     REPLY_TO,
     Pending,
     Reply,
     answer,
     read_reply,
+    reply_channel_gone,
     reply_lost,
     request_envelope,
     request_timeout,
@@ -98,12 +97,10 @@ class Requester:
     def _reply_channel_closed(self, channel: Channel, closing: asyncio.Future[Any]) -> None:
         """Replies to requests already sent went to the closed channel: fail them now."""
         exc = None if closing.cancelled() else closing.exception()
-        if exc is None or isinstance(exc, asyncio.CancelledError):
-            cause = CHANNEL_REPLACED  # mqkit closes its publishing channel to replace it
-        elif isinstance(exc, amqp.AMQPChannelError):
-            cause = CHANNEL_CLOSED
-        else:
-            cause = LINK_LOST
+        cause = reply_channel_gone(
+            closed_here=exc is None or isinstance(exc, asyncio.CancelledError),
+            closed_by_broker=isinstance(exc, amqp.AMQPChannelError),
+        )
         self._fail_sent(cause, channel)
 
     def _fail_sent(self, cause: str, on: Channel | None = None) -> None:

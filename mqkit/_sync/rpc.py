@@ -30,14 +30,13 @@ from mqkit.messages import Envelope, Incoming
 from mqkit.middleware import NO_MIDDLEWARE, MiddlewareStack
 from mqkit.retry import GiveUp
 from mqkit.rpc import (
-    CHANNEL_CLOSED,
-    CHANNEL_REPLACED,
     LINK_LOST,
     REPLY_TO,
     Pending,
     Reply,
     answer,
     read_reply,
+    reply_channel_gone,
     reply_lost,
     request_envelope,
     request_timeout,
@@ -102,12 +101,10 @@ class Requester:
     def _reply_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         """IO thread: replies to requests already sent went to the closed channel: fail
         them now."""
-        if isinstance(reason, pex.ChannelClosedByClient):
-            cause = CHANNEL_REPLACED  # mqkit closes its publishing channel to replace it
-        elif isinstance(reason, pex.ChannelClosedByBroker):
-            cause = CHANNEL_CLOSED
-        else:
-            cause = LINK_LOST
+        cause = reply_channel_gone(
+            closed_here=isinstance(reason, pex.ChannelClosedByClient),
+            closed_by_broker=isinstance(reason, pex.ChannelClosedByBroker),
+        )
         self._fail_sent(cause, channel)
 
     def _fail_sent(self, cause: str, on: Channel | None = None) -> None:

@@ -120,3 +120,11 @@ def test_requests_sent_for_a_reply_channel_that_is_gone_are_unanswerable():
         "the connection was lost while waiting for a reply; the request may have been "
         "processed (retry it if it is idempotent)"
     )
+
+
+def test_why_a_closed_reply_channel_loses_its_replies():
+    from mqkit.rpc import CHANNEL_CLOSED, CHANNEL_REPLACED, LINK_LOST, reply_channel_gone
+
+    assert reply_channel_gone(closed_here=True, closed_by_broker=False) == CHANNEL_REPLACED
+    assert reply_channel_gone(closed_here=False, closed_by_broker=True) == CHANNEL_CLOSED
+    assert reply_channel_gone(closed_here=False, closed_by_broker=False) == LINK_LOST
